@@ -1,0 +1,173 @@
+"""Forward hooks on a host model: capture a layer's attention input/output, or splice a Lorsa in its place.
+
+Every hook is removed when the context exits, also after an exception.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import hosts
+
+
+@dataclass
+class AttentionRecord:
+    """One forward pass through the attention of the hooked layer.
+
+    Attributes:
+        hidden_states: (B, T, D) the attention input (after the layer's pre-attention norm).
+        attention_output: (B, T, D) the attention output before the residual add (None if not reached).
+        attention_mask: (B, T) padding mask given to the model, or None.
+        position_ids: (B, T) position ids the attention received, or None.
+        position_embeddings: the host's rotary (cos, sin) for this layer, or None.
+    """
+
+    hidden_states: torch.Tensor
+    attention_output: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class Capture:
+    """What `capture` recorded: one AttentionRecord per forward pass, in order."""
+
+    records: list[AttentionRecord] = field(default_factory=list)
+
+    @property
+    def last(self) -> AttentionRecord:
+        if not self.records:
+            raise RuntimeError("Nothing was captured: run the model inside the `with capture(...)` block.")
+        return self.records[-1]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end the host's forward pass once the hooked layer is done."""
+
+
+def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    try:
+        return inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return dict(kwargs)
+
+
+@contextmanager
+def _hooked(model: nn.Module, layer: int, attention_module: str | None, on_output: Callable) -> Iterator[None]:
+    """Track the padding mask at the backbone and call on_output(record, output) after the attention."""
+    inner = hosts.unwrap(model)
+    attn = hosts.get_module(inner, hosts.attention_path(model, layer, attention_module))
+    state: dict = {}
+
+    def backbone_pre_hook(module, args, kwargs):
+        mask = _bound_arguments(module, args, kwargs).get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise ValueError("hf_lorsa hooks need a (batch, positions) padding mask, not a 4-D attention mask.")
+        state["mask"] = mask
+
+    def attention_pre_hook(module, args, kwargs):
+        bound = _bound_arguments(module, args, kwargs)
+        state["record"] = AttentionRecord(
+            hidden_states=bound["hidden_states"] if "hidden_states" in bound else args[0],
+            attention_mask=state.get("mask"),
+            position_ids=bound.get("position_ids"),
+            position_embeddings=bound.get("position_embeddings"),
+        )
+
+    def attention_hook(module, args, kwargs, output):
+        return on_output(state.pop("record"), output)
+
+    with ExitStack() as stack:
+        if hosts.unwrap(model).config.model_type in hosts.ARCHITECTURES:
+            handle = hosts.backbone(model).register_forward_pre_hook(backbone_pre_hook, with_kwargs=True)
+            stack.callback(handle.remove)
+        for handle in (
+            attn.register_forward_pre_hook(attention_pre_hook, with_kwargs=True),
+            attn.register_forward_hook(attention_hook, with_kwargs=True),
+        ):
+            stack.callback(handle.remove)
+        yield
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextmanager
+def capture(model: nn.Module, layer: int, attention_module: str | None = None, stop: bool = False) -> Iterator[Capture]:
+    """Record layer `layer`'s attention input, output, mask and positions for each forward pass inside.
+
+    With `stop=True` the forward pass ends right after the layer's attention (the rest of the model is
+    never computed) and so does the `with` block: code after that model call inside it does not run.
+    `attention_module` is a dotted path such as "model.layers.{layer}.self_attn" for architectures
+    hf_lorsa does not know.
+    """
+    result = Capture()
+
+    def on_output(record: AttentionRecord, output):
+        record.hidden_states = record.hidden_states.detach()
+        record.attention_output = _first(output).detach()
+        result.records.append(record)
+        if stop:
+            raise StopForward
+
+    with _hooked(model, layer, attention_module, on_output):
+        try:
+            yield result
+        except StopForward:
+            pass  # the block ends with the first (stopped) forward pass
+
+
+def check_lorsa_matches(model: nn.Module, lorsa) -> None:
+    """Refuse a Lorsa trained for another model family, width or depth, before any forward pass."""
+    cfg = hosts.host_config(model)
+    lc = lorsa.config
+    if lc.d_model != cfg.hidden_size:
+        raise ValueError(f"This Lorsa has d_model={lc.d_model} but the model's hidden size is {cfg.hidden_size}.")
+    if lc.host_model_type is not None and lc.host_model_type != cfg.model_type:
+        raise ValueError(
+            f"This Lorsa was made for a {lc.host_model_type!r} model, not {cfg.model_type!r} "
+            f"(base model: {lc.base_model_name_or_path})."
+        )
+    if lc.layer is None:
+        raise ValueError("This Lorsa records no `layer`; set lorsa.config.layer to the layer it replaces.")
+    hosts.check_layer(model, lc.layer)
+
+
+@contextmanager
+def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iterator[None]:
+    """Replace the output of layer `lorsa.config.layer`'s attention by the Lorsa reconstruction.
+
+    The Lorsa reads that layer's attention input with the host's own positions (rotary cos/sin) and
+    padding mask. Logits are bit-identical to the clean model again once the block exits.
+    """
+    if attention_module is None:
+        check_lorsa_matches(model, lorsa)
+
+    def on_output(record: AttentionRecord, output):
+        x = record.hidden_states
+        param = next(lorsa.parameters())
+        out = lorsa(
+            x.to(param.dtype),
+            position_ids=record.position_ids,
+            attention_mask=record.attention_mask,
+            position_embeddings=record.position_embeddings,
+        ).reconstruction.to(x.dtype)
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    with _hooked(model, lorsa.config.layer, attention_module, on_output):
+        yield
+
+
+def collect(model: nn.Module, layer: int, **inputs) -> AttentionRecord:
+    """Run the host up to layer `layer`'s attention (never beyond) and return what it saw and wrote."""
+    with torch.no_grad(), capture(model, layer, stop=True) as cap:
+        model(**inputs, use_cache=False)
+    return cap.last

@@ -1,0 +1,208 @@
+"""Where the attention of layer L lives in each supported host, and what it computes.
+
+Weights are read by probing the host's own projection modules with the identity matrix, so LoRA
+adapters, Conv1D layouts and fused QKV projections need no special cases beyond their output layout.
+
+Axes: D d_model, H query heads, Hkv key/value heads, dh head width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Module paths of one model family, relative to the causal LM (PEFT wrappers removed)."""
+
+    layers: str  # the ModuleList of decoder layers
+    attention: str  # attribute of a decoder layer
+    input_norm: str  # attribute of a decoder layer: the norm whose output the attention reads
+    final_norm: str  # the norm before the unembedding
+    qkv: str  # "separate" (q_proj/k_proj/v_proj/o_proj), "phi3", "gpt2" or "neox"
+
+
+_LLAMA_LIKE = Architecture("model.layers", "self_attn", "input_layernorm", "model.norm", "separate")
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": Architecture("model.layers", "self_attn", "input_layernorm", "model.norm", "phi3"),
+    "gpt2": Architecture("transformer.h", "attn", "ln_1", "transformer.ln_f", "gpt2"),
+    "gpt_neox": Architecture("gpt_neox.layers", "attention", "input_layernorm", "gpt_neox.final_layer_norm", "neox"),
+}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    try:
+        return reduce(getattr, path.split("."), root) if path else root
+    except AttributeError as err:
+        raise ValueError(f"{type(root).__name__} has no module at path {path!r}.") from err
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"Unsupported architecture {model_type!r}. Supported: {', '.join(sorted(ARCHITECTURES))}. "
+            "For another causal LM, pass the attention module path explicitly, e.g. "
+            "capture(model, layer, attention_module='model.layers.{layer}.self_attn'), or register it with "
+            "hf_lorsa.hosts.ARCHITECTURES[model_type] = Architecture(...)."
+        )
+    return ARCHITECTURES[model_type]
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(get_module(unwrap(model), architecture_of(model).layers))
+
+
+def check_layer(model: nn.Module, layer: int) -> None:
+    n = num_layers(model)
+    if not isinstance(layer, int) or not 0 <= layer < n:
+        raise ValueError(f"layer must be an integer in [0, {n - 1}] for this {n}-layer model, got {layer!r}.")
+
+
+def attention_path(model: nn.Module, layer: int, attention_module: str | None = None) -> str:
+    """Dotted path of layer `layer`'s attention module in the unwrapped model."""
+    if attention_module is not None:
+        return attention_module.format(layer=layer)
+    arch = architecture_of(model)
+    check_layer(model, layer)
+    return f"{arch.layers}.{layer}.{arch.attention}"
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers; it receives the 2-D padding mask as `attention_mask`."""
+    arch = architecture_of(model)
+    return get_module(unwrap(model), arch.layers.rsplit(".", 1)[0])
+
+
+def host_config(model: nn.Module):
+    config = unwrap(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+# ---- what the attention computes ----------------------------------------------------------------
+
+
+@dataclass
+class HostAttention:
+    """One host attention layer in explicit form (fp32). out = sum_h A_h (x W_v^h + b_v^h) W_o^h + b_o."""
+
+    W_q: torch.Tensor  # (H, D, dh)
+    b_q: torch.Tensor  # (H, dh)
+    W_k: torch.Tensor  # (Hkv, D, dh)
+    b_k: torch.Tensor  # (Hkv, dh)
+    W_v: torch.Tensor  # (Hkv, D, dh)
+    b_v: torch.Tensor  # (Hkv, dh)
+    W_o: torch.Tensor  # (H, dh, D)
+    b_o: torch.Tensor  # (D,)
+    q_norm: torch.Tensor | None  # (dh,) effective RMSNorm scale, or None
+    k_norm: torch.Tensor | None
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_q.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.W_k.shape[0]
+
+    def kv_head(self, head: int) -> int:
+        return head // (self.n_heads // self.n_kv_heads)
+
+
+@torch.no_grad()
+def probe_affine(module: nn.Module, d_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, b) with module(x) = x @ M + b, read by feeding 0 and the identity: M (d_in, d_out), b (d_out,)."""
+    param = next(module.parameters())
+    x = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).to(param.device, param.dtype)
+    y = module(x).float()
+    return y[1:] - y[0], y[0]
+
+
+@torch.no_grad()
+def probe_rms_scale(norm: nn.Module | None, dim: int) -> torch.Tensor | None:
+    """Effective per-channel scale of an RMSNorm (Gemma's 1 + w included), read at a large constant input."""
+    if norm is None:
+        return None
+    param = next(norm.parameters())
+    x = torch.full((1, dim), 1e3, device=param.device, dtype=torch.float32)
+    return norm(x.to(param.dtype)).float()[0]
+
+
+def read_attention(model: nn.Module, layer: int) -> HostAttention:
+    """The weights of layer `layer`'s attention, whatever the family's projection layout."""
+    arch = architecture_of(model)
+    attn = get_module(unwrap(model), attention_path(model, layer))
+    cfg = host_config(model)
+    D = cfg.hidden_size
+    H = cfg.num_attention_heads
+    dh = getattr(cfg, "head_dim", None) or D // H
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+
+    if arch.qkv == "separate":
+        (Mq, bq), (Mk, bk), (Mv, bv) = (probe_affine(getattr(attn, n), D) for n in ("q_proj", "k_proj", "v_proj"))
+        Mo, bo = probe_affine(attn.o_proj, H * dh)
+    elif arch.qkv == "phi3":
+        M, b = probe_affine(attn.qkv_proj, D)
+        sizes = [H * dh, Hkv * dh, Hkv * dh]
+        (Mq, Mk, Mv), (bq, bk, bv) = M.split(sizes, dim=1), b.split(sizes)
+        Mo, bo = probe_affine(attn.o_proj, H * dh)
+    elif arch.qkv == "gpt2":
+        M, b = probe_affine(attn.c_attn, D)
+        (Mq, Mk, Mv), (bq, bk, bv) = M.split(D, dim=1), b.split(D)
+        Mo, bo = probe_affine(attn.c_proj, D)
+    elif arch.qkv == "neox":
+        M, b = probe_affine(attn.query_key_value, D)
+        M, b = M.view(D, H, 3, dh), b.view(H, 3, dh)  # the layout GPTNeoXAttention's .view/.chunk reads
+        Mq, Mk, Mv = (M[:, :, i].reshape(D, H * dh) for i in range(3))
+        bq, bk, bv = (b[:, i].reshape(H * dh) for i in range(3))
+        Mo, bo = probe_affine(attn.dense, D)
+    else:  # pragma: no cover - guarded by ARCHITECTURES
+        raise ValueError(f"Unknown projection layout {arch.qkv!r}.")
+
+    def heads(M: torch.Tensor, b: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return M.view(D, n, dh).transpose(0, 1).contiguous(), b.view(n, dh)
+
+    W_q, b_q = heads(Mq, bq, H)
+    W_k, b_k = heads(Mk, bk, Hkv)
+    W_v, b_v = heads(Mv, bv, Hkv)
+    return HostAttention(
+        W_q, b_q, W_k, b_k, W_v, b_v, Mo.view(H, dh, D), bo,
+        probe_rms_scale(getattr(attn, "q_norm", None), dh),
+        probe_rms_scale(getattr(attn, "k_norm", None), dh),
+    )  # fmt: skip
+
+
+def position_settings(model: nn.Module, layer: int) -> dict:
+    """The LorsaConfig fields that make its QK heads treat positions like layer `layer` of the host."""
+    cfg = host_config(model)
+    attn = get_module(unwrap(model), attention_path(model, layer))
+    rope = getattr(cfg, "rope_parameters", None) if architecture_of(model).qkv != "gpt2" else None
+    if rope and getattr(cfg, "layer_types", None) and cfg.layer_types[layer] in rope:
+        rope = rope[cfg.layer_types[layer]]  # per-layer-type rotary (Gemma 3: local vs global)
+    window = getattr(attn, "sliding_window", getattr(cfg, "sliding_window", None))
+    q_norm = getattr(attn, "q_norm", None)
+    return {
+        "rope_parameters": dict(rope) if rope else None,
+        "max_position_embeddings": getattr(cfg, "max_position_embeddings", None) or cfg.n_positions,
+        "attn_scale": float(attn.scaling),
+        "attn_logit_softcapping": getattr(cfg, "attn_logit_softcapping", None),
+        "sliding_window": window,
+        "qk_norm": q_norm is not None,
+        "qk_norm_eps": float(getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))),
+    }

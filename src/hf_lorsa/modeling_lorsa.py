@@ -1,0 +1,281 @@
+"""LorsaModel: thousands of sparsely active rank-1 attention heads standing in for one attention layer.
+
+Axes: B batch, T query positions, S key (source) positions, D d_model, Hqk QK heads, dqk QK head width,
+G OV heads per QK head (group size), Hov = Hqk * G OV heads, K active heads per position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
+from transformers.models.llama.modeling_llama import rotate_half
+from transformers.utils import ModelOutput
+
+from . import hub
+from .attention_mask import attention_bias, needs_mask, positions_from_mask
+from .configuration_lorsa import LorsaConfig
+
+
+@dataclass
+class LorsaOutput(ModelOutput):
+    """What one forward pass of a Lorsa returns.
+
+    Attributes:
+        reconstruction: (B, T, D) the predicted attention output.
+        top_k_values: (B, T, K) activations of the heads kept at each position.
+        top_k_indices: (B, T, K) which OV heads those are.
+        pre_activations: (B, T, Hov) every head's z before top-k, or None unless asked for.
+    """
+
+    reconstruction: torch.Tensor | None = None
+    top_k_values: torch.Tensor | None = None
+    top_k_indices: torch.Tensor | None = None
+    pre_activations: torch.Tensor | None = None
+
+
+class LorsaRotaryEmbedding(GPTNeoXRotaryEmbedding):
+    """transformers' rotary embedding (all rope types, partial rotary), read from a LorsaConfig."""
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of x (B, H, T, dqk); cos/sin are (B, T, rot) as the host passes them."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    if interleaved:
+        cos = cos[..., : rot // 2].repeat_interleave(2, dim=-1)
+        sin = sin[..., : rot // 2].repeat_interleave(2, dim=-1)
+        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+    else:
+        rotated = rotate_half(x_rot)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+class LorsaPreTrainedModel(PreTrainedModel):
+    config_class = LorsaConfig
+    config: LorsaConfig
+    base_model_prefix = "lorsa"
+    main_input_name = "hidden_states"
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, LorsaModel):
+            module.reset_parameters()
+        else:  # QK norms and the rotary buffers, the transformers way
+            super()._init_weights(module)
+
+
+class LorsaModel(LorsaPreTrainedModel):
+    """Low-Rank Sparse Attention (He et al., 2025): n_qk QK heads, each shared by a group of rank-1 OV heads."""
+
+    eval_results: dict | None = None  # set by hf_lorsa.evaluate; written to eval_results.json and the card
+
+    def __init__(self, config: LorsaConfig):
+        super().__init__(config)
+        c = config
+        self.W_Q = nn.Parameter(torch.empty(c.n_qk_heads, c.d_model, c.d_qk_head))
+        self.W_K = nn.Parameter(torch.empty(c.n_qk_heads, c.d_model, c.d_qk_head))
+        self.b_Q = nn.Parameter(torch.zeros(c.n_qk_heads, c.d_qk_head))
+        self.b_K = nn.Parameter(torch.zeros(c.n_qk_heads, c.d_qk_head))
+        self.w_v = nn.Parameter(torch.empty(c.n_ov_heads, c.d_model))
+        self.b_v = nn.Parameter(torch.zeros(c.n_ov_heads))
+        self.w_o = nn.Parameter(torch.empty(c.n_ov_heads, c.d_model))
+        self.b_D = nn.Parameter(torch.zeros(c.d_model))
+        self.q_norm = nn.RMSNorm(c.d_qk_head, eps=c.qk_norm_eps) if c.qk_norm else None
+        self.k_norm = nn.RMSNorm(c.d_qk_head, eps=c.qk_norm_eps) if c.qk_norm else None
+        self.rotary_emb = LorsaRotaryEmbedding(c) if c.rope_parameters is not None else None
+        self.post_init()
+
+    def reset_parameters(self) -> None:
+        """Random initialisation: fan-in scaled projections, unit-norm output directions, zero biases.
+
+        Uses transformers' init functions, which leave weights loaded from a checkpoint untouched.
+        """
+        std = self.config.d_model**-0.5
+        for weight in (self.W_Q, self.W_K, self.w_v):
+            init.normal_(weight, std=std)
+        init.copy_(self.w_o, F.normalize(torch.randn(self.w_o.shape, device=self.w_o.device), dim=-1))
+        for bias in (self.b_Q, self.b_K, self.b_v, self.b_D):
+            init.zeros_(bias)
+
+    @classmethod
+    def from_host(cls, model, layer: int, **kwargs) -> LorsaModel:
+        """A Lorsa initialised from layer `layer`'s attention; see `hf_lorsa.initialization.lorsa_from_host`."""
+        from .initialization import lorsa_from_host
+
+        return lorsa_from_host(model, layer, **kwargs)
+
+    # ---- Hub -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load from a Hub id or directory (`subfolder=` for one layer of a release); safetensors only."""
+        return hub.load_safetensors_only(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save (safetensors), plus eval_results.json and a README.md model card."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        hub.write_card(self, save_directory)
+
+    def push_to_hub(self, repo_id: str, subfolder: str | None = None, commit_message: str | None = None,
+                    private: bool | None = None, token: str | None = None, revision: str | None = None,
+                    create_pr: bool = False) -> object:  # fmt: skip
+        """Upload to `repo_id` (under `subfolder` for one layer of a multi-layer release) with its model card."""
+        return hub.push(self, repo_id, subfolder, commit_message, private, token, revision, create_pr)
+
+    # ---- forward -------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        top_k: int | None = None,
+        output_pre_activations: bool = False,
+    ) -> LorsaOutput:
+        """Reconstruct the attention output from the attention input `hidden_states` (B, T, D).
+
+        `attention_mask` is the usual (B, T) padding mask (1 = token); `position_ids` default to the
+        positions of the real tokens; `position_embeddings` are the host's (cos, sin) when spliced.
+        `top_k` overrides `config.top_k` (for annealing).
+        """
+        z = self.pre_activations(hidden_states, position_ids, attention_mask, position_embeddings)  # (B, T, Hov)
+        values, indices = self.select_top_k(z, top_k or self.config.top_k)
+        return LorsaOutput(
+            reconstruction=self.decode(values, indices),
+            top_k_values=values,
+            top_k_indices=indices,
+            pre_activations=z if output_pre_activations else None,
+        )
+
+    def pre_activations(self, hidden_states, position_ids=None, attention_mask=None, position_embeddings=None):
+        """z of every OV head at every position (B, T, Hov), through the fused attention path."""
+        x = self._check_input(hidden_states) * self.config.input_norm_factor
+        q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)  # (B, Hqk, T, dqk)
+        v = rearrange(self.values(x), "b t (h g) -> b h t g", h=self.config.n_qk_heads)
+        if self.config.attn_logit_softcapping is not None:
+            # SDPA has no soft-capping: take the explicit path.
+            z = self._pattern(q, k, attention_mask) @ v
+        elif needs_mask(attention_mask, self.config.sliding_window):
+            allowed = attention_bias(attention_mask, x.shape[1], self.config.sliding_window, x.device)
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.config.scaling)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.config.scaling)
+        return rearrange(z, "b h t g -> b t (h g)")
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position value of each OV head, x w_v + b_v: (B, T, Hov)."""
+        return F.linear(x, self.w_v, self.b_v)
+
+    def queries_keys(self, x, position_ids=None, attention_mask=None, position_embeddings=None):
+        """Queries and keys (B, Hqk, T, dqk) with the host's QK-norm and rotary treatment."""
+        q = torch.einsum("btd,hdk->bhtk", x, self.W_Q) + self.b_Q[:, None]
+        k = torch.einsum("btd,hdk->bhtk", x, self.W_K) + self.b_K[:, None]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rotary_emb is not None:
+            if position_embeddings is None:
+                if position_ids is None:
+                    position_ids = positions_from_mask(attention_mask, x.shape[0], x.shape[1], x.device)
+                position_embeddings = self.rotary_emb(x, position_ids)
+            cos, sin = (t.to(q.dtype) for t in position_embeddings)
+            q = apply_rotary(q, cos, sin, self.config.rope_interleaved)
+            k = apply_rotary(k, cos, sin, self.config.rope_interleaved)
+        return q, k
+
+    def select_top_k(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the k heads with the largest score at each position (LORSA.md: |z| * ||w_o|| or ReLU)."""
+        if not 0 < k <= self.config.n_ov_heads:
+            raise ValueError(f"top_k must be in [1, n_ov_heads={self.config.n_ov_heads}], got {k}.")
+        act = z.relu() if self.config.topk_rule == "relu" else z
+        scores = (act.abs() if self.config.topk_rule == "abs" else act) * self.w_o.detach().norm(dim=-1).to(z.dtype)
+        indices = scores.topk(k, dim=-1, sorted=False).indices  # (B, T, K)
+        return act.gather(-1, indices), indices
+
+    def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """sum_k values_k w_o[indices_k] + b_D, gathering only the K active rows of w_o: (B, T, D)."""
+        batch_shape = values.shape[:-1]
+        flat = F.embedding_bag(
+            indices.reshape(-1, indices.shape[-1]),
+            self.w_o.to(values.dtype),
+            per_sample_weights=values.reshape(-1, values.shape[-1]),
+            mode="sum",
+        )
+        out = flat.view(*batch_shape, -1) + self.b_D
+        return out / self.config.output_norm_factor
+
+    # ---- explicit path (analysis) --------------------------------------------------------------------
+
+    def _pattern(self, q, k, attention_mask) -> torch.Tensor:
+        logits = (q @ k.transpose(-1, -2)).float() * self.config.scaling  # (B, Hqk, T, S)
+        if self.config.attn_logit_softcapping is not None:
+            cap = self.config.attn_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        allowed = attention_bias(attention_mask, q.shape[2], self.config.sliding_window, q.device)
+        return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+
+    def attention_pattern(self, hidden_states, position_ids=None, attention_mask=None, position_embeddings=None):
+        """Attention pattern of every QK head, softmax(QK^T * scale) with masks: (B, Hqk, T, S)."""
+        x = self._check_input(hidden_states) * self.config.input_norm_factor
+        q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)
+        return self._pattern(q, k, attention_mask)
+
+    def z_pattern(self, hidden_states, ov_head: int, position_ids=None, attention_mask=None, position_embeddings=None):
+        """Contribution of each source token s to OV head `ov_head` at query t, A[t, s] * v[s]: (B, T, S).
+
+        Summed over S it equals that head's pre-activation z.
+        """
+        if not 0 <= ov_head < self.config.n_ov_heads:
+            raise ValueError(f"ov_head must be in [0, {self.config.n_ov_heads}), got {ov_head}.")
+        pattern = self.attention_pattern(hidden_states, position_ids, attention_mask, position_embeddings)
+        pattern = pattern[:, ov_head // self.config.group_size]  # (B, T, S)
+        x = hidden_states * self.config.input_norm_factor
+        v = x @ self.w_v[ov_head] + self.b_v[ov_head]  # (B, S)
+        return pattern * v[:, None, :]
+
+    def _check_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        if hidden_states.dim() != 3 or hidden_states.shape[-1] != c.d_model:
+            raise ValueError(
+                f"LorsaModel expects the attention input as (batch, positions, d_model={c.d_model}), "
+                f"got shape {tuple(hidden_states.shape)}."
+            )
+        if hidden_states.shape[1] > c.max_position_embeddings:
+            raise ValueError(
+                f"Sequence of {hidden_states.shape[1]} positions exceeds max_position_embeddings="
+                f"{c.max_position_embeddings} of this Lorsa; use shorter contexts."
+            )
+        return hidden_states
+
+    # ---- weight folding ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def set_norm_factors(self, input_factor: float, output_factor: float) -> None:
+        """Work in normalised units (x * input_factor, y * output_factor) without changing the function."""
+        self.fold_norm_factors()
+        self.W_Q.div_(input_factor), self.W_K.div_(input_factor), self.w_v.div_(input_factor)
+        self.w_o.mul_(output_factor), self.b_D.mul_(output_factor)
+        self.config.input_norm_factor, self.config.output_norm_factor = float(input_factor), float(output_factor)
+
+    @torch.no_grad()
+    def fold_norm_factors(self) -> None:
+        """Absorb the normalisation factors into the weights, so the Lorsa maps raw input to raw output."""
+        s_in, s_out = self.config.input_norm_factor, self.config.output_norm_factor
+        self.W_Q.mul_(s_in), self.W_K.mul_(s_in), self.w_v.mul_(s_in)
+        self.w_o.div_(s_out), self.b_D.div_(s_out)
+        self.config.input_norm_factor = self.config.output_norm_factor = 1.0
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Fold ||w_o|| into w_v and b_v so every output direction has unit norm (LORSA.md, after training)."""
+        norms = self.w_o.norm(dim=-1).clamp_min(1e-12)
+        self.w_v.mul_(norms[:, None]), self.b_v.mul_(norms), self.w_o.div_(norms[:, None])

@@ -1,0 +1,218 @@
+"""LorsaModel on its own: the fused and explicit paths, masks, top-k, decode and weight folding."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_lorsa import LorsaConfig, LorsaModel
+
+ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def make(seed: int = 0, **overrides) -> LorsaModel:
+    torch.manual_seed(seed)
+    kwargs = dict(d_model=32, n_qk_heads=4, d_qk_head=8, n_ov_heads=64, top_k=8, rope_parameters=ROPE)
+    kwargs.update(overrides)
+    model = LorsaModel(LorsaConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for p in (model.b_Q, model.b_K, model.b_v, model.b_D):
+            p.normal_(std=0.1)
+        model.w_o.mul_(torch.rand(model.config.n_ov_heads, 1) + 0.5)  # non-unit norms matter for ranking
+    return model
+
+
+def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """z computed head by head with explicit loops over the masking rules (no shared helpers)."""
+    c = model.config
+    B, T, _ = x.shape
+    mask = torch.ones(B, T) if mask is None else mask.float()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    inv_freq = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, c.d_qk_head, 2).float() / c.d_qk_head))
+    ang = pos[..., None] * inv_freq  # (B, T, dqk/2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+
+    def rope(t):
+        half = t.shape[-1] // 2
+        rot = torch.cat([-t[..., half:], t[..., :half]], -1)
+        return t * cos + rot * sin
+
+    z = torch.zeros(B, T, c.n_ov_heads)
+    for h in range(c.n_qk_heads):
+        q = rope(x @ model.W_Q[h] + model.b_Q[h])
+        k = rope(x @ model.W_K[h] + model.b_K[h])
+        logits = q @ k.transpose(-1, -2) / math.sqrt(c.d_qk_head)
+        if c.attn_logit_softcapping:
+            logits = torch.tanh(logits / c.attn_logit_softcapping) * c.attn_logit_softcapping
+        for b in range(B):
+            for t in range(T):
+                for s in range(T):
+                    visible = s <= t and mask[b, s] > 0
+                    if c.sliding_window is not None:
+                        visible = visible and t - s < c.sliding_window
+                    if not visible and s != t:
+                        logits[b, t, s] = float("-inf")
+        A = logits.softmax(-1)
+        for g in range(c.group_size):
+            i = h * c.group_size + g
+            z[..., i] = (A @ (x @ model.w_v[i] + model.b_v[i])[..., None])[..., 0]
+    return z
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"sliding_window": 3}, {"attn_logit_softcapping": 2.0}, {"qk_norm": False, "topk_rule": "relu"}]
+)
+@torch.no_grad()
+def test_pre_activations_match_reference(overrides):
+    model = make(**overrides)
+    x = torch.randn(2, 7, 32)
+    mask = torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1]])
+    z = model(x, attention_mask=mask, output_pre_activations=True).pre_activations
+    expected = reference_z(model, x, mask)
+    real = mask.bool()
+    torch.testing.assert_close(z[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_explicit_path_agrees_with_fused_path():
+    model = make(sliding_window=4)
+    x = torch.randn(2, 9, 32)
+    mask = torch.tensor([[1] * 9, [0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    z = model(x, attention_mask=mask, output_pre_activations=True).pre_activations
+    pattern = model.attention_pattern(x, attention_mask=mask)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(2, 4, 9))
+    assert pattern[1, :, 5, :3].abs().max() == 0  # padded keys are never attended
+    assert pattern[0, :, 8, :5].abs().max() == 0  # outside the window of 4
+    for head in (0, 17, 63):
+        contributions = model.z_pattern(x, head, attention_mask=mask)  # (B, T, S)
+        torch.testing.assert_close(contributions.sum(-1), z[..., head], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_padding_gives_the_unpadded_values():
+    model = make()
+    a, b = torch.randn(1, 6, 32), torch.randn(1, 4, 32)
+    pad = torch.zeros(1, 2, 32)
+    for side in ("left", "right"):
+        b_padded = torch.cat([pad, b], 1) if side == "left" else torch.cat([b, pad], 1)
+        mask_b = torch.tensor([[0, 0, 1, 1, 1, 1]]) if side == "left" else torch.tensor([[1, 1, 1, 1, 0, 0]])
+        out = model(torch.cat([a, b_padded]), attention_mask=torch.cat([torch.ones(1, 6).long(), mask_b]))
+        alone_a, alone_b = model(a).reconstruction, model(b).reconstruction
+        torch.testing.assert_close(out.reconstruction[:1], alone_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out.reconstruction[1:, mask_b[0].bool()], alone_b, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_top_k_keeps_the_best_ranked_heads_and_decode_is_dense_equivalent():
+    model = make(top_k=5)
+    x = torch.randn(2, 6, 32)
+    out = model(x, output_pre_activations=True)
+    z = out.pre_activations
+    score = z.abs() * model.w_o.norm(dim=-1)
+    kth = score.topk(5, dim=-1).values[..., -1:]
+    assert out.top_k_indices.shape == (2, 6, 5)
+    torch.testing.assert_close(
+        score.gather(-1, out.top_k_indices).sort(-1).values, score.topk(5).values.sort(-1).values
+    )
+    assert (score.gather(-1, out.top_k_indices) >= kth).all()
+    torch.testing.assert_close(out.top_k_values, z.gather(-1, out.top_k_indices))
+    dense = torch.zeros_like(z).scatter(-1, out.top_k_indices, out.top_k_values)
+    torch.testing.assert_close(out.reconstruction, dense @ model.w_o + model.b_D, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_relu_rule_keeps_only_positive_activations():
+    model = make(topk_rule="relu", top_k=60)
+    out = model(torch.randn(2, 6, 32), output_pre_activations=True)
+    assert (out.top_k_values >= 0).all()
+    positives = (out.pre_activations > 0).sum(-1)
+    assert ((out.top_k_values > 0).sum(-1) == positives.clamp(max=60)).all()
+
+
+@torch.no_grad()
+def test_top_k_override_and_full_k_is_the_dense_layer():
+    model = make()
+    x = torch.randn(1, 5, 32)
+    full = model(x, top_k=64, output_pre_activations=True)
+    torch.testing.assert_close(full.reconstruction, full.pre_activations @ model.w_o + model.b_D, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="top_k"):
+        model(x, top_k=65)
+
+
+@torch.no_grad()
+def test_folding_keeps_the_function():
+    model = make(qk_norm=False)
+    x = torch.randn(2, 6, 32)
+    before = model(x).reconstruction
+    model.set_norm_factors(3.0, 0.25)
+    assert model.config.input_norm_factor == 3.0
+    torch.testing.assert_close(model(x).reconstruction, before, atol=1e-5, rtol=1e-5)
+    model.fold_norm_factors()
+    assert model.config.input_norm_factor == model.config.output_norm_factor == 1.0
+    torch.testing.assert_close(model(x).reconstruction, before, atol=1e-5, rtol=1e-5)
+    model.normalize_decoder()
+    torch.testing.assert_close(model.w_o.norm(dim=-1), torch.ones(64))
+    torch.testing.assert_close(model(x).reconstruction, before, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make(max_position_embeddings=16)
+    with pytest.raises(ValueError, match="d_model=32"):
+        model(torch.randn(2, 5, 31))
+    with pytest.raises(ValueError, match="batch, positions"):
+        model(torch.randn(5, 32))
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(torch.randn(1, 17, 32))
+    with pytest.raises(ValueError, match="ov_head"):
+        model.z_pattern(torch.randn(1, 4, 32), 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_ov_heads=62), "multiple of n_qk_heads"),
+        (dict(top_k=65), "cannot exceed n_ov_heads"),
+        (dict(topk_rule="softmax"), "topk_rule"),
+        (dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1.0}), "Unknown rope_type"),
+        (dict(rope_parameters={"rope_type": "default"}), "rope_theta"),
+        (dict(n_ov_heads=None), "expansion_factor"),
+        (dict(d_model=0), "positive integer"),
+    ],
+)
+def test_config_validation_names_the_fix(kwargs, message):
+    base = dict(d_model=32, n_qk_heads=4, d_qk_head=8, n_ov_heads=64, top_k=8)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        LorsaConfig(**base)
+
+
+def test_expansion_factor_sets_the_dictionary_size():
+    config = LorsaConfig(d_model=32, n_qk_heads=32, d_qk_head=8, expansion_factor=8, top_k=4)
+    assert config.n_ov_heads == 256 and config.group_size == 8
+
+
+@torch.no_grad()
+def test_rope_types_and_interleaving_change_the_output():
+    x = torch.randn(1, 8, 32)
+    base = make()(x).reconstruction
+    for overrides in (
+        {"rope_interleaved": True},
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+        {"rope_parameters": None},
+    ):
+        other = make(**overrides)(x).reconstruction
+        assert not torch.allclose(other, base, atol=1e-4)
+    # linear scaling by 4 is the same as positions divided by 4
+    scaled = make(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
+    pos = torch.arange(8)[None].float()
+    torch.testing.assert_close(scaled(x).reconstruction, make()(x, position_ids=pos / 4).reconstruction)
+
+
+def test_backward_reaches_every_parameter():
+    model = make(qk_norm=True).train()
+    out = model(torch.randn(2, 6, 32))
+    F.mse_loss(out.reconstruction, torch.randn(2, 6, 32)).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
