@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": "hf_lorsa.training:main",
+    "train": "hf_lorsa.run_training:main",
     "evaluate": "hf_lorsa.evaluation:main",
     "analyze": "hf_lorsa.analysis:main",
 }

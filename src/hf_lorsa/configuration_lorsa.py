@@ -41,6 +41,8 @@ class LorsaConfig(PreTrainedConfig):
         layer (`int`, *optional*): index of the host layer this Lorsa replaces.
         attn_input_module (`str`, *optional*): module path whose input is the attention input.
         attn_output_module (`str`, *optional*): module path whose output is the attention output.
+        skip_token_ids (`list[int]`, *optional*): tokens (BOS, padding) whose positions the Lorsa was not
+            trained on; `splice` keeps the host's attention output there.
         dataset_name (`str`, *optional*): the data the Lorsa was trained on.
         tokens_trained (`int`, *optional*): training tokens seen.
         training_args (`dict`, *optional*): the arguments of the training run.
@@ -71,6 +73,7 @@ class LorsaConfig(PreTrainedConfig):
     layer: int | None = None
     attn_input_module: str | None = None
     attn_output_module: str | None = None
+    skip_token_ids: list[int] | None = None
     dataset_name: str | None = None
     tokens_trained: int | None = None
     training_args: dict | None = None

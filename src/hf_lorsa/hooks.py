@@ -23,6 +23,7 @@ class AttentionRecord:
     Attributes:
         hidden_states: (B, T, D) the attention input (after the layer's pre-attention norm).
         attention_output: (B, T, D) the attention output before the residual add (None if not reached).
+        input_ids: (B, T) the tokens given to the model, or None (inputs_embeds).
         attention_mask: (B, T) padding mask given to the model, or None.
         position_ids: (B, T) position ids the attention received, or None.
         position_embeddings: the host's rotary (cos, sin) for this layer, or None.
@@ -30,6 +31,7 @@ class AttentionRecord:
 
     hidden_states: torch.Tensor
     attention_output: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -67,15 +69,17 @@ def _hooked(model: nn.Module, layer: int, attention_module: str | None, on_outpu
     state: dict = {}
 
     def backbone_pre_hook(module, args, kwargs):
-        mask = _bound_arguments(module, args, kwargs).get("attention_mask")
+        bound = _bound_arguments(module, args, kwargs)
+        mask = bound.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             raise ValueError("hf_lorsa hooks need a (batch, positions) padding mask, not a 4-D attention mask.")
-        state["mask"] = mask
+        state["mask"], state["input_ids"] = mask, bound.get("input_ids")
 
     def attention_pre_hook(module, args, kwargs):
         bound = _bound_arguments(module, args, kwargs)
         state["record"] = AttentionRecord(
             hidden_states=bound["hidden_states"] if "hidden_states" in bound else args[0],
+            input_ids=state.get("input_ids"),
             attention_mask=state.get("mask"),
             position_ids=bound.get("position_ids"),
             position_embeddings=bound.get("position_embeddings"),
@@ -146,7 +150,9 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
     """Replace the output of layer `lorsa.config.layer`'s attention by the Lorsa reconstruction.
 
     The Lorsa reads that layer's attention input with the host's own positions (rotary cos/sin) and
-    padding mask. Logits are bit-identical to the clean model again once the block exits.
+    padding mask. At positions holding one of `lorsa.config.skip_token_ids` (BOS, padding: tokens it was
+    not trained on) the host's own output is kept. Logits are bit-identical to the clean model again once
+    the block exits.
     """
     if attention_module is None:
         check_lorsa_matches(model, lorsa)
@@ -160,6 +166,9 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
             attention_mask=record.attention_mask,
             position_embeddings=record.position_embeddings,
         ).reconstruction.to(x.dtype)
+        if lorsa.config.skip_token_ids and record.input_ids is not None:
+            skipped = torch.isin(record.input_ids, torch.tensor(lorsa.config.skip_token_ids, device=x.device))
+            out = torch.where(skipped[..., None], _first(output), out)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     with _hooked(model, lorsa.config.layer, attention_module, on_output):

@@ -1,0 +1,84 @@
+"""Train-step throughput of LorsaModel (forward + backward + Adam step), median over several steps.
+
+python scripts/bench.py                 # configs a and b on the CPU (c too on CUDA)
+python scripts/bench.py --configs c --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from hf_lorsa import LorsaConfig, LorsaModel
+
+CONFIGS = {
+    "a": dict(d_model=64, n_qk_heads=64, d_qk_head=8, n_ov_heads=512, top_k=16, batch=32, context=256),
+    "b": dict(d_model=768, n_qk_heads=48, d_qk_head=64, n_ov_heads=6144, top_k=64, batch=2, context=256),
+    "c": dict(d_model=4096, n_qk_heads=256, d_qk_head=128, n_ov_heads=32768, top_k=128, batch=4, context=1024),
+}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(name: str, device: torch.device, steps: int, warmup: int) -> dict:
+    spec = dict(CONFIGS[name])
+    batch, context = spec.pop("batch"), spec.pop("context")
+    config = LorsaConfig(
+        **spec, max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+    )
+    torch.manual_seed(0)
+    model = LorsaModel(config).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, context, config.d_model, device=device)
+    y = torch.randn(batch, context, config.d_model, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(warmup + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            loss = (model(x).reconstruction.float() - y).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    result = {
+        "config": name,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "tokens_per_step": batch * context,
+        "median_step_s": round(median, 5),
+        "tokens_per_s": round(batch * context / median, 1),
+    }
+    if device.type == "cuda":
+        result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=None, help="comma-separated subset of a,b,c")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
+    for name in names:
+        print(json.dumps(bench(name, device, args.steps, args.warmup)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

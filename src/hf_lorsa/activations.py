@@ -1,0 +1,193 @@
+"""Text -> token windows -> (attention input, attention output) pairs, with an optional disk cache.
+
+Axes: N windows, B batch, T positions (context_length), D d_model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .hooks import collect
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
+
+
+def load_text(spec: str, text_column: str = "text", split: str = "train", streaming: bool | None = None):
+    """A text dataset from local files (comma-separated .jsonl/.json/.txt/.parquet) or a Hub name (streamed).
+
+    Raises before any model is loaded when files are missing, empty, of an unknown format, or lack the column.
+    """
+    paths = [Path(p) for p in spec.split(",")]
+    if all(p.suffix in LOCAL_FORMATS for p in paths) or any(p.exists() for p in paths):
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"Dataset file {p} does not exist.")
+            if p.suffix not in LOCAL_FORMATS:
+                raise ValueError(f"Unknown dataset file type {p.suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
+            if p.stat().st_size == 0:
+                raise ValueError(f"Dataset file {p} is empty.")
+        formats = {LOCAL_FORMATS[p.suffix] for p in paths}
+        if len(formats) > 1:
+            raise ValueError(f"Dataset files mix formats {sorted(formats)}; pass files of one type.")
+        dataset = load_dataset(
+            formats.pop(), data_files=[str(p) for p in paths], split="train", streaming=bool(streaming)
+        )
+    else:
+        dataset = load_dataset(spec, split=split, streaming=True if streaming is None else streaming)
+    columns = dataset.column_names or list(next(iter(dataset)).keys())
+    if text_column not in columns:
+        raise ValueError(f"Dataset {spec} has no column {text_column!r} (columns: {columns}); set --text_column.")
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"Dataset {spec} has no rows.")
+    return dataset
+
+
+def split_holdout(dataset, fraction: float):
+    """(train, held-out) with the last `fraction` of the documents held out (map-style datasets only)."""
+    if not fraction:
+        return dataset, None
+    if not isinstance(dataset, Dataset):
+        raise ValueError("A held-out fraction needs a local (map-style) dataset; pass --eval_dataset for Hub data.")
+    n_eval = max(1, int(len(dataset) * fraction))
+    return dataset.select(range(len(dataset) - n_eval)), dataset.select(range(len(dataset) - n_eval, len(dataset)))
+
+
+def pack(dataset, tokenizer, context_length: int, text_column: str = "text", batch_size: int = 1000):
+    """Tokenize documents the way the model expects (BOS at each start when its tokenizer adds one) and cut
+    the concatenated stream into windows of exactly `context_length` tokens (a last partial one is dropped).
+    """
+
+    def tokenize_and_cut(batch):
+        stream = []
+        for ids in tokenizer(batch[text_column], add_special_tokens=True).input_ids:
+            stream.extend(ids)
+        n = len(stream) // context_length
+        return {"input_ids": [stream[i * context_length : (i + 1) * context_length] for i in range(n)]}
+
+    kwargs = {} if isinstance(dataset, IterableDataset) else {"desc": "Tokenizing"}
+    return dataset.map(
+        tokenize_and_cut, batched=True, batch_size=batch_size, remove_columns=dataset.column_names, **kwargs
+    )
+
+
+def loss_mask(input_ids: torch.Tensor, skip_token_ids: list[int] | None) -> torch.Tensor:
+    """True at positions that count: not BOS/pad (the tokens in `skip_token_ids`)."""
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    for token in skip_token_ids or []:
+        mask &= input_ids != token
+    return mask
+
+
+def skip_tokens(tokenizer) -> list[int]:
+    """Tokens whose positions are excluded from training and evaluation: BOS and padding."""
+    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None})
+
+
+def norm_factors(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Factors that bring the average L2 norm of x and y (at counted positions) to sqrt(d_model)."""
+    d = x.shape[-1]
+    return (d**0.5 / x[mask].float().norm(dim=-1).mean().item(), d**0.5 / y[mask].float().norm(dim=-1).mean().item())
+
+
+# ---- disk cache ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CacheKey:
+    """What a cache of activations was computed from; a cache is reused only when all of it matches."""
+
+    model: str
+    layer: int
+    dataset: str
+    text_column: str
+    context_length: int
+    dtype: str
+    n_windows: int
+    seed: int
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ActivationCache(torch.utils.data.Dataset):
+    """Windows of (input_ids, hidden_states, attention_output) stored as safetensors shards in a folder."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / "cache.json").read_text())
+        self.shard_size = self.meta["shard_size"]
+
+    def __len__(self) -> int:
+        return self.meta["n_windows"]
+
+    def __getitem__(self, index: int) -> dict:
+        shard, row = divmod(index, self.shard_size)
+        with safe_open(self.directory / f"shard-{shard:05d}.safetensors", framework="pt") as f:
+            return {
+                name: f.get_slice(name)[row : row + 1][0] for name in ("input_ids", "hidden_states", "attention_output")
+            }
+
+    @staticmethod
+    def check(directory: str | Path, key: CacheKey) -> bool:
+        """True when a complete cache for `key` is there; raise when the folder holds another cache."""
+        meta_path = Path(directory) / "cache.json"
+        if not meta_path.exists():
+            return False
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key.__dict__:
+            differs = {
+                k: (meta.get("key", {}).get(k), v) for k, v in key.__dict__.items() if meta.get("key", {}).get(k) != v
+            }
+            raise ValueError(
+                f"The activation cache at {directory} was made for other settings {differs} (cached, requested); "
+                "use another --activation_cache folder or delete this one."
+            )
+        return True
+
+    @staticmethod
+    def build(directory, key: CacheKey, model, windows, batch_size: int, shard_size: int = 256) -> ActivationCache:
+        """Run the host on every window once (up to the layer) and write the shards, then cache.json last."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        shard, count = 0, 0
+        for chunk in batches(windows, shard_size):
+            parts = [collect_batch(model, key.layer, ids) for ids in chunk.split(batch_size)]
+            tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
+            save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
+            shard, count = shard + 1, count + len(chunk)
+        meta = {"key": key.__dict__, "n_windows": count, "shard_size": shard_size}
+        (directory / "cache.json").write_text(json.dumps(meta, indent=2))
+        return ActivationCache(directory)
+
+
+def batches(windows, size: int) -> Iterator[torch.Tensor]:
+    """(size, T) tensors of input_ids from a dataset of windows."""
+    rows = []
+    for row in windows:
+        rows.append(torch.as_tensor(row["input_ids"]))
+        if len(rows) == size:
+            yield torch.stack(rows)
+            rows = []
+    if rows:
+        yield torch.stack(rows)
+
+
+@torch.no_grad()
+def collect_batch(model, layer: int, input_ids: torch.Tensor) -> dict:
+    """Attention input and output of `layer` for a batch of full windows (the host stops after the layer)."""
+    device = next(model.parameters()).device
+    record = collect(model, layer, input_ids=input_ids.to(device))
+    return {
+        "input_ids": input_ids.cpu(),
+        "hidden_states": record.hidden_states.cpu(),
+        "attention_output": record.attention_output.cpu(),
+    }

@@ -1,0 +1,188 @@
+"""The Lorsa training recipe as a transformers Trainer: loss, K annealing, AuxK for dead heads, logging.
+
+The host model runs frozen inside `compute_loss` (only up to layer L); the Trainer provides the loop,
+data sharding across processes, mixed precision, gradient clipping, LR schedule and checkpoints.
+
+Axes: B batch, T positions, D d_model, Hov OV heads, K active heads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from .activations import loss_mask
+from .hooks import collect
+
+STATE_FILE = "lorsa_trainer_state.safetensors"
+
+
+def annealed_k(step: int, total_steps: int, k_start: int, k_end: int, fraction: float) -> int:
+    """K at `step`: exponential decay from k_start to k_end over the first `fraction` of training (LORSA.md)."""
+    anneal_steps = fraction * total_steps
+    if step >= anneal_steps or k_start <= k_end:
+        return k_end
+    return max(k_end, round(k_start * (k_end / k_start) ** (step / anneal_steps)))
+
+
+class LorsaTrainer(Trainer):
+    """Trains a LorsaModel on one layer of a frozen host.
+
+    Batches hold either `input_ids` (activations computed on the fly) or cached `hidden_states` and
+    `attention_output` with their `input_ids`.
+    """
+
+    def __init__(self, *args, host, k_start: int, k_anneal_fraction: float, aux_k: int, aux_k_coef: float,
+                 dead_tokens: int, **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.host = host
+        self.k_start, self.k_anneal_fraction = k_start, k_anneal_fraction
+        self.aux_k, self.aux_k_coef, self.dead_tokens = aux_k, aux_k_coef, dead_tokens
+        lorsa = self.model
+        self.tokens_since_fired = torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long)
+        self._metrics: dict[str, list[float]] = {}
+        self.add_callback(TrainerStateCallback(self))
+
+    @property
+    def lorsa(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def current_k(self) -> int:
+        config = self.lorsa.config
+        return annealed_k(
+            self.state.global_step, self.state.max_steps, self.k_start, config.top_k, self.k_anneal_fraction
+        )
+
+    def activations(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, y, counted) for a batch: from the cache, or by running the host up to the layer."""
+        ids = inputs["input_ids"]
+        if "hidden_states" in inputs:
+            x, y = inputs["hidden_states"], inputs["attention_output"]
+        else:
+            record = collect(self.host, self.lorsa.config.layer, input_ids=ids)
+            x, y = record.hidden_states, record.attention_output
+        device = ids.device
+        counted = loss_mask(ids, self.lorsa.config.skip_token_ids)
+        return x.to(device, torch.float32), y.to(device, torch.float32), counted
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        lorsa = self.lorsa
+        if self.first_batch_digest is None:  # lets a run show that its processes read different data
+            self.first_batch_digest = hashlib.sha256(inputs["input_ids"].cpu().numpy().tobytes()).hexdigest()
+        x, y, counted = self.activations(inputs)
+        k = self.current_k()
+        use_aux = self.aux_k_coef > 0 and bool((self.tokens_since_fired > self.dead_tokens).any())
+        out = model(x, top_k=k, output_pre_activations=use_aux)
+        scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
+        error = (out.reconstruction.float() - y)[counted] * scale  # (N, D)
+        target = y[counted] * scale
+        mse = error.pow(2).mean()
+        loss = mse
+        if use_aux:
+            aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale)
+            loss = loss + self.aux_k_coef * aux
+            self._record("aux_loss", aux.item())
+        self._update_fired(out.top_k_indices[counted], out.top_k_values[counted])
+        variance = (target - target.mean(0)).pow(2).sum()
+        self._record("mse", mse.item())
+        self._record("fvu", (error.pow(2).sum() / variance).item())
+        self._record("l0", (out.top_k_values[counted] != 0).sum(-1).float().mean().item())
+        self._record("k", k)
+        return (loss, out) if return_outputs else loss
+
+    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK (Gao et al., 2024): the top dead heads reconstruct what the live ones missed."""
+        dead = (self.tokens_since_fired > self.dead_tokens).to(z.device)
+        k_aux = min(self.aux_k, int(dead.sum()))
+        act = z.relu() if lorsa.config.topk_rule == "relu" else z
+        score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
+        indices = score.topk(k_aux, dim=-1).indices  # (N, k_aux)
+        values = act.gather(-1, indices)
+        decoded = lorsa.decode(values, indices) - lorsa.b_D / lorsa.config.output_norm_factor
+        scale = lorsa.config.output_norm_factor
+        total = (residual * scale - (residual * scale).mean(0)).pow(2).sum().clamp_min(1e-8)
+        return ((decoded - residual) * scale).pow(2).sum() / total
+
+    @torch.no_grad()
+    def _update_fired(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        fired[indices[values != 0].cpu()] = True
+        self.tokens_since_fired += indices.shape[0]
+        self.tokens_since_fired[fired] = 0
+
+    def _record(self, name: str, value: float) -> None:
+        self._metrics.setdefault(name, []).append(float(value))
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:  # a training log: add the recipe's metrics, averaged
+            for name, values in self._metrics.items():
+                logs[name] = sum(values) / len(values)
+            logs["dead_heads"] = int((self.tokens_since_fired > self.dead_tokens).sum())
+            logs["tokens"] = self.tokens_seen()
+            self._metrics = {}
+        super().log(logs, start_time)
+
+    def tokens_seen(self) -> int:
+        """Training tokens seen by all processes together."""
+        args = self.args
+        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return self.state.global_step * per_step * self.context_length
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Splice-based evaluation (hf_lorsa.evaluation) of the current Lorsa on the held-out windows."""
+        from .evaluation import evaluate_lorsa
+
+        windows = eval_dataset if eval_dataset is not None else self.eval_dataset
+        results = evaluate_lorsa(
+            self.host, self.lorsa, windows, self.eval_tokens, self.args.per_device_eval_batch_size, progress=False
+        )
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in results.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    eval_tokens: int = 100_000
+    context_length: int = 0
+    first_batch_digest: str | None = None
+
+    # ---- state beyond what the Trainer checkpoints -----------------------------------------------------
+
+    def save_extra_state(self, checkpoint_dir: str | Path) -> None:
+        save_file({"tokens_since_fired": self.tokens_since_fired}, Path(checkpoint_dir, STATE_FILE))
+
+    def load_extra_state(self, checkpoint_dir: str | Path) -> None:
+        path = Path(checkpoint_dir, STATE_FILE)
+        if path.exists():
+            self.tokens_since_fired = load_file(path)["tokens_since_fired"]
+
+
+class TrainerStateCallback(TrainerCallback):
+    """Saves the dead-head counters into every checkpoint, so that a resumed run continues exactly."""
+
+    def __init__(self, trainer: LorsaTrainer):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        checkpoint = Path(args.output_dir, f"checkpoint-{state.global_step}")
+        if checkpoint.is_dir():
+            self.trainer.save_extra_state(checkpoint)
+
+
+def default_dead_tokens(max_tokens: int) -> int:
+    """Heads silent for this many tokens count as dead: 5% of the budget, between 100k and 10M tokens."""
+    return int(min(10_000_000, max(100_000, 0.05 * max_tokens)))
+
+
+def default_aux_k(d_model: int, n_ov_heads: int) -> int:
+    return min(n_ov_heads, max(1, d_model // 2))
+
+
+def steps_for_budget(max_tokens: int, tokens_per_step: int) -> int:
+    return max(1, math.floor(max_tokens / tokens_per_step))

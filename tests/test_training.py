@@ -1,0 +1,179 @@
+"""Training with the Trainer on the real stories260K model: outputs, resume, processes, cache, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from conftest import ROOT, STORIES_DATA, STORIES_MODEL, require_shared
+from hf_lorsa import LorsaModel
+from hf_lorsa.run_training import parse, train
+from hf_lorsa.training import annealed_k
+
+pytestmark = pytest.mark.usefixtures("shared")
+
+
+@pytest.fixture
+def shared():
+    require_shared()
+
+
+def options(output_dir, **overrides) -> list[str]:
+    opts = {
+        "model_name_or_path": STORIES_MODEL, "layer": 2, "dataset": STORIES_DATA, "output_dir": output_dir,
+        "expansion_factor": 2, "top_k": 8, "context_length": 64, "batch_size": 4, "max_tokens": 256 * 12,
+        "holdout_fraction": 0.02, "eval_tokens": 2048, "save_steps": 6, "logging_steps": 3, "report_to": "none",
+        "seed": 3, "dead_tokens": 512, "disable_tqdm": "true",
+    }  # fmt: skip
+    opts.update(overrides)
+    return [f"--{k}={v}" for k, v in opts.items()]
+
+
+def test_annealed_k_decays_exponentially_then_stays():
+    ks = [annealed_k(step, 100, 512, 16, 0.1) for step in range(12)]
+    assert ks[0] == 512 and ks[5] == round(512 * (16 / 512) ** 0.5) and ks[10:] == [16, 16]
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+
+
+def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
+    out = tmp_path / "run"
+    final = train(*parse(options(out, eval_strategy="steps", eval_steps=6)))
+    loaded = LorsaModel.from_pretrained(out)
+    c = loaded.config
+    assert (c.layer, c.base_model_name_or_path, c.dataset_name) == (2, str(STORIES_MODEL), str(STORIES_DATA))
+    assert c.tokens_trained == 12 * 256 and c.training_args["top_k"] == 8 and c.training_args["context_length"] == 64
+    assert c.skip_token_ids == [1] and c.input_norm_factor == c.output_norm_factor == 1.0
+    torch.testing.assert_close(loaded.w_o.norm(dim=-1), torch.ones(c.n_ov_heads))
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["l0"] == 8.0 and 0 < results["fvu"] < 1 and results["n_tokens"] > 0
+    assert "fvu" in (out / "README.md").read_text()
+    # folding kept the function: the last checkpoint (normalised units) and the saved Lorsa agree
+    checkpoint = LorsaModel.from_pretrained(out / "checkpoint-12")
+    assert checkpoint.config.input_norm_factor != 1.0
+    x = torch.randn(2, 16, 64) * 3
+    torch.testing.assert_close(checkpoint(x).reconstruction, loaded(x).reconstruction, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), loaded.state_dict().values()))
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    logged = [row for row in state["log_history"] if "fvu" in row]
+    assert {"mse", "fvu", "l0", "k", "dead_heads", "learning_rate", "tokens"} <= set(logged[0])
+    assert logged[0]["k"] > logged[-1]["k"] == 8  # K annealed down to top_k
+    evaluations = [row for row in state["log_history"] if "eval_fvu" in row]
+    assert [row["step"] for row in evaluations] == [6, 12] and evaluations[-1]["eval_l0"] == 8.0
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise RuntimeError("killed")
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
+    train(*parse(options(tmp_path / "straight")))
+    with pytest.raises(RuntimeError, match="killed"):
+        train(*parse(options(tmp_path / "crashed")), callbacks=[Crash()])
+    assert (tmp_path / "crashed" / "checkpoint-6").is_dir() and not (
+        tmp_path / "crashed" / "model.safetensors"
+    ).exists()
+    train(*parse(options(tmp_path / "crashed")))  # the same command again continues from checkpoint-6
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "crashed" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    log = json.loads((tmp_path / "crashed" / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    assert [row["step"] for row in log if "fvu" in row] == [3, 6, 9, 12]
+
+
+def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        str(ROOT / "scripts" / "train.py"),
+        *options(tmp_path / "ddp", holdout_fraction=0.0, max_tokens=256 * 8),
+    ]
+    subprocess.run(cmd, env=env, check=True, timeout=600, capture_output=True)
+    ranks = [json.loads((tmp_path / "ddp" / f"train_summary_rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    assert ranks[0]["first_batch_sha256"] != ranks[1]["first_batch_sha256"]  # each process reads its own data
+    assert ranks[0]["tokens_per_step"] == 2 * 4 * 64 and ranks[0]["global_step"] == 4
+    assert LorsaModel.from_pretrained(tmp_path / "ddp").config.tokens_trained == 256 * 8
+
+
+def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = train(*parse(options(tmp_path / "a", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
+    assert (cache / "cache.json").exists()
+    calls = []
+    import hf_lorsa.training as training
+
+    monkeypatch.setattr(training, "collect", lambda *a, **k: calls.append(1))
+    second = train(*parse(options(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
+    assert calls == []  # the training steps never ran the host
+    for p, q in zip(first.state_dict().values(), second.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="made for other settings.*layer"):
+        train(*parse(options(tmp_path / "c", activation_cache=cache, layer=1, holdout_fraction=0.0)))
+
+
+def test_options_file_gives_the_same_arguments(tmp_path):
+    import yaml
+
+    cli = parse(options(tmp_path / "run"))
+    path = tmp_path / "train.yaml"
+    values = dict(arg.lstrip("-").split("=", 1) for arg in options(tmp_path / "run"))
+    path.write_text(yaml.safe_dump({k: yaml.safe_load(v) for k, v in values.items()}))
+    from_file = parse([str(path)])
+    assert cli[0] == from_file[0] and cli[1] == from_file[1]
+    assert cli[2].learning_rate == from_file[2].learning_rate and cli[2].output_dir == from_file[2].output_dir
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"layer": 5}, r"--layer must be in \[0, 4\]"),
+        ({"context_length": 1024}, "exceeds the model's 512 positions"),
+        ({"max_tokens": 100}, "smaller than one step"),
+        ({"text_column": "story"}, "no column 'story'"),
+        ({"dataset": "EMPTY"}, "is empty"),
+        ({"init": "zeros"}, "--init must be"),
+    ],
+)
+def test_bad_input_fails_before_the_model_loads(tmp_path, monkeypatch, overrides, message):
+    from transformers import AutoModelForCausalLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    if overrides.get("dataset") == "EMPTY":
+        (tmp_path / "empty.jsonl").write_text("")
+        overrides = {"dataset": tmp_path / "empty.jsonl"}
+    with pytest.raises(ValueError, match=message):
+        train(*parse(options(tmp_path / "run", **overrides)))
+
+
+def test_an_output_folder_of_another_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lorsa_run.json").write_text(json.dumps({"lorsa": {"layer": 1}, "data": {}}))
+    with pytest.raises(ValueError, match="holds a run with a different configuration"):
+        train(*parse(options(out)))
+
+
+def test_command_line_entry_points_share_the_code():
+    from hf_lorsa import cli
+
+    assert cli.COMMANDS["train"] == "hf_lorsa.run_training:main"
+    script = (ROOT / "scripts" / "train.py").read_text()
+    assert "from hf_lorsa.run_training import main" in script
+    result = subprocess.run([sys.executable, "-m", "hf_lorsa", "train", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--max_tokens" in result.stdout and "--activation_cache" in result.stdout
