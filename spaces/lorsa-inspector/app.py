@@ -1,0 +1,125 @@
+"""Lorsa inspector: browse the heads of a Lorsa, read one head, and watch heads fire on your own text.
+
+    python spaces/lorsa-inspector/app.py --lorsa PATH_OR_ID [--model PATH_OR_ID]
+
+Defaults come from LORSA_ID / LORSA_SUBFOLDER / LORSA_MODEL; GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
+are honoured. All logic lives in hf_lorsa.inspector; this file is UI only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import gradio as gr
+
+from hf_lorsa.inspector import InspectorError, cached_inspector, describe
+
+CSS = """
+.tok { white-space: pre; font-family: monospace; }
+.context { margin: 4px 0; line-height: 1.9; }
+.heatmap table, .active, .sources { border-collapse: collapse; font-size: 11px; }
+.heatmap td { width: 14px; height: 14px; border: 1px solid #eee; padding: 0; }
+.heatmap th.col { writing-mode: vertical-rl; font-weight: normal; }
+"""
+
+
+def guarded(fn):
+    """Turn the inspector's errors into UI messages; anything else too, without a traceback."""
+
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except InspectorError as err:
+            raise gr.Error(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the app keeps serving whatever one request did
+            raise gr.Error(f"Something went wrong: {type(err).__name__}: {err}") from None
+
+    return wrapper
+
+
+def build(lorsa_id: str, model_id: str | None, subfolder: str = "") -> gr.Blocks:
+    def inspector():
+        return cached_inspector(lorsa_id, model_id, subfolder)
+
+    try:
+        header = describe(inspector())
+        notice = inspector().notice
+        tags = inspector().tag_choices()
+    except InspectorError as err:
+        header, notice, tags = f"**Cannot inspect:** {err}", "", ["any"]
+
+    with gr.Blocks(title="Lorsa inspector") as demo:
+        gr.Markdown(f"# Lorsa inspector\n{header}")
+        if notice:
+            gr.Markdown(f"*{notice}*", elem_id="analysis-notice")
+        with gr.Tab("Head browser", id="browser"):
+            with gr.Row():
+                tag = gr.Dropdown(tags, value="any", label="tag", elem_id="tag-filter")
+                token = gr.Textbox(label="promotes token", placeholder="e.g. the", elem_id="token-filter")
+                sort = gr.Dropdown(["frequency", "head"], value="frequency", label="sort by")
+            table = gr.Dataframe(label="heads", interactive=False, elem_id="head-table")
+        with gr.Tab("Head", id="head"):
+            with gr.Row():
+                head = gr.Number(value=0, precision=0, label="head", elem_id="head-number")
+                show = gr.Button("Show head", elem_id="show-head")
+            summary = gr.Markdown(elem_id="head-summary")
+            contexts = gr.HTML(elem_id="head-contexts")
+            pattern = gr.HTML(elem_id="head-pattern")
+            with gr.Row():
+                logits = gr.BarPlot(
+                    x="token", y="logit", title="promoted / suppressed tokens", sort="y", elem_id="head-logits"
+                )
+                hosts = gr.BarPlot(
+                    x="host head", y="share", title="share of the OV map in each host head", elem_id="head-hosts"
+                )
+        with gr.Tab("Your text", id="text"):
+            text = gr.Textbox(label="text", lines=3, elem_id="user-text")
+            run = gr.Button("Analyse text", elem_id="analyse-text")
+            tokens = gr.HTML(elem_id="text-tokens")
+            with gr.Row():
+                position = gr.Number(value=0, precision=0, label="token position", elem_id="text-position")
+                text_head = gr.Number(value=0, precision=0, label="head", elem_id="text-head")
+                zbutton = gr.Button("Show z-pattern", elem_id="show-zpattern")
+            zpattern = gr.HTML(elem_id="text-zpattern")
+
+        @guarded
+        def browse(tag, token, sort):
+            return inspector().head_table(tag, token or "", sort)
+
+        @guarded
+        def head_page(h):
+            i = inspector()
+            return i.head_summary(h), i.contexts_html(h), i.pattern_html(h), i.logit_table(h), i.host_table(h)
+
+        @guarded
+        def analyse(t):
+            i = inspector()
+            return i.text_html(i.text(t))
+
+        @guarded
+        def z_pattern(t, q, h):
+            return inspector().text_pattern_html(t, q, h)
+
+        for control in (tag, token, sort):
+            control.change(browse, [tag, token, sort], table)
+        demo.load(browse, [tag, token, sort], table)
+        show.click(head_page, head, [summary, contexts, pattern, logits, hosts])
+        run.click(analyse, text, tokens)
+        zbutton.click(z_pattern, [text, position, text_head], zpattern)
+    return demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Inspect the heads of a Lorsa.")
+    parser.add_argument("--lorsa", default=os.environ.get("LORSA_ID"), help="Lorsa directory or Hub id")
+    parser.add_argument("--subfolder", default=os.environ.get("LORSA_SUBFOLDER", ""))
+    parser.add_argument("--model", default=os.environ.get("LORSA_MODEL"), help="host model (default: its base model)")
+    args = parser.parse_args()
+    if not args.lorsa:
+        parser.error("give --lorsa or set LORSA_ID")
+    build(args.lorsa, args.model, args.subfolder).queue().launch(css=CSS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,366 @@
+"""Read the heads of a Lorsa: top contexts, z-patterns, direct logit attribution, host-head
+correspondence and automatic tags, saved as a `datasets` Dataset (parquet) beside the Lorsa.
+
+Memory stays bounded on any dataset size: the first pass keeps running counts and the top-N events of
+each head; a second pass recomputes only the windows that hold a top event.
+
+Axes: B batch, T query positions, S source positions, D d_model, Hqk QK heads, Hov OV heads, N top-N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+
+from . import hosts
+from .activations import batches, collect_batch, load_text, loss_mask, pack
+
+ANALYSIS_DIR = "analysis"
+CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
+N_SOURCES = 5  # source tokens listed for each top activation
+
+# A head gets a tag when at least TAG_FRACTION of its firing events (and at least TAG_MIN_EVENTS of them)
+# draw most of their activation from the source position the tag names.
+TAG_FRACTION = 0.5
+TAG_MIN_EVENTS = 20
+TAGS = ("bos", "previous_token", "current_token", "induction", "duplicate_token")
+# A Lorsa head "spans several host heads" when no single host head's OV subspace holds this share of its
+# rank-1 OV map (host subspaces overlap, so shares of different host heads do not add up to one).
+SINGLE_HEAD_SHARE = 0.5
+
+
+def source_kinds(ids: torch.Tensor, query: torch.Tensor, source: torch.Tensor, bos_ids: list[int]) -> torch.Tensor:
+    """Which of TAGS each (query, source) event is, as a (E, len(TAGS)) boolean matrix.
+
+    `ids` (E, T) are the tokens of each event's window, `query` and `source` (E,) positions.
+    induction: the source follows an earlier copy of the query token; duplicate: the source is one.
+    """
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    q_tok, s_tok = ids[rows, query], ids[rows, source]
+    before_source = ids[rows, (source - 1).clamp_min(0)]
+    is_bos = torch.isin(s_tok, torch.tensor(bos_ids or [-1], device=ids.device))
+    earlier = source < query
+    return torch.stack(
+        [
+            is_bos,
+            source == query - 1,
+            source == query,
+            earlier & (source > 0) & (before_source == q_tok) & ~is_bos,
+            earlier & (s_tok == q_tok),
+        ],
+        dim=-1,
+    )
+
+
+def tags_from_counts(kind_counts: torch.Tensor, events: torch.Tensor) -> list[list[str]]:
+    """Per head, the TAGS whose share of its firing events reaches TAG_FRACTION (with enough events)."""
+    share = kind_counts / events.clamp_min(1)[:, None]
+    ok = (share >= TAG_FRACTION) & (events[:, None] >= TAG_MIN_EVENTS)
+    return [[TAGS[j] for j in range(len(TAGS)) if ok[i, j]] for i in range(ok.shape[0])]
+
+
+@torch.no_grad()
+def head_events(lorsa, x: torch.Tensor, counted: torch.Tensor):
+    """Firing events of a batch: (batch, query, head, value, dominant source) for every kept activation."""
+    out = lorsa(x)
+    fired = (out.top_k_values != 0) & counted[..., None]  # (B, T, K)
+    b, t, k = fired.nonzero(as_tuple=True)
+    heads = out.top_k_indices[b, t, k]
+    values = out.top_k_values[b, t, k]
+    pattern = lorsa.attention_pattern(x)  # (B, Hqk, T, S)
+    v = lorsa.values(x * lorsa.config.input_norm_factor)  # (B, S, Hov)
+    rows = pattern[b, heads // lorsa.config.group_size, t]  # (E, S)
+    contributions = rows * v[b, :, heads]  # (E, S)
+    source = (contributions * values.sign()[:, None]).argmax(-1)
+    return b, t, heads, values, source
+
+
+@dataclass
+class _TopEvents:
+    """The N largest activations of every head, as (value, window, position), kept on the CPU."""
+
+    values: torch.Tensor  # (Hov, N)
+    windows: torch.Tensor  # (Hov, N)
+    positions: torch.Tensor  # (Hov, N)
+
+    @classmethod
+    def empty(cls, n_heads: int, n: int) -> _TopEvents:
+        return cls(torch.full((n_heads, n), -float("inf")), torch.full((n_heads, n), -1), torch.full((n_heads, n), -1))
+
+    def update(self, heads, values, windows, positions) -> None:
+        """Merge a batch of events into the per-head top-N (vectorised: sort by score, then by head)."""
+        n_heads, n = self.values.shape
+        head_ids = torch.cat([torch.arange(n_heads).repeat_interleave(n), heads.cpu()])
+        score = torch.cat([self.values.flatten(), values.abs().float().cpu()])
+        window = torch.cat([self.windows.flatten(), windows.cpu()])
+        position = torch.cat([self.positions.flatten(), positions.cpu()])
+        order = score.argsort(descending=True, stable=True)
+        order = order[head_ids[order].argsort(stable=True)]  # grouped by head, best first
+        counts = torch.bincount(head_ids, minlength=n_heads)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(order)) - starts.repeat_interleave(counts)
+        keep = order[rank < n]  # every head has at least n entries (its current top), so n are kept
+        self.values = score[keep].view(n_heads, n)
+        self.windows = window[keep].view(n_heads, n)
+        self.positions = position[keep].view(n_heads, n)
+
+
+# ---- what each head writes, and where it comes from -----------------------------------------------------
+
+
+def final_norm_scale(model) -> torch.Tensor:
+    """Per-channel scale of the host's final norm (Gemma's 1 + w included), read by probing."""
+    norm = hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).final_norm)
+    d = norm.weight.shape[0]
+    probe = torch.zeros(2, d, dtype=norm.weight.dtype, device=norm.weight.device)
+    probe[0, ::2], probe[0, 1::2] = 1e3, -1e3  # zero mean and unit RMS (x 1e3): LayerNorm and RMSNorm alike
+    out = norm(probe).float()
+    return (out[0] - out[1]) / probe[0].float().sign() / 1.0
+
+
+@torch.no_grad()
+def logit_attribution(model, lorsa, k: int = 10) -> list[dict]:
+    """Tokens each head's output direction promotes / suppresses, read through final norm and unembedding."""
+    W_U = hosts.unwrap(model).get_output_embeddings().weight.float()  # (V, D)
+    direction = lorsa.w_o.float().to(W_U.device) * final_norm_scale(model).to(W_U.device)
+    if "LayerNorm" in type(hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).final_norm)).__name__:
+        direction = direction - direction.mean(-1, keepdim=True)
+    logits = direction @ W_U.T  # (Hov, V)
+    top, bottom = logits.topk(k, dim=-1), (-logits).topk(k, dim=-1)
+    return [
+        {"promoted": top.indices[i].tolist(), "promoted_logits": top.values[i].tolist(),
+         "suppressed": bottom.indices[i].tolist(), "suppressed_logits": (-bottom.values[i]).tolist()}
+        for i in range(logits.shape[0])
+    ]  # fmt: skip
+
+
+@torch.no_grad()
+def host_correspondence(model, lorsa) -> torch.Tensor:
+    """(Hov, H) share of each Lorsa head's rank-1 OV map w_v w_o^T inside each host head's OV subspace:
+    |P_in w_v|^2 |P_out w_o|^2 / (|w_v|^2 |w_o|^2), P_in onto span(W_v^h), P_out onto span(W_o^h)."""
+    host = hosts.read_attention(model, lorsa.config.layer)
+    w_v, w_o = lorsa.w_v.float().cpu(), lorsa.w_o.float().cpu()
+    shares = []
+    for h in range(host.n_heads):
+        q_in = torch.linalg.qr(host.W_v[host.kv_head(h)].cpu()).Q  # (D, dh)
+        q_out = torch.linalg.qr(host.W_o[h].cpu().T).Q  # (D, dh)
+        inside_v = (w_v @ q_in).pow(2).sum(-1) / w_v.pow(2).sum(-1).clamp_min(1e-12)
+        inside_o = (w_o @ q_out).pow(2).sum(-1) / w_o.pow(2).sum(-1).clamp_min(1e-12)
+        shares.append(inside_v * inside_o)
+    return torch.stack(shares, dim=-1)
+
+
+# ---- the two passes over the data ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size: int = 8, tokenizer=None,
+            progress: bool = True) -> Dataset:  # fmt: skip
+    """One row per OV head: frequency, tags, top contexts with z-patterns, logit attribution, host heads."""
+    from .hooks import check_lorsa_matches
+
+    check_lorsa_matches(model, lorsa)
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
+    c = lorsa.config
+    skip = c.skip_token_ids or []
+    device = next(lorsa.parameters()).device
+    fires = torch.zeros(c.n_ov_heads, dtype=torch.long)
+    kinds = torch.zeros(c.n_ov_heads, len(TAGS), dtype=torch.long)
+    top = _TopEvents.empty(c.n_ov_heads, top_n)
+    stored: list[torch.Tensor] = []  # token ids of every window read (small next to activations)
+    n_tokens = 0
+    chunks = list(_limited(batches(windows, batch_size), max_tokens))
+    if not chunks:
+        raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
+    for ids in tqdm(chunks, desc="Analysing", disable=not progress):
+        x = collect_batch(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
+        counted = loss_mask(ids, skip).to(device)
+        b, t, heads, values, source = head_events(lorsa, x, counted)
+        window = b.cpu() + len(stored)
+        stored.extend(ids)
+        n_tokens += int(counted.sum())
+        fires += torch.bincount(heads.cpu(), minlength=c.n_ov_heads)
+        kind = source_kinds(ids.to(device)[b], t, source, skip).long()
+        kinds.index_add_(0, heads.cpu(), kind.cpu())
+        top.update(heads, values, window, t)
+    tags = tags_from_counts(kinds, fires)
+    contexts = _top_contexts(model, lorsa, top, stored, tokenizer, batch_size)
+    dla = logit_attribution(model, lorsa)
+    shares = host_correspondence(model, lorsa)
+    rows = []
+    for i in range(c.n_ov_heads):
+        share = shares[i]
+        order = share.argsort(descending=True)
+        rows.append({
+            "head": i,
+            "qk_head": i // c.group_size,
+            "frequency": fires[i].item() / max(n_tokens, 1),
+            "events": fires[i].item(),
+            "tags": tags[i],
+            "kind_shares": {t: kinds[i, j].item() / max(fires[i].item(), 1) for j, t in enumerate(TAGS)},
+            "top_contexts": contexts[i],
+            "host_heads": order[:3].tolist(),
+            "host_shares": share.tolist(),
+            "spans_several_host_heads": bool(share.max() < SINGLE_HEAD_SHARE),
+            **dla[i],
+        })  # fmt: skip
+    if tokenizer is not None:
+        for row in rows:
+            row["promoted_tokens"] = tokenizer.convert_ids_to_tokens(row["promoted"])
+            row["suppressed_tokens"] = tokenizer.convert_ids_to_tokens(row["suppressed"])
+    dataset = Dataset.from_list(rows)
+    dataset.info.description = json.dumps({"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer})
+    return dataset
+
+
+def _limited(chunks, max_tokens: int):
+    seen = 0
+    for ids in chunks:
+        yield ids
+        seen += ids.numel()
+        if seen >= max_tokens:
+            return
+
+
+def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: int) -> list[list[dict]]:
+    """For every head's top events: the context, the head's activation at each of its positions, the
+    source tokens that carry the activation (A[q, s] * v[s] and their share of z), and the QK pattern."""
+    c = lorsa.config
+    device = next(lorsa.parameters()).device
+    needed = sorted({w for w in top.windows.flatten().tolist() if w >= 0})
+    per_head: list[list[dict]] = [[] for _ in range(c.n_ov_heads)]
+    by_window: dict[int, list[tuple[int, int, float]]] = {}
+    for h in range(c.n_ov_heads):
+        for value, w, p in zip(top.values[h].tolist(), top.windows[h].tolist(), top.positions[h].tolist()):
+            if w >= 0:
+                by_window.setdefault(w, []).append((h, p, value))
+    for start in range(0, len(needed), batch_size):
+        group = needed[start : start + batch_size]
+        ids = torch.stack([stored[w] for w in group])
+        x = collect_batch(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
+        out = lorsa(x)
+        acts = torch.zeros(*out.top_k_indices.shape[:2], c.n_ov_heads, device=device)
+        acts.scatter_(-1, out.top_k_indices, out.top_k_values.float())  # (B, T, Hov) after top-k
+        pattern = lorsa.attention_pattern(x)  # (B, Hqk, T, S)
+        v = lorsa.values(x * c.input_norm_factor)  # (B, S, Hov)
+        for row, w in enumerate(group):
+            for h, p, _ in by_window[w]:
+                per_head[h].append(_context(ids[row], acts[row, :, h], pattern[row, h // c.group_size, p],
+                                            v[row, :, h], p, tokenizer))  # fmt: skip
+    for h in range(c.n_ov_heads):
+        per_head[h].sort(key=lambda ctx: -abs(ctx["activation"]))
+    return per_head
+
+
+def _context(ids, acts, pattern_row, v, position: int, tokenizer) -> dict:
+    lo, hi = max(0, position - CONTEXT_BEFORE), min(len(ids), position + CONTEXT_AFTER + 1)
+    contributions = (pattern_row * v).float()  # (S,)
+    z = contributions.sum().item()
+    order = (contributions * (1 if z >= 0 else -1)).argsort(descending=True)[:N_SOURCES]
+    tokens = ids[lo:hi].tolist()
+    return {
+        "tokens": tokens,
+        "text": token_strings(tokenizer, tokens),
+        "activations": acts[lo:hi].tolist(),
+        "position": position - lo,
+        "activation": acts[position].item(),
+        "z": z,
+        "sources": [
+            {
+                "position": int(s) - lo,
+                "token": int(ids[s]),
+                "contribution": contributions[s].item(),
+                "share": contributions[s].item() / z if z else 0.0,
+            }
+            for s in order.tolist()
+        ],  # fmt: skip
+        "pattern": pattern_row[lo : position + 1].float().tolist(),
+    }
+
+
+def token_strings(tokenizer, tokens: list[int]) -> list[str]:
+    """Each token as it reads in running text (leading spaces kept), by decoding growing prefixes."""
+    if tokenizer is None:
+        return [str(t) for t in tokens]
+    texts = [tokenizer.decode(tokens[:i]) for i in range(len(tokens) + 1)]
+    return [b[len(a) :] if b.startswith(a) else tokenizer.decode([t]) for a, b, t in zip(texts, texts[1:], tokens)]
+
+
+def save_analysis(dataset: Dataset, lorsa_dir: str | Path) -> Path:
+    path = Path(lorsa_dir, ANALYSIS_DIR)
+    path.mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(path / "heads.parquet"))
+    (path / "meta.json").write_text(dataset.info.description or "{}")
+    return path
+
+
+def load_analysis(lorsa_dir: str | Path, subfolder: str = "") -> Dataset | None:
+    """The saved analysis of a Lorsa (local folder or Hub id), or None when there is none."""
+    path = Path(lorsa_dir, subfolder, ANALYSIS_DIR, "heads.parquet")
+    if not path.exists():
+        try:
+            from huggingface_hub import hf_hub_download
+
+            sub = f"{subfolder}/{ANALYSIS_DIR}" if subfolder else ANALYSIS_DIR
+            path = Path(hf_hub_download(str(lorsa_dir), "heads.parquet", subfolder=sub))
+        except Exception:  # noqa: BLE001 - no analysis published: the caller computes one
+            return None
+    return Dataset.from_parquet(str(path))
+
+
+def push_analysis(lorsa_dir: str | Path, repo_id: str, subfolder: str = "", token: str | None = None):
+    """Upload the analysis folder next to a pushed Lorsa, with huggingface_hub."""
+    from huggingface_hub import HfApi
+
+    target = f"{subfolder}/{ANALYSIS_DIR}" if subfolder else ANALYSIS_DIR
+    return HfApi(token=token).upload_folder(
+        repo_id=repo_id, folder_path=str(Path(lorsa_dir, ANALYSIS_DIR)), path_in_repo=target
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hf-lorsa analyze`: compute the head analysis of a Lorsa and save it beside it."""
+    p = argparse.ArgumentParser(prog="hf-lorsa analyze", description="Analyse the heads of a Lorsa.")
+    p.add_argument("--lorsa", required=True, help="Lorsa directory or Hub id")
+    p.add_argument("--dataset", required=True, help="Hub dataset name or local .jsonl/.txt/.parquet files")
+    p.add_argument("--max_tokens", type=int, default=200_000)
+    p.add_argument("--model_name_or_path", default=None, help="host model (default: the Lorsa's base model)")
+    p.add_argument("--subfolder", default="")
+    p.add_argument("--output", default=None, help="folder to write analysis/ into (default: the Lorsa folder)")
+    p.add_argument("--top_n", type=int, default=10, help="top contexts kept per head")
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--split", default="train")
+    p.add_argument("--context_length", type=int, default=None, help="default: the training context length")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload the analysis there")
+    args = p.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling_lorsa import LorsaModel
+
+    dataset = load_text(args.dataset, args.text_column, split=args.split)
+    lorsa = LorsaModel.from_pretrained(args.lorsa, subfolder=args.subfolder).to(args.device)
+    host_name = args.model_name_or_path or lorsa.config.base_model_name_or_path
+    if not host_name:
+        raise SystemExit("This Lorsa records no base model; pass --model_name_or_path.")
+    output = Path(args.output) if args.output else Path(args.lorsa, args.subfolder)
+    if not args.output and not output.is_dir():
+        raise SystemExit(f"{args.lorsa} is not a local folder; pass --output.")
+    tokenizer = AutoTokenizer.from_pretrained(host_name)
+    model = AutoModelForCausalLM.from_pretrained(host_name).to(args.device)
+    context = args.context_length or (lorsa.config.training_args or {}).get("context_length") or 256
+    windows = pack(dataset, tokenizer, context, args.text_column)
+    result = analyze(model, lorsa, windows, args.max_tokens, args.top_n, args.batch_size, tokenizer)
+    path = save_analysis(result, output)
+    print(f"Saved the analysis of {len(result)} heads to {path}")
+    if args.push_to_hub:
+        push_analysis(output, args.push_to_hub, args.subfolder)
+    return 0

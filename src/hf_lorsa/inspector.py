@@ -1,0 +1,285 @@
+"""What the Lorsa inspector Space shows, computed here so that the Space holds only UI.
+
+Every public method returns plain data (pandas DataFrames, HTML strings) and raises InspectorError with a
+message for the user on bad input.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pandas as pd
+import torch
+
+from .analysis import TAGS, analyze, load_analysis, token_strings
+from .hooks import capture, check_lorsa_matches
+
+logger = logging.getLogger(__name__)
+DEFAULT_CORPUS_SEQUENCES, DEFAULT_CORPUS_LENGTH = 24, 128
+TEXT_LIMIT = 256  # tokens of typed text analysed; longer text is truncated with a notice
+
+
+class InspectorError(ValueError):
+    """A problem the user can fix, shown as a message in the UI."""
+
+
+@dataclass
+class TextAnalysis:
+    tokens: list[str]
+    truncated: bool
+    active: list[list[tuple[int, float]]]  # per token: (head, activation) of its active heads, strongest first
+
+
+def _shade(value: float, scale: float) -> str:
+    a = min(abs(value) / scale, 1.0) if scale else 0.0
+    colour = "255, 120, 0" if value >= 0 else "40, 110, 255"
+    return f"rgba({colour}, {a:.2f})"
+
+
+def _token_span(text: str, value: float, scale: float, extra: str = "", title: str = "") -> str:
+    shown = html.escape(text.replace("\n", "⏎")) or "&nbsp;"
+    return (f'<span class="tok" title="{html.escape(title)}" style="background:{_shade(value, scale)};'
+            f'padding:1px 0;{extra}">{shown}</span>')  # fmt: skip
+
+
+class Inspector:
+    """A host model, a Lorsa and its head analysis (loaded, or computed on a default corpus)."""
+
+    def __init__(self, lorsa, model, tokenizer, analysis=None, max_tokens: int = 6_000):
+        try:
+            check_lorsa_matches(model, lorsa)
+        except ValueError as err:
+            raise InspectorError(f"This Lorsa does not belong to this model: {err}") from err
+        self.lorsa, self.model, self.tokenizer = lorsa.eval().requires_grad_(False), model.eval(), tokenizer
+        self.notice = ""
+        if analysis is None:
+            self.notice = (f"No precomputed analysis was found for this Lorsa: the head statistics below come from "
+                           f"{DEFAULT_CORPUS_SEQUENCES} texts sampled from the model itself "
+                           f"(about {DEFAULT_CORPUS_SEQUENCES * DEFAULT_CORPUS_LENGTH} tokens).")  # fmt: skip
+            windows = [{"input_ids": row} for row in self._default_corpus()]
+            analysis = analyze(model, lorsa, windows, max_tokens, top_n=5, tokenizer=tokenizer, progress=False)
+        self.analysis = analysis
+        self.rows = {row["head"]: row for row in analysis}
+
+    @classmethod
+    def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "") -> Inspector:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .modeling_lorsa import LorsaModel
+
+        try:
+            lorsa = LorsaModel.from_pretrained(lorsa_id, subfolder=subfolder)
+        except (OSError, ValueError) as err:
+            raise InspectorError(f"Could not load the Lorsa {lorsa_id!r}: {err}") from err
+        model_id = model_id or lorsa.config.base_model_name_or_path
+        if not model_id:
+            raise InspectorError("This Lorsa records no base model; give the model to inspect it with.")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_id)
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+        except (OSError, ValueError) as err:
+            raise InspectorError(f"Could not load the model {model_id!r}: {err}") from err
+        return cls(lorsa, model, tokenizer, load_analysis(lorsa_id, subfolder))
+
+    @torch.no_grad()
+    def _default_corpus(self) -> torch.Tensor:
+        torch.manual_seed(0)
+        start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
+        prompt = torch.full((DEFAULT_CORPUS_SEQUENCES, 1), start)
+        return self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_length=DEFAULT_CORPUS_LENGTH,
+                                   min_length=DEFAULT_CORPUS_LENGTH, do_sample=True, top_k=0, pad_token_id=start)  # fmt: skip
+
+    # ---- head browser ------------------------------------------------------------------------------------
+
+    def head_table(self, tag: str = "any", token: str = "", sort_by: str = "frequency") -> pd.DataFrame:
+        """One row per head, filtered by tag and by a token among its promoted tokens."""
+        rows = []
+        needle = token.strip().lower()
+        for row in self.analysis:
+            promoted = [
+                t.replace("▁", " ").replace("Ġ", " ") for t in row.get("promoted_tokens") or map(str, row["promoted"])
+            ]
+            if tag not in ("", "any", None) and tag not in row["tags"]:
+                continue
+            if needle and not any(needle in t.strip().lower() for t in promoted):
+                continue
+            rows.append({
+                "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": row["frequency"],
+                "promotes": " ".join(p.strip() for p in promoted[:5]),
+                "host heads": ", ".join(f"{h} ({row['host_shares'][h]:.2f})" for h in row["host_heads"][:2]),
+                "spans several": row["spans_several_host_heads"],
+            })  # fmt: skip
+        table = pd.DataFrame(rows, columns=["head", "tags", "frequency", "promotes", "host heads", "spans several"])
+        return table.sort_values(sort_by, ascending=sort_by == "head", kind="stable").reset_index(drop=True)
+
+    def tag_choices(self) -> list[str]:
+        return ["any", *TAGS]
+
+    # ---- head page ---------------------------------------------------------------------------------------
+
+    def head(self, head) -> dict:
+        try:
+            index = int(head)
+        except (TypeError, ValueError) as err:
+            raise InspectorError(f"Head must be a number between 0 and {self.lorsa.config.n_ov_heads - 1}.") from err
+        if index not in self.rows:
+            raise InspectorError(
+                f"Head {index} does not exist: this Lorsa has heads 0 to {self.lorsa.config.n_ov_heads - 1}."
+            )
+        return self.rows[index]
+
+    def head_summary(self, head) -> str:
+        row = self.head(head)
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in row["kind_shares"].items())
+        return (f"**Head {row['head']}** (QK group {row['qk_head']}) · fires on {row['frequency']:.3%} of tokens "
+                f"({row['events']} events) · tags: {', '.join(row['tags']) or 'none'} · dominant source: {shares}")  # fmt: skip
+
+    def contexts_html(self, head) -> str:
+        """Top contexts, tokens shaded by the head's activation; the sources of each activation underlined."""
+        row = self.head(head)
+        if not row["top_contexts"]:
+            return "<p>This head never fired on the analysed text.</p>"
+        parts = []
+        for i, ctx in enumerate(row["top_contexts"]):
+            scale = max(abs(a) for a in ctx["activations"]) or 1.0
+            sources = {s["position"]: s["share"] for s in ctx["sources"] if abs(s["share"]) >= 0.05}
+            spans = []
+            for j, (text, act) in enumerate(zip(ctx["text"], ctx["activations"])):
+                extra = "outline:2px solid #222;" if j == ctx["position"] else ""
+                if j in sources:
+                    extra += "border-bottom:3px solid #0a7;"
+                spans.append(
+                    _token_span(
+                        text,
+                        act,
+                        scale,
+                        extra,
+                        f"activation {act:.3f}" + (f", source share {sources[j]:.0%}" if j in sources else ""),
+                    )
+                )
+            parts.append(f'<div class="context" data-activation="{ctx["activation"]:.4f}"><b>#{i + 1}</b> '
+                         f'z = {ctx["activation"]:.3f}: {"".join(spans)}</div>')  # fmt: skip
+        legend = ("<p style='font-size:small'>orange/blue: the head's activation; boxed: the query token; "
+                  "green underline: source tokens carrying at least 5% of the activation.</p>")  # fmt: skip
+        return legend + "".join(parts)
+
+    def pattern_html(self, head, context: int = 0) -> str:
+        """Heatmap of the z-pattern (A[q, s] * v[s]) of the head's top context, for each query position."""
+        row = self.head(head)
+        if not row["top_contexts"]:
+            return "<p>No context to show.</p>"
+        ctx = row["top_contexts"][min(int(context), len(row["top_contexts"]) - 1)]
+        ids = torch.tensor(ctx["tokens"])[None]
+        contributions = self._z_pattern(ids, row["head"])[0]  # (T, S)
+        return heatmap_html(contributions, ctx["text"], f"z-pattern of head {row['head']}: A[q, s] · v[s]")
+
+    def logit_table(self, head) -> pd.DataFrame:
+        row = self.head(head)
+        names = row.get("promoted_tokens") or [str(t) for t in row["promoted"]]
+        down = row.get("suppressed_tokens") or [str(t) for t in row["suppressed"]]
+        return pd.DataFrame({"token": [*names, *down], "logit": [*row["promoted_logits"], *row["suppressed_logits"]]})
+
+    def host_table(self, head) -> pd.DataFrame:
+        row = self.head(head)
+        return pd.DataFrame(
+            {"host head": [str(h) for h in range(len(row["host_shares"]))], "share": row["host_shares"]}
+        )
+
+    # ---- your text -----------------------------------------------------------------------------------------
+
+    def _encode(self, text: str) -> tuple[torch.Tensor, bool]:
+        if not text or not text.strip():
+            raise InspectorError("Type some text first.")
+        ids = self.tokenizer(text, return_tensors="pt").input_ids
+        limit = min(TEXT_LIMIT, self.lorsa.config.max_position_embeddings)
+        return ids[:, :limit], ids.shape[1] > limit
+
+    @torch.no_grad()
+    def _run(self, ids: torch.Tensor):
+        with capture(self.model, self.lorsa.config.layer, stop=True) as cap:
+            self.model(input_ids=ids)
+        return cap.last.hidden_states
+
+    @torch.no_grad()
+    def text(self, text: str) -> TextAnalysis:
+        ids, truncated = self._encode(text)
+        out = self.lorsa(self._run(ids))
+        skip = set(self.lorsa.config.skip_token_ids or [])
+        active = []
+        for t in range(ids.shape[1]):
+            pairs = [] if int(ids[0, t]) in skip else [
+                (int(h), float(v)) for h, v in zip(out.top_k_indices[0, t], out.top_k_values[0, t]) if v != 0
+            ]  # fmt: skip
+            active.append(sorted(pairs, key=lambda p: -abs(p[1])))
+        return TextAnalysis(token_strings(self.tokenizer, ids[0].tolist()), truncated, active)
+
+    def text_html(self, analysis: TextAnalysis) -> str:
+        spans = []
+        for i, (tok, heads) in enumerate(zip(analysis.tokens, analysis.active)):
+            top = ", ".join(f"{h}: {v:.2f}" for h, v in heads[:8]) or "none (skipped token)"
+            spans.append(
+                f'<span class="tok" data-index="{i}" title="{i}: heads {html.escape(top)}">{html.escape(tok) or "&nbsp;"}</span>'
+            )
+        table = "".join(
+            f"<tr><td>{i}</td><td>{html.escape(tok)}</td><td>{', '.join(f'{h} ({v:.2f})' for h, v in heads[:6])}</td></tr>"
+            for i, (tok, heads) in enumerate(zip(analysis.tokens, analysis.active))
+        )
+        notice = (f"<p class='notice'><b>Text truncated to the first {len(analysis.tokens)} tokens.</b></p>"
+                  if analysis.truncated else "")  # fmt: skip
+        return (f"{notice}<div class='text'>{''.join(spans)}</div><table class='active'><tr><th>#</th>"
+                f"<th>token</th><th>active heads (activation)</th></tr>{table}</table>")  # fmt: skip
+
+    @torch.no_grad()
+    def _z_pattern(self, ids: torch.Tensor, head: int) -> torch.Tensor:
+        return self.lorsa.z_pattern(self._run(ids), head)
+
+    def text_pattern_html(self, text: str, token_index, head) -> str:
+        row = self.head(head)
+        ids, _ = self._encode(text)
+        try:
+            q = int(token_index)
+        except (TypeError, ValueError) as err:
+            raise InspectorError("Pick a token position (a number).") from err
+        if not 0 <= q < ids.shape[1]:
+            raise InspectorError(f"Token position must be between 0 and {ids.shape[1] - 1}.")
+        contributions = self._z_pattern(ids, row["head"])[0, q, : q + 1]  # (S,)
+        tokens = token_strings(self.tokenizer, ids[0, : q + 1].tolist())
+        z = contributions.sum().item()
+        scale = contributions.abs().max().item() or 1.0
+        spans = "".join(_token_span(t, c, scale, title=f"{c:.3f}") for t, c in zip(tokens, contributions.tolist()))
+        top = contributions.abs().argsort(descending=True)[:5].tolist()
+        rows = "".join(f"<tr><td>{s}</td><td>{html.escape(tokens[s])}</td><td>{contributions[s]:.3f}</td>"
+                       f"<td>{contributions[s].item() / z if z else 0:.0%}</td></tr>" for s in top)  # fmt: skip
+        return (f"<p>Head {row['head']} at token {q} ({html.escape(tokens[q])!s}): z = {z:.3f}</p>"
+                f"<div class='zpattern'>{spans}</div><table class='sources'><tr><th>source</th><th>token</th>"
+                f"<th>contribution</th><th>share</th></tr>{rows}</table>")  # fmt: skip
+
+
+def heatmap_html(values: torch.Tensor, labels: list[str], title: str) -> str:
+    """A (T, S) matrix as an HTML heatmap with token labels on both axes."""
+    scale = values.abs().max().item() or 1.0
+    head = "".join(f"<th class='col'>{html.escape(t)}</th>" for t in labels)
+    body = []
+    for q, label in enumerate(labels):
+        cells = "".join(f"<td style='background:{_shade(v, scale)}' title='{v:.3f}'></td>" if s <= q else "<td></td>"
+                        for s, v in enumerate(values[q].tolist()))  # fmt: skip
+        body.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
+    return (f"<div class='heatmap'><p>{html.escape(title)} (rows: queries, columns: sources)</p>"
+            f"<table><tr><th></th>{head}</tr>{''.join(body)}</table></div>")  # fmt: skip
+
+
+@lru_cache(maxsize=4)
+def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "") -> Inspector:
+    """Inspectors are shared between sessions: loading is the slow part."""
+    return Inspector.load(lorsa_id, model_id or None, subfolder)
+
+
+def describe(inspector: Inspector) -> str:
+    c = inspector.lorsa.config
+    meta = json.loads(inspector.analysis.info.description or "{}") if inspector.analysis.info.description else {}
+    return (f"Lorsa for layer {c.layer} of `{c.base_model_name_or_path}`: {c.n_ov_heads} OV heads, {c.n_qk_heads} "
+            f"QK heads, top-{c.top_k}. Analysis over {meta.get('n_tokens', '?')} tokens.")  # fmt: skip
