@@ -5,12 +5,19 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, STORIES_DATA, require_shared
 
+from conftest import ROOT, STORIES_DATA, require_shared
 from hf_lorsa import LorsaConfig, LorsaModel
 from hf_lorsa.activations import load_text, pack
 from hf_lorsa.analysis import (
-    TAGS, analyze, head_events, host_correspondence, load_analysis, save_analysis, source_kinds, tags_from_counts,
+    TAGS,
+    analyze,
+    head_events,
+    host_correspondence,
+    load_analysis,
+    save_analysis,
+    source_kinds,
+    tags_from_counts,
 )  # fmt: skip
 
 
@@ -131,3 +138,17 @@ def test_analyze_command(tmp_path, stories_model):
     assert "Analysing" in result.stderr  # the progress bar
     loaded = load_analysis(tmp_path)
     assert len(loaded) == 64 and all(len(c) <= 2 for c in loaded["top_contexts"])
+
+
+def test_push_analysis_uploads_the_folder(analysed, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    from hf_lorsa.analysis import push_analysis
+
+    calls = []
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(kw) or "ok")
+    save_analysis(analysed[2], tmp_path)
+    push_analysis(tmp_path, "org/lorsa", subfolder="layer1")
+    assert calls == [
+        {"repo_id": "org/lorsa", "folder_path": str(tmp_path / "analysis"), "path_in_repo": "layer1/analysis"}
+    ]

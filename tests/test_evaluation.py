@@ -187,3 +187,30 @@ def test_command_line_writes_results_and_card(tmp_path, stories_model):
         cmd[:4] + ["--dataset", str(tmp_path / "none.jsonl"), "--max_tokens", "10"], capture_output=True, text=True
     )
     assert fail.returncode != 0 and "does not exist" in fail.stderr
+
+
+def test_the_host_runs_only_as_far_as_it_must():
+    model = build_host("llama")
+    lorsa = LorsaModel.from_host(model, 1, n_ov_heads=64, top_k=4)
+    batches_seen = {0: [], 1: [], 2: []}
+    hooks = [
+        layer.self_attn.register_forward_pre_hook(
+            lambda m, a, k, i=i: batches_seen[i].append(k["hidden_states"].shape[0]), with_kwargs=True
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    evaluate_lorsa(model, lorsa, windows(n=6), max_tokens=10_000, batch_size=3, progress=False)
+    for h in hooks:
+        h.remove()
+    # the mean pass stops at layer 1; the main pass runs layer 0 once per batch and the rest on 4 copies
+    assert batches_seen[0] == [3, 3, 3, 3]
+    assert batches_seen[1] == [3, 3, 12, 12]
+    assert batches_seen[2] == [12, 12]
+
+
+def test_hf_lorsa_evaluate_is_the_same_command():
+    from hf_lorsa import cli
+
+    assert cli.COMMANDS["evaluate"] == "hf_lorsa.evaluation:main"
+    result = subprocess.run([sys.executable, "-m", "hf_lorsa", "evaluate", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--update_card" in result.stdout and "--max_tokens" in result.stdout

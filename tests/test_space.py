@@ -10,9 +10,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import ROOT, STORIES_MODEL, require_shared
 
+from conftest import ROOT, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.inspector import Inspector, InspectorError
 
@@ -62,6 +61,18 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
             bad()
 
 
+def test_a_saved_analysis_is_used(lorsa_dir, tmp_path, inspector):
+    import shutil as sh
+
+    from hf_lorsa.analysis import save_analysis
+
+    folder = tmp_path / "with-analysis"
+    sh.copytree(lorsa_dir, folder)
+    save_analysis(inspector.analysis.select(range(64)), folder)
+    loaded = Inspector.load(str(folder))
+    assert loaded.notice == "" and loaded.analysis.to_list() == inspector.analysis.to_list()
+
+
 def test_a_lorsa_and_model_that_do_not_belong_together(lorsa_dir, stories_model, stories_tokenizer):
     lorsa = LorsaModel.from_pretrained(lorsa_dir)
     lorsa.config.host_model_type = "gpt2"
@@ -82,7 +93,9 @@ def app_url(lorsa_dir):
             pytest.fail("Chromium is missing: install it with `apt-get install chromium` (.ci/setup does).")
         pytest.skip("needs Chromium at /usr/bin/chromium")
     port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(
+        os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False"
+    )
     app = ROOT / "spaces" / "lorsa-inspector" / "app.py"
     log = open(ARTIFACTS.mkdir(exist_ok=True) or ARTIFACTS / "space.log", "w")
     process = subprocess.Popen([sys.executable, str(app), "--lorsa", str(lorsa_dir)], env=env, stdout=log, stderr=log)

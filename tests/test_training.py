@@ -177,3 +177,10 @@ def test_command_line_entry_points_share_the_code():
     assert "from hf_lorsa.run_training import main" in script
     result = subprocess.run([sys.executable, "-m", "hf_lorsa", "train", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--max_tokens" in result.stdout and "--activation_cache" in result.stdout
+
+
+def test_device_map_auto_and_tensorboard_logs(tmp_path):
+    out = tmp_path / "run"
+    train(*parse(options(out, device_map="auto", report_to="tensorboard", holdout_fraction=0.0, max_tokens=256 * 3)))
+    assert list((out / "runs").rglob("events.out.tfevents.*"))  # the Trainer's default TensorBoard folder
+    assert LorsaModel.from_pretrained(out).config.tokens_trained == 256 * 3

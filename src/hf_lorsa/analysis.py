@@ -174,22 +174,24 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     fires = torch.zeros(c.n_ov_heads, dtype=torch.long)
     kinds = torch.zeros(c.n_ov_heads, len(TAGS), dtype=torch.long)
     top = _TopEvents.empty(c.n_ov_heads, top_n)
-    stored: list[torch.Tensor] = []  # token ids of every window read (small next to activations)
-    n_tokens = 0
-    chunks = list(_limited(batches(windows, batch_size), max_tokens))
-    if not chunks:
-        raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
-    for ids in tqdm(chunks, desc="Analysing", disable=not progress):
+    stored: dict[int, torch.Tensor] = {}  # token ids of the windows that hold a current top event
+    n_tokens, n_windows = 0, 0
+    for ids in tqdm(_limited(batches(windows, batch_size), max_tokens), desc="Analysing", disable=not progress):
         x = collect_batch(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
         counted = loss_mask(ids, skip).to(device)
         b, t, heads, values, source = head_events(lorsa, x, counted)
-        window = b.cpu() + len(stored)
-        stored.extend(ids)
+        window = b.cpu() + n_windows
+        stored.update({n_windows + i: row for i, row in enumerate(ids)})
+        n_windows += len(ids)
         n_tokens += int(counted.sum())
         fires += torch.bincount(heads.cpu(), minlength=c.n_ov_heads)
         kind = source_kinds(ids.to(device)[b], t, source, skip).long()
         kinds.index_add_(0, heads.cpu(), kind.cpu())
         top.update(heads, values, window, t)
+        referenced = set(top.windows.unique().tolist())
+        stored = {w: row for w, row in stored.items() if w in referenced}
+    if not n_windows:
+        raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
     tags = tags_from_counts(kinds, fires)
     contexts = _top_contexts(model, lorsa, top, stored, tokenizer, batch_size)
     dla = logit_attribution(model, lorsa)

@@ -130,7 +130,7 @@ def probe_affine(module: nn.Module, d_in: int) -> tuple[torch.Tensor, torch.Tens
     """(M, b) with module(x) = x @ M + b, read by feeding 0 and the identity: M (d_in, d_out), b (d_out,)."""
     param = next(module.parameters())
     x = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).to(param.device, param.dtype)
-    y = module(x).float()
+    y = module(x).float().cpu()  # weights are assembled on the CPU, whatever device the host is on
     return y[1:] - y[0], y[0]
 
 
@@ -141,7 +141,7 @@ def probe_rms_scale(norm: nn.Module | None, dim: int) -> torch.Tensor | None:
         return None
     param = next(norm.parameters())
     x = torch.full((1, dim), 1e3, device=param.device, dtype=torch.float32)
-    return norm(x.to(param.dtype)).float()[0]
+    return norm(x.to(param.dtype)).float()[0].cpu()
 
 
 def read_attention(model: nn.Module, layer: int) -> HostAttention:

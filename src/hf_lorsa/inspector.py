@@ -108,7 +108,7 @@ class Inspector:
             if needle and not any(needle in t.strip().lower() for t in promoted):
                 continue
             rows.append({
-                "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": row["frequency"],
+                "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": round(row["frequency"], 5),
                 "promotes": " ".join(p.strip() for p in promoted[:5]),
                 "host heads": ", ".join(f"{h} ({row['host_shares'][h]:.2f})" for h in row["host_heads"][:2]),
                 "spans several": row["spans_several_host_heads"],

@@ -202,12 +202,15 @@ class LorsaModel(LorsaPreTrainedModel):
         return act.gather(-1, indices), indices
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """sum_k values_k w_o[indices_k] + b_D, gathering only the K active rows of w_o: (B, T, D)."""
+        """sum_k values_k w_o[indices_k] + b_D, gathering only the K active rows of w_o: (B, T, D).
+
+        In the weights' dtype: CUDA has no bf16 backward for embedding_bag's per-sample weights.
+        """
         batch_shape = values.shape[:-1]
         flat = F.embedding_bag(
             indices.reshape(-1, indices.shape[-1]),
-            self.w_o.to(values.dtype),
-            per_sample_weights=values.reshape(-1, values.shape[-1]),
+            self.w_o,
+            per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.w_o.dtype),
             mode="sum",
         )
         out = flat.view(*batch_shape, -1) + self.b_D
@@ -262,20 +265,25 @@ class LorsaModel(LorsaPreTrainedModel):
     def set_norm_factors(self, input_factor: float, output_factor: float) -> None:
         """Work in normalised units (x * input_factor, y * output_factor) without changing the function."""
         self.fold_norm_factors()
-        self.W_Q.div_(input_factor), self.W_K.div_(input_factor), self.w_v.div_(input_factor)
-        self.w_o.mul_(output_factor), self.b_D.mul_(output_factor)
+        self._scale_weights(1.0 / input_factor, output_factor)
         self.config.input_norm_factor, self.config.output_norm_factor = float(input_factor), float(output_factor)
 
     @torch.no_grad()
     def fold_norm_factors(self) -> None:
         """Absorb the normalisation factors into the weights, so the Lorsa maps raw input to raw output."""
-        s_in, s_out = self.config.input_norm_factor, self.config.output_norm_factor
-        self.W_Q.mul_(s_in), self.W_K.mul_(s_in), self.w_v.mul_(s_in)
-        self.w_o.div_(s_out), self.b_D.div_(s_out)
+        self._scale_weights(self.config.input_norm_factor, 1.0 / self.config.output_norm_factor)
         self.config.input_norm_factor = self.config.output_norm_factor = 1.0
+
+    def _scale_weights(self, input_scale: float, output_scale: float) -> None:
+        for weight in (self.W_Q, self.W_K, self.w_v):  # everything that reads the input
+            weight.mul_(input_scale)
+        for weight in (self.w_o, self.b_D):  # everything that writes the output
+            weight.mul_(output_scale)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Fold ||w_o|| into w_v and b_v so every output direction has unit norm (LORSA.md, after training)."""
         norms = self.w_o.norm(dim=-1).clamp_min(1e-12)
-        self.w_v.mul_(norms[:, None]), self.b_v.mul_(norms), self.w_o.div_(norms[:, None])
+        self.w_v.mul_(norms[:, None])
+        self.b_v.mul_(norms)
+        self.w_o.div_(norms[:, None])

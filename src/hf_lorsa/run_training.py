@@ -70,7 +70,7 @@ class DataArguments:
     holdout_fraction: float = field(default=0.0, metadata={"help": "hold out the last fraction of local documents"})
     context_length: int = field(default=256)
     max_tokens: int = field(default=100_000_000, metadata={"help": "training budget in tokens"})
-    batch_size: int = field(default=8, metadata={"help": "sequences per device and step"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per device and step"})
     activation_cache: str | None = field(default=None, metadata={"help": "folder to store/reuse activations"})
     norm_batches: int = field(default=8, metadata={"help": "batches used to estimate normalisation factors"})
     eval_tokens: int = field(default=100_000, metadata={"help": "tokens per evaluation"})
