@@ -1,6 +1,6 @@
 """End-to-end quality and speed of the default recipe on stories260K (BENCHMARKS.md, "Training").
 
-    python scripts/bench_train.py [--output_dir runs/bench-stories-l2] [extra hf-lorsa train options]
+    python scripts/bench_train.py [--output_dir runs/bench-stories-l2] [--shared DIR] [extra hf-lorsa train options]
 
 Trains layer 2 with expansion factor 8 (512 heads) and top_k 16 on the shared stories, holding out the last
 5% of the stories, for 3M tokens, then prints the held-out FVU, loss recovered and the wall-clock numbers.
@@ -18,15 +18,22 @@ from hf_lorsa.run_training import parse, train
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def take(args: list[str], name: str, default: str) -> str:
+    if name not in args:
+        return default
+    i = args.index(name)
+    value = args[i + 1]
+    del args[i : i + 2]
+    return value
+
+
 def main() -> None:
     args = sys.argv[1:]
-    output = "runs/bench-stories-l2"
-    if "--output_dir" in args:
-        output = args[args.index("--output_dir") + 1]
-        del args[args.index("--output_dir") : args.index("--output_dir") + 2]
+    output = take(args, "--output_dir", "runs/bench-stories-l2")
+    shared = Path(take(args, "--shared", str(SHARED)))
     options = [
-        f"--model_name_or_path={SHARED / 'models' / 'stories260K'}", "--layer=2",
-        f"--dataset={SHARED / 'data' / 'stories260K-samples.jsonl'}", "--holdout_fraction=0.05",
+        f"--model_name_or_path={shared / 'models' / 'stories260K'}", "--layer=2",
+        f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}", "--holdout_fraction=0.05",
         "--expansion_factor=8", "--top_k=16", "--max_tokens=3000000", "--eval_tokens=200000",
         f"--output_dir={output}", "--overwrite_output_dir=true", "--report_to=none", "--save_steps=100000",
         "--disable_tqdm=true", *args,

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import hosts
 from .activations import batches, load_text, loss_mask, pack
-from .hooks import _hooked, check_lorsa_matches
+from .hooks import hooked, check_lorsa_matches
 from .hub import EVAL_RESULTS_FILE
 
 VARIANTS = ("clean", "spliced", "zero_ablated", "mean_ablated")
@@ -140,7 +140,7 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
         new = torch.cat(variants)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    with _hooked(model, lorsa.config.layer, None, on_output), repeated_from_layer(model, lorsa.config.layer, B, 4):
+    with hooked(model, lorsa.config.layer, None, on_output), repeated_from_layer(model, lorsa.config.layer, B, 4):
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (4B, T, V)
     logits = logits.view(4, B, *logits.shape[1:])[:, :, :-1]
     targets = ids[:, 1:]

@@ -62,7 +62,7 @@ def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 @contextmanager
-def _hooked(model: nn.Module, layer: int, attention_module: str | None, on_output: Callable) -> Iterator[None]:
+def hooked(model: nn.Module, layer: int, attention_module: str | None, on_output: Callable) -> Iterator[None]:
     """Track the padding mask at the backbone and call on_output(record, output) after the attention."""
     inner = hosts.unwrap(model)
     attn = hosts.get_module(inner, hosts.attention_path(model, layer, attention_module))
@@ -122,7 +122,7 @@ def capture(model: nn.Module, layer: int, attention_module: str | None = None, s
         if stop:
             raise StopForward
 
-    with _hooked(model, layer, attention_module, on_output):
+    with hooked(model, layer, attention_module, on_output):
         try:
             yield result
         except StopForward:
@@ -171,7 +171,7 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
             out = torch.where(skipped[..., None], _first(output), out)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
-    with _hooked(model, lorsa.config.layer, attention_module, on_output):
+    with hooked(model, lorsa.config.layer, attention_module, on_output):
         yield
 
 
