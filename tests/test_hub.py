@@ -74,14 +74,17 @@ def lay_out_hub_cache(cache: Path, repo_id: str, folder: Path, commit: str = "a"
 
 def test_load_by_repo_id_from_the_cache_offline(tmp_path):
     release = tmp_path / "release"
-    model = small_lorsa()
+    model, other = small_lorsa(), small_lorsa(layer=0)
     model.save_pretrained(release / "layer1")
+    other.save_pretrained(release)  # a repository whose root is a Lorsa too
     lay_out_hub_cache(tmp_path / "cache", "org/lorsa-tiny", release)
     x = torch.randn(1, 5, 32)
     torch.save(x, tmp_path / "x.pt")
     script = (
         "import sys, torch, hf_lorsa\n"
         "m = hf_lorsa.LorsaModel.from_pretrained('org/lorsa-tiny', subfolder='layer1')\n"
+        "root = hf_lorsa.LorsaModel.from_pretrained('org/lorsa-tiny')\n"
+        "assert root.config.layer == 0 and m.config.layer == 1\n"
         "x = torch.load(sys.argv[1])\n"
         "torch.save(m(x).reconstruction, sys.argv[2])\n"
     )
