@@ -194,3 +194,31 @@ def test_stories_exact_init_every_layer(stories_model, stories_tokenizer):
     for layer in range(stories_model.config.num_hidden_layers):
         with splice(stories_model, LorsaModel.from_host(stories_model, layer)):
             torch.testing.assert_close(stories_model(**ids).logits, clean, atol=1e-4, rtol=0)
+
+
+ROPE_TYPES = {
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 2.0, "original_max_position_embeddings": 16},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "longrope": {"short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.5, 2.0, 3.0, 4.0], "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(ROPE_TYPES))
+@torch.no_grad()
+def test_standalone_rotary_matches_the_host_for_every_rope_type(rope_type):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {"rope_type": rope_type, "rope_theta": 1000.0, **ROPE_TYPES[rope_type]}
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, rope_parameters=rope)  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 97, (2, 40))  # longer than original_max_position_embeddings: scaling applies
+    with capture(model, 1) as cap:
+        model(ids)
+    lorsa = LorsaModel.from_host(model, 1)
+    assert lorsa.config.rope_parameters["rope_type"] == rope_type
+    out = lorsa(cap.last.hidden_states).reconstruction  # cos/sin from the Lorsa's own config
+    torch.testing.assert_close(out, cap.last.attention_output, atol=1e-5, rtol=1e-4)

@@ -89,6 +89,18 @@ def test_explicit_path_agrees_with_fused_path():
         torch.testing.assert_close(contributions.sum(-1), z[..., head], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 3, "attn_logit_softcapping": 2.0}])
+@torch.no_grad()
+def test_attention_rows_are_rows_of_the_pattern(overrides):
+    model = make(**overrides)
+    x = torch.randn(2, 9, 32)
+    mask = torch.tensor([[1] * 9, [0, 0, 0, 1, 1, 1, 1, 1, 1]])
+    full = model.attention_pattern(x, attention_mask=mask)
+    b, h, t = torch.tensor([0, 1, 1, 0, 1]), torch.tensor([0, 3, 2, 1, 0]), torch.tensor([8, 5, 3, 4, 8])
+    rows = model.attention_rows(x, b, h, t, attention_mask=mask, chunk=2)
+    torch.testing.assert_close(rows, full[b, h, t])
+
+
 @torch.no_grad()
 def test_padding_gives_the_unpadded_values():
     model = make()

@@ -67,17 +67,18 @@ def tags_from_counts(kind_counts: torch.Tensor, events: torch.Tensor) -> list[li
 
 @torch.no_grad()
 def head_events(lorsa, x: torch.Tensor, counted: torch.Tensor):
-    """Firing events of a batch: (batch, query, head, value, dominant source) for every kept activation."""
+    """Firing events of a batch: (batch, query, head, value, dominant source) for every kept activation.
+
+    The dominant source is the position s with the largest A[q, s] * v[s] in the direction of the activation.
+    """
     out = lorsa(x)
     fired = (out.top_k_values != 0) & counted[..., None]  # (B, T, K)
     b, t, k = fired.nonzero(as_tuple=True)
     heads = out.top_k_indices[b, t, k]
     values = out.top_k_values[b, t, k]
-    pattern = lorsa.attention_pattern(x)  # (B, Hqk, T, S)
+    rows = lorsa.attention_rows(x, b, heads // lorsa.config.group_size, t)  # (E, S)
     v = lorsa.values(x * lorsa.config.input_norm_factor)  # (B, S, Hov)
-    rows = pattern[b, heads // lorsa.config.group_size, t]  # (E, S)
-    contributions = rows * v[b, :, heads]  # (E, S)
-    source = (contributions * values.sign()[:, None]).argmax(-1)
+    source = (rows * v[b, :, heads] * values.sign()[:, None]).argmax(-1)
     return b, t, heads, values, source
 
 
@@ -250,12 +251,12 @@ def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: 
         out = lorsa(x)
         acts = torch.zeros(*out.top_k_indices.shape[:2], c.n_ov_heads, device=device)
         acts.scatter_(-1, out.top_k_indices, out.top_k_values.float())  # (B, T, Hov) after top-k
-        pattern = lorsa.attention_pattern(x)  # (B, Hqk, T, S)
         v = lorsa.values(x * c.input_norm_factor)  # (B, S, Hov)
-        for row, w in enumerate(group):
-            for h, p, _ in by_window[w]:
-                per_head[h].append(_context(ids[row], acts[row, :, h], pattern[row, h // c.group_size, p],
-                                            v[row, :, h], p, tokenizer))  # fmt: skip
+        events = [(row, h, p) for row, w in enumerate(group) for h, p, _ in by_window[w]]
+        b, h, p = (torch.tensor(e, device=device) for e in zip(*events))
+        rows = lorsa.attention_rows(x, b, h // c.group_size, p)  # (E, S): only the rows shown
+        for (row, head, pos), pattern_row in zip(events, rows):
+            per_head[head].append(_context(ids[row], acts[row, :, head], pattern_row, v[row, :, head], pos, tokenizer))
     for h in range(c.n_ov_heads):
         per_head[h].sort(key=lambda ctx: -abs(ctx["activation"]))
     return per_head

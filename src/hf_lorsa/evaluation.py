@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import hosts
 from .activations import batches, load_text, loss_mask, pack
-from .hooks import hooked, check_lorsa_matches
+from .hooks import check_lorsa_matches, hooked
 from .hub import EVAL_RESULTS_FILE
 
 VARIANTS = ("clean", "spliced", "zero_ablated", "mean_ablated")

@@ -219,12 +219,30 @@ class LorsaModel(LorsaPreTrainedModel):
     # ---- explicit path (analysis) --------------------------------------------------------------------
 
     def _pattern(self, q, k, attention_mask) -> torch.Tensor:
-        logits = (q @ k.transpose(-1, -2)).float() * self.config.scaling  # (B, Hqk, T, S)
+        logits = (q @ k.transpose(-1, -2)).float()  # (B, Hqk, T, S)
+        allowed = attention_bias(attention_mask, q.shape[2], self.config.sliding_window, q.device)
+        return self._softmax(logits, allowed).to(q.dtype)
+
+    def _softmax(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        logits = logits * self.config.scaling
         if self.config.attn_logit_softcapping is not None:
             cap = self.config.attn_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
-        allowed = attention_bias(attention_mask, q.shape[2], self.config.sliding_window, q.device)
-        return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+        return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+
+    def attention_rows(self, hidden_states, batch_index, qk_heads, positions, attention_mask=None, chunk: int = 4096):
+        """Selected rows A[b, h, t, :] of the attention patterns, for events (b, h, t) given as three (E,)
+        tensors: (E, S). Only those rows are computed, in chunks of events, so that memory stays small
+        for long contexts and many QK heads (the full pattern is B x Hqk x T x S)."""
+        x = self._check_input(hidden_states) * self.config.input_norm_factor
+        q, k = self.queries_keys(x, None, attention_mask)  # (B, Hqk, T, dqk)
+        allowed = attention_bias(attention_mask, x.shape[1], self.config.sliding_window, x.device)[:, 0]  # (B|1, T, S)
+        rows = []
+        for start in range(0, len(batch_index), chunk):
+            b, h, t = (i[start : start + chunk] for i in (batch_index, qk_heads, positions))
+            logits = torch.einsum("ed,esd->es", q[b, h, t].float(), k[b, h].float())  # (E, S)
+            rows.append(self._softmax(logits, allowed[b if allowed.shape[0] > 1 else 0 * b, t]))
+        return torch.cat(rows) if rows else q.new_zeros(0, x.shape[1])
 
     def attention_pattern(self, hidden_states, position_ids=None, attention_mask=None, position_embeddings=None):
         """Attention pattern of every QK head, softmax(QK^T * scale) with masks: (B, Hqk, T, S)."""
