@@ -20,7 +20,7 @@ CARD_TEMPLATE = """---
 # {{ model_name }}
 
 A [Lorsa](https://arxiv.org/abs/2504.20938) (Low-Rank Sparse Attention) replacement for the attention of
-layer {{ layer }} of `{{ base_model }}`, made with [hf_lorsa](https://github.com/hf-lorsa/hf_lorsa): {{ n_ov }} rank-1
+layer {{ layer }} of `{{ base_model }}`, made with hf_lorsa: {{ n_ov }} rank-1
 OV heads sharing {{ n_qk }} QK heads of width {{ d_qk }}, {{ top_k }} active per position.
 
 | field | value |

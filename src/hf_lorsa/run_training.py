@@ -331,9 +331,10 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows) -> 
 def main(argv: list[str] | None = None) -> int:
     from .launch import relaunch_on_cpu
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv is not None and (code := relaunch_on_cpu(sys.argv[0], argv)) is not None:
+    # the processes started for `accelerate launch --cpu --num_processes N` rerun this very command line
+    if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
         return code
+    argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     model_args, data_args, args = parse(argv)
     lorsa = train(model_args, data_args, args)
