@@ -201,7 +201,11 @@ ROPE_TYPES = {
     "dynamic": {"factor": 2.0},
     "yarn": {"factor": 2.0, "original_max_position_embeddings": 16},
     "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-    "longrope": {"short_factor": [1.0, 1.2, 1.5, 2.0], "long_factor": [1.5, 2.0, 3.0, 4.0], "original_max_position_embeddings": 16},
+    "longrope": {
+        "short_factor": [1.0, 1.2, 1.5, 2.0],
+        "long_factor": [1.5, 2.0, 3.0, 4.0],
+        "original_max_position_embeddings": 16,
+    },
 }
 
 
