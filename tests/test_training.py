@@ -124,6 +124,18 @@ def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
         train(*parse(options(tmp_path / "c", activation_cache=cache, layer=1, holdout_fraction=0.0)))
 
 
+def test_python_entry_point_is_the_same_run(tmp_path):
+    import yaml
+
+    import hf_lorsa
+
+    pairs = (arg.lstrip("-").split("=", 1) for arg in options(tmp_path / "py", holdout_fraction=0.0, max_tokens=512))
+    from_python = hf_lorsa.train_lorsa(**{k: yaml.safe_load(v) for k, v in pairs})
+    from_cli = train(*parse(options(tmp_path / "cli", holdout_fraction=0.0, max_tokens=256 * 2)))
+    for p, q in zip(from_python.state_dict().values(), from_cli.state_dict().values()):
+        assert torch.equal(p, q)
+
+
 def test_options_file_gives_the_same_arguments(tmp_path):
     import yaml
 

@@ -9,13 +9,34 @@ from .modeling_lorsa import LorsaModel, LorsaOutput
 AutoConfig.register("lorsa", LorsaConfig)
 AutoModel.register(LorsaConfig, LorsaModel)
 
+# Heavier entry points (datasets, the Trainer) load on first use.
+_LAZY = {
+    "train_lorsa": "run_training",
+    "evaluate_lorsa": "evaluation",
+    "analyze": "analysis",
+    "load_analysis": "analysis",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'hf_lorsa' has no attribute {name!r}")
+
+
 __all__ = [
     "AttentionRecord",
     "Capture",
     "LorsaConfig",
     "LorsaModel",
     "LorsaOutput",
+    "analyze",
     "capture",
     "collect",
+    "evaluate_lorsa",
+    "load_analysis",
     "splice",
+    "train_lorsa",
 ]

@@ -108,6 +108,13 @@ def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTraining
     return parser.parse_args_into_dataclasses(argv)
 
 
+def train_lorsa(callbacks=None, **options) -> LorsaModel:
+    """Train from Python with the command line's option names, e.g.
+    `train_lorsa(model_name_or_path="gpt2", layer=5, dataset="data.jsonl", output_dir="runs/gpt2-l5")`."""
+    parser = HfArgumentParser((LorsaArguments, DataArguments, LorsaTrainingArguments))
+    return train(*parser.parse_dict({k: str(v) if isinstance(v, Path) else v for k, v in options.items()}), callbacks)
+
+
 def run_signature(model_args: LorsaArguments, data_args: DataArguments) -> dict:
     """What must match for a folder to continue a run (logging, budget and resume options may change)."""
     keep = {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device_map",)}

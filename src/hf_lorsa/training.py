@@ -86,18 +86,19 @@ class LorsaTrainer(Trainer):
         if use_aux:
             aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale)
             loss = loss + self.aux_k_coef * aux
-            self._record("aux_loss", aux.item())
+            self._record("aux_loss", aux)
         self._update_fired(out.top_k_indices[counted], out.top_k_values[counted])
-        variance = (target - target.mean(0)).pow(2).sum()
-        self._record("mse", mse.item())
-        self._record("fvu", (error.pow(2).sum() / variance).item())
-        self._record("l0", (out.top_k_values[counted] != 0).sum(-1).float().mean().item())
+        with torch.no_grad():
+            variance = (target - target.mean(0)).pow(2).sum()
+            self._record("mse", mse)
+            self._record("fvu", error.pow(2).sum() / variance)
+            self._record("l0", (out.top_k_values[counted] != 0).sum(-1).float().mean())
         self._record("k", k)
         return (loss, out) if return_outputs else loss
 
     def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al., 2024): the top dead heads reconstruct what the live ones missed."""
-        dead = (self.tokens_since_fired > self.dead_tokens).to(z.device)
+        dead = self.tokens_since_fired.to(z.device) > self.dead_tokens
         k_aux = min(self.aux_k, int(dead.sum()))
         act = z.relu() if lorsa.config.topk_rule == "relu" else z
         score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
@@ -110,18 +111,21 @@ class LorsaTrainer(Trainer):
 
     @torch.no_grad()
     def _update_fired(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Counters stay on the Lorsa's device: no transfer per step."""
+        self.tokens_since_fired = self.tokens_since_fired.to(indices.device)
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-        fired[indices[values != 0].cpu()] = True
+        fired[indices[values != 0]] = True
         self.tokens_since_fired += indices.shape[0]
         self.tokens_since_fired[fired] = 0
 
-    def _record(self, name: str, value: float) -> None:
-        self._metrics.setdefault(name, []).append(float(value))
+    def _record(self, name: str, value) -> None:
+        """Keep a metric (tensors stay on the device until the next log, to avoid a sync per step)."""
+        self._metrics.setdefault(name, []).append(value.detach() if torch.is_tensor(value) else float(value))
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if self._metrics and "loss" in logs:  # a training log: add the recipe's metrics, averaged
             for name, values in self._metrics.items():
-                logs[name] = sum(values) / len(values)
+                logs[name] = sum(float(v) for v in values) / len(values)
             logs["dead_heads"] = int((self.tokens_since_fired > self.dead_tokens).sum())
             logs["tokens"] = self.tokens_seen()
             self._metrics = {}
@@ -153,7 +157,7 @@ class LorsaTrainer(Trainer):
     # ---- state beyond what the Trainer checkpoints -----------------------------------------------------
 
     def save_extra_state(self, checkpoint_dir: str | Path) -> None:
-        save_file({"tokens_since_fired": self.tokens_since_fired}, Path(checkpoint_dir, STATE_FILE))
+        save_file({"tokens_since_fired": self.tokens_since_fired.cpu()}, Path(checkpoint_dir, STATE_FILE))
 
     def load_extra_state(self, checkpoint_dir: str | Path) -> None:
         path = Path(checkpoint_dir, STATE_FILE)
