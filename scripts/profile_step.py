@@ -1,0 +1,68 @@
+"""Where a LorsaModel train step spends its time: torch.profiler table of one bench config.
+
+    python scripts/profile_step.py --config c --device cuda
+
+Also times the step with torch.optim.Adam's foreach and fused implementations (mean of 10 steps); the
+Trainer's default optimizer is the fused one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench import CONFIGS, synchronize
+from torch.profiler import ProfilerActivity, profile
+
+from hf_lorsa import LorsaConfig, LorsaModel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="a", choices=sorted(CONFIGS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rows", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    spec = dict(CONFIGS[args.config])
+    batch, context = spec.pop("batch"), spec.pop("context")
+    config = LorsaConfig(
+        **spec, max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
+    )
+    model = LorsaModel(config).to(device).train()
+    x = torch.randn(batch, context, config.d_model, device=device)
+    y = torch.randn_like(x)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    for implementation in ("foreach", "fused"):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, **{implementation: True})
+
+        def step(optimizer=optimizer):
+            with autocast:
+                loss = (model(x).reconstruction.float() - y).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(10):
+            step()
+        synchronize(device)
+        print(
+            f"config {args.config}, Adam {implementation}: {(time.perf_counter() - start) * 100:.2f} ms per step",
+            flush=True,
+        )
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
