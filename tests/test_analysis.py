@@ -42,7 +42,7 @@ def test_tags_on_repeated_random_sequences(rule, tag):
     ids = repeated_sequences()
     b, q = torch.meshgrid(torch.arange(4), torch.arange(22, 41), indexing="ij")  # queries in the second copy
     b, q = b.flatten(), q.flatten()
-    kinds = source_kinds(ids[b], q, rule(q), [1])
+    kinds = source_kinds(ids, b, q, rule(q), [1])
     counts = kinds.long().sum(0, keepdim=True)
     assert tags_from_counts(counts, torch.tensor([len(q)])) == [[tag]]
     assert tags_from_counts(counts, torch.tensor([10 * len(q)])) == [[]]  # rare pattern: no tag
@@ -67,7 +67,7 @@ def test_a_head_built_to_read_bos_is_found_by_its_events():
     b, t, heads, values, source = head_events(lorsa, x, counted)
     bos_head = heads < 2
     assert bos_head.any() and (source[bos_head] == 0).all()
-    kinds = source_kinds(ids[b], t, source, [1])
+    kinds = source_kinds(ids, b, t, source, [1])
     assert kinds[bos_head, TAGS.index("bos")].all()
 
 

@@ -35,15 +35,15 @@ TAGS = ("bos", "previous_token", "current_token", "induction", "duplicate_token"
 SINGLE_HEAD_SHARE = 0.5
 
 
-def source_kinds(ids: torch.Tensor, query: torch.Tensor, source: torch.Tensor, bos_ids: list[int]) -> torch.Tensor:
+def source_kinds(ids: torch.Tensor, window: torch.Tensor, query: torch.Tensor, source: torch.Tensor,
+                 bos_ids: list[int]) -> torch.Tensor:  # fmt: skip
     """Which of TAGS each (query, source) event is, as a (E, len(TAGS)) boolean matrix.
 
-    `ids` (E, T) are the tokens of each event's window, `query` and `source` (E,) positions.
+    `ids` (B, T) are the windows' tokens; `window`, `query` and `source` (E,) locate each event.
     induction: the source follows an earlier copy of the query token; duplicate: the source is one.
     """
-    rows = torch.arange(ids.shape[0], device=ids.device)
-    q_tok, s_tok = ids[rows, query], ids[rows, source]
-    before_source = ids[rows, (source - 1).clamp_min(0)]
+    q_tok, s_tok = ids[window, query], ids[window, source]
+    before_source = ids[window, (source - 1).clamp_min(0)]
     is_bos = torch.isin(s_tok, torch.tensor(bos_ids or [-1], device=ids.device))
     earlier = source < query
     return torch.stack(
@@ -76,9 +76,10 @@ def head_events(lorsa, x: torch.Tensor, counted: torch.Tensor):
     b, t, k = fired.nonzero(as_tuple=True)
     heads = out.top_k_indices[b, t, k]
     values = out.top_k_values[b, t, k]
-    rows = lorsa.attention_rows(x, b, heads // lorsa.config.group_size, t)  # (E, S)
     v = lorsa.values(x * lorsa.config.input_norm_factor)  # (B, S, Hov)
-    source = (rows * v[b, :, heads] * values.sign()[:, None]).argmax(-1)
+    source = torch.empty_like(t)
+    for part, rows in lorsa.iter_attention_rows(x, b, heads // lorsa.config.group_size, t):  # rows: (chunk, S)
+        source[part] = (rows * v[b[part], :, heads[part]] * values[part].sign()[:, None]).argmax(-1)
     return b, t, heads, values, source
 
 
@@ -186,7 +187,7 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
         n_windows += len(ids)
         n_tokens += int(counted.sum())
         fires += torch.bincount(heads.cpu(), minlength=c.n_ov_heads)
-        kind = source_kinds(ids.to(device)[b], t, source, skip).long()
+        kind = source_kinds(ids.to(device), b, t, source, skip).long()
         kinds.index_add_(0, heads.cpu(), kind.cpu())
         top.update(heads, values, window, t)
         referenced = set(top.windows.unique().tolist())
@@ -254,9 +255,11 @@ def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: 
         v = lorsa.values(x * c.input_norm_factor)  # (B, S, Hov)
         events = [(row, h, p) for row, w in enumerate(group) for h, p, _ in by_window[w]]
         b, h, p = (torch.tensor(e, device=device) for e in zip(*events))
-        rows = lorsa.attention_rows(x, b, h // c.group_size, p)  # (E, S): only the rows shown
-        for (row, head, pos), pattern_row in zip(events, rows):
-            per_head[head].append(_context(ids[row], acts[row, :, head], pattern_row, v[row, :, head], pos, tokenizer))
+        for part, rows in lorsa.iter_attention_rows(x, b, h // c.group_size, p):  # only the rows shown
+            for (row, head, pos), pattern_row in zip(events[part], rows):
+                per_head[head].append(
+                    _context(ids[row], acts[row, :, head], pattern_row, v[row, :, head], pos, tokenizer)
+                )
     for h in range(c.n_ov_heads):
         per_head[h].sort(key=lambda ctx: -abs(ctx["activation"]))
     return per_head

@@ -232,17 +232,24 @@ class LorsaModel(LorsaPreTrainedModel):
 
     def attention_rows(self, hidden_states, batch_index, qk_heads, positions, attention_mask=None, chunk: int = 4096):
         """Selected rows A[b, h, t, :] of the attention patterns, for events (b, h, t) given as three (E,)
-        tensors: (E, S). Only those rows are computed, in chunks of events, so that memory stays small
-        for long contexts and many QK heads (the full pattern is B x Hqk x T x S)."""
+        tensors: (E, S). Only those rows are computed, so memory stays small for long contexts and many QK
+        heads (the full pattern is B x Hqk x T x S)."""
+        rows = [
+            r
+            for _, r in self.iter_attention_rows(hidden_states, batch_index, qk_heads, positions, attention_mask, chunk)
+        ]
+        return torch.cat(rows) if rows else hidden_states.new_zeros(0, hidden_states.shape[1])
+
+    def iter_attention_rows(self, hidden_states, batch_index, qk_heads, positions, attention_mask=None, chunk=4096):
+        """`attention_rows` chunk by chunk: yields (slice of the events, rows (chunk, S))."""
         x = self._check_input(hidden_states) * self.config.input_norm_factor
         q, k = self.queries_keys(x, None, attention_mask)  # (B, Hqk, T, dqk)
         allowed = attention_bias(attention_mask, x.shape[1], self.config.sliding_window, x.device)[:, 0]  # (B|1, T, S)
-        rows = []
         for start in range(0, len(batch_index), chunk):
-            b, h, t = (i[start : start + chunk] for i in (batch_index, qk_heads, positions))
+            part = slice(start, start + chunk)
+            b, h, t = batch_index[part], qk_heads[part], positions[part]
             logits = torch.einsum("ed,esd->es", q[b, h, t].float(), k[b, h].float())  # (E, S)
-            rows.append(self._softmax(logits, allowed[b if allowed.shape[0] > 1 else 0 * b, t]))
-        return torch.cat(rows) if rows else q.new_zeros(0, x.shape[1])
+            yield part, self._softmax(logits, allowed[b if allowed.shape[0] > 1 else 0 * b, t])
 
     def attention_pattern(self, hidden_states, position_ids=None, attention_mask=None, position_embeddings=None):
         """Attention pattern of every QK head, softmax(QK^T * scale) with masks: (B, Hqk, T, S)."""
