@@ -191,6 +191,14 @@ def test_command_line_entry_points_share_the_code():
     assert result.returncode == 0 and "--max_tokens" in result.stdout and "--activation_cache" in result.stdout
 
 
+def test_streamed_data_trains_like_hub_data(tmp_path):
+    out = tmp_path / "stream"
+    lorsa = train(*parse(options(out, streaming="true", holdout_fraction=0.0, max_tokens=256 * 4)))
+    assert lorsa.config.tokens_trained == 256 * 4
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and LorsaModel.from_pretrained(out).config.training_args["streaming"] is True
+
+
 def test_device_map_auto_and_tensorboard_logs(tmp_path):
     out = tmp_path / "run"
     train(*parse(options(out, device_map="auto", report_to="tensorboard", holdout_fraction=0.0, max_tokens=256 * 3)))

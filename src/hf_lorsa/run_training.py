@@ -65,6 +65,7 @@ class DataArguments:
     dataset: str = field(metadata={"help": "Hub dataset (streamed) or local .jsonl/.txt/.parquet files"})
     text_column: str = field(default="text")
     dataset_split: str = field(default="train")
+    streaming: bool = field(default=False, metadata={"help": "stream local files too (Hub data is always streamed)"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out data (default: --holdout_fraction)"})
     eval_split: str = field(default="validation")
     holdout_fraction: float = field(default=0.0, metadata={"help": "hold out the last fraction of local documents"})
@@ -206,7 +207,7 @@ def train(
 ) -> LorsaModel:
     """Run (or resume) a training run; returns the final Lorsa, also saved in args.output_dir."""
     check_arguments(model_args, data_args, args)
-    dataset = load_text(data_args.dataset, data_args.text_column, split=data_args.dataset_split)
+    dataset = load_text(data_args.dataset, data_args.text_column, data_args.dataset_split, data_args.streaming or None)
     train_text, eval_text = split_holdout(dataset, data_args.holdout_fraction)
     if data_args.eval_dataset:
         eval_text = load_text(data_args.eval_dataset, data_args.text_column, split=data_args.eval_split)
