@@ -123,6 +123,11 @@ def run_signature(model_args: LorsaArguments, data_args: DataArguments) -> dict:
     return {"lorsa": keep, "data": data}
 
 
+def tokens_per_step(data_args: DataArguments, args: TrainingArguments) -> int:
+    """Training tokens per optimiser step, all processes together."""
+    return data_args.batch_size * data_args.context_length * args.world_size * args.gradient_accumulation_steps
+
+
 def check_arguments(model_args: LorsaArguments, data_args: DataArguments, args: TrainingArguments) -> None:
     """Everything that can be checked before a model is loaded."""
     host_config = AutoConfig.from_pretrained(
@@ -137,12 +142,10 @@ def check_arguments(model_args: LorsaArguments, data_args: DataArguments, args: 
     max_positions = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
     if max_positions and data_args.context_length > max_positions:
         raise ValueError(f"--context_length {data_args.context_length} exceeds the model's {max_positions} positions.")
-    tokens_per_step = (
-        data_args.batch_size * data_args.context_length * args.world_size * args.gradient_accumulation_steps
-    )
-    if data_args.max_tokens < tokens_per_step:
+    per_step = tokens_per_step(data_args, args)
+    if data_args.max_tokens < per_step:
         raise ValueError(
-            f"--max_tokens {data_args.max_tokens} is smaller than one step ({tokens_per_step} tokens = batch_size x "
+            f"--max_tokens {data_args.max_tokens} is smaller than one step ({per_step} tokens = batch_size x "
             "context_length x processes x accumulation); raise the budget or shrink the batch."
         )
     if model_args.init not in ("host", "random"):
@@ -189,7 +192,9 @@ def estimate_norm_factors(host, layer: int, windows, data_args: DataArguments, s
         if i == data_args.norm_batches:
             break
         acts = collect_batch(host, layer, ids)
-        xs.append(acts["hidden_states"]), ys.append(acts["attention_output"]), masks.append(loss_mask(ids, skip))
+        xs.append(acts["hidden_states"])
+        ys.append(acts["attention_output"])
+        masks.append(loss_mask(ids, skip))
     if not xs:
         raise ValueError("The dataset gave no full window; use more text or a shorter --context_length.")
     return norm_factors(torch.cat(xs), torch.cat(ys), torch.cat(masks))
@@ -222,21 +227,18 @@ def train(
     host = load_host(model_args, args.device)
     skip = skip_tokens(tokenizer)
     lorsa = build_lorsa(model_args, host, skip)
-    lorsa.set_norm_factors(*estimate_norm_factors(host, model_args.layer, windows, data_args, skip))
+    resume = resume_checkpoint(args)
+    if resume:  # the checkpoint's weights are in its own normalisation
+        saved = LorsaConfig.from_pretrained(resume)
+        lorsa.set_norm_factors(saved.input_norm_factor, saved.output_norm_factor)
+    else:
+        lorsa.set_norm_factors(*estimate_norm_factors(host, model_args.layer, windows, data_args, skip))
 
     train_data = windows
     if data_args.activation_cache:
         train_data = cached_activations(host, model_args, data_args, args, windows)
 
-    resume = resume_checkpoint(args)
-    if resume:  # the checkpoint's normalisation is the one its weights are in
-        saved = LorsaConfig.from_pretrained(resume)
-        lorsa.set_norm_factors(saved.input_norm_factor, saved.output_norm_factor)
-
-    tokens_per_step = (
-        data_args.batch_size * data_args.context_length * args.world_size * args.gradient_accumulation_steps
-    )
-    args.max_steps = steps_for_budget(data_args.max_tokens, tokens_per_step)
+    args.max_steps = steps_for_budget(data_args.max_tokens, tokens_per_step(data_args, args))
     args.per_device_train_batch_size = args.per_device_eval_batch_size = data_args.batch_size
     trainer = LorsaTrainer(
         model=lorsa, args=args, train_dataset=train_data, eval_dataset=eval_windows, data_collator=collate,
