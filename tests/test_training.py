@@ -29,6 +29,7 @@ def options(output_dir, **overrides) -> list[str]:
         "expansion_factor": 2, "top_k": 8, "context_length": 64, "batch_size": 4, "max_tokens": 256 * 12,
         "holdout_fraction": 0.02, "eval_tokens": 2048, "save_steps": 6, "logging_steps": 3, "report_to": "none",
         "seed": 3, "dead_tokens": 512, "disable_tqdm": "true",
+        "use_cpu": "true",  # the same exact arithmetic whether or not the machine has a GPU
     }  # fmt: skip
     opts.update(overrides)
     return [f"--{k}={v}" for k, v in opts.items()]
@@ -57,7 +58,7 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     assert checkpoint.config.input_norm_factor != 1.0
     x = torch.randn(2, 16, 64) * 3
     torch.testing.assert_close(checkpoint(x).reconstruction, loaded(x).reconstruction, atol=1e-4, rtol=1e-4)
-    assert all(torch.equal(a, b) for a, b in zip(final.state_dict().values(), loaded.state_dict().values()))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(final.state_dict().values(), loaded.state_dict().values()))
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     logged = [row for row in state["log_history"] if "fvu" in row]
     assert {"mse", "fvu", "l0", "k", "dead_heads", "learning_rate", "tokens"} <= set(logged[0])
@@ -119,7 +120,7 @@ def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
     second = train(*parse(options(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
     assert calls == []  # the training steps never ran the host
     for p, q in zip(first.state_dict().values(), second.state_dict().values()):
-        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(p.cpu(), q.cpu(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="made for other settings.*layer"):
         train(*parse(options(tmp_path / "c", activation_cache=cache, layer=1, holdout_fraction=0.0)))
 
@@ -133,7 +134,7 @@ def test_python_entry_point_is_the_same_run(tmp_path):
     from_python = hf_lorsa.train_lorsa(**{k: yaml.safe_load(v) for k, v in pairs})
     from_cli = train(*parse(options(tmp_path / "cli", holdout_fraction=0.0, max_tokens=256 * 2)))
     for p, q in zip(from_python.state_dict().values(), from_cli.state_dict().values()):
-        assert torch.equal(p, q)
+        assert torch.equal(p.cpu(), q.cpu())
 
 
 def test_options_file_gives_the_same_arguments(tmp_path):

@@ -184,8 +184,7 @@ def batches(windows, size: int) -> Iterator[torch.Tensor]:
 @torch.no_grad()
 def collect_batch(model, layer: int, input_ids: torch.Tensor) -> dict:
     """Attention input and output of `layer` for a batch of full windows (the host stops after the layer)."""
-    device = next(model.parameters()).device
-    record = collect(model, layer, input_ids=input_ids.to(device))
+    record = collect(model, layer, input_ids=input_ids)
     return {
         "input_ids": input_ids.cpu(),
         "hidden_states": record.hidden_states.cpu(),

@@ -71,11 +71,11 @@ def mean_attention_output(model, lorsa, windows: list[torch.Tensor], skip_token_
     """Mean of layer L's attention output over the counted positions (host run up to layer L only)."""
     from .hooks import collect
 
-    device = next(model.parameters()).device
+    device = hosts.input_device(model)
     total, count = 0.0, 0
     for ids in windows:
         y = collect(model, lorsa.config.layer, input_ids=ids.to(device)).attention_output.double()
-        mask = loss_mask(ids, skip_token_ids).to(device)
+        mask = loss_mask(ids, skip_token_ids).to(y.device)  # y lives on layer L's device
         total, count = total + y[mask].sum(0), count + int(mask.sum())
     return (total / count).float()
 
@@ -121,21 +121,23 @@ def evaluate_lorsa(
 
 
 def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
-    device = next(model.parameters()).device
-    ids = ids.to(device)
+    ids = ids.to(hosts.input_device(model))
     B = ids.shape[0]
     counted = loss_mask(ids, skip)  # (B, T)
     lorsa_param = next(lorsa.parameters())
 
     def on_output(record, output):
-        y = (output[0] if isinstance(output, tuple) else output)[:B]  # (B, T, D)
-        x = record.hidden_states[:B]
-        out = lorsa(x.to(lorsa_param.dtype), position_embeddings=_first_copy(record.position_embeddings, B))
-        y_hat = out.reconstruction.to(y.dtype)
-        keep = counted[..., None]
-        variants = [y, torch.where(keep, y_hat, y), torch.where(keep, 0.0, y), torch.where(keep, mean.to(y.dtype), y)]
+        y = (output[0] if isinstance(output, tuple) else output)[:B]  # (B, T, D), on layer L's device
+        x = record.hidden_states[:B].to(lorsa_param.device, lorsa_param.dtype)
+        pe = _first_copy(record.position_embeddings, B)
+        out = lorsa(x, position_embeddings=None if pe is None else tuple(t.to(x.device) for t in pe))
+        y_hat = out.reconstruction.to(y.device, y.dtype)
+        here = counted.to(y.device)
+        keep = here[..., None]
+        variants = [y, torch.where(keep, y_hat, y), torch.where(keep, 0.0, y), torch.where(keep, mean.to(y), y)]
+        on_lorsa = here.to(x.device)
         _accumulate_reconstruction(
-            totals, y[counted], y_hat[counted], out.top_k_values[counted], out.top_k_indices[counted]
+            totals, y[here], y_hat[here], out.top_k_values[on_lorsa], out.top_k_indices[on_lorsa]
         )
         new = torch.cat(variants)
         return (new, *output[1:]) if isinstance(output, tuple) else new
@@ -143,8 +145,8 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
     with hooked(model, lorsa.config.layer, None, on_output), repeated_from_layer(model, lorsa.config.layer, B, 4):
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (4B, T, V)
     logits = logits.view(4, B, *logits.shape[1:])[:, :, :-1]
-    targets = ids[:, 1:]
-    valid = counted[:, :-1]  # predictions made at counted positions
+    targets = ids[:, 1:].to(logits.device)
+    valid = counted[:, :-1].to(logits.device)  # predictions made at counted positions
     logp = logits.log_softmax(-1)
     for name, lp in zip(VARIANTS, logp):
         totals.loss[name] += F.nll_loss(lp[valid], targets[valid], reduction="sum").item()
@@ -159,7 +161,9 @@ def _first_copy(position_embeddings, batch: int):
 
 
 def _accumulate_reconstruction(totals: _Totals, y, y_hat, values, indices) -> None:
-    y, y_hat = y.double(), y_hat.double()
+    """Add a batch's counted positions to the running sums (moved to the sums' device first)."""
+    device = totals.sse.device
+    y, y_hat, values, indices = y.to(device).double(), y_hat.to(device).double(), values.to(device), indices.to(device)
     totals.n += y.shape[0]
     totals.sse += (y_hat - y).pow(2).sum()
     totals.sum_y += y.sum(0)

@@ -160,15 +160,22 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
     def on_output(record: AttentionRecord, output):
         x = record.hidden_states
         param = next(lorsa.parameters())
+
+        def moved(t):  # the Lorsa may live on another device than this layer (device_map hosts)
+            return None if t is None else t.to(param.device)
+
+        pe = record.position_embeddings
         out = lorsa(
-            x.to(param.dtype),
-            position_ids=record.position_ids,
-            attention_mask=record.attention_mask,
-            position_embeddings=record.position_embeddings,
-        ).reconstruction.to(x.dtype)
+            x.to(param.device, param.dtype),
+            position_ids=moved(record.position_ids),
+            attention_mask=moved(record.attention_mask),
+            position_embeddings=None if pe is None else tuple(moved(t) for t in pe),
+        ).reconstruction.to(x.device, x.dtype)
         if lorsa.config.skip_token_ids and record.input_ids is not None:
-            skipped = torch.isin(record.input_ids, torch.tensor(lorsa.config.skip_token_ids, device=x.device))
-            out = torch.where(skipped[..., None], _first(output), out)
+            skipped = torch.isin(
+                record.input_ids, torch.tensor(lorsa.config.skip_token_ids, device=record.input_ids.device)
+            )
+            out = torch.where(skipped.to(x.device)[..., None], _first(output), out)
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     with hooked(model, lorsa.config.layer, attention_module, on_output):
@@ -176,7 +183,12 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
 
 
 def collect(model: nn.Module, layer: int, **inputs) -> AttentionRecord:
-    """Run the host up to layer `layer`'s attention (never beyond) and return what it saw and wrote."""
+    """Run the host up to layer `layer`'s attention (never beyond) and return what it saw and wrote.
+
+    Tensor inputs are moved to the host's input device first.
+    """
+    device = hosts.input_device(model)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     with torch.no_grad(), capture(model, layer, stop=True) as cap:
         model(**inputs, use_cache=False)
     return cap.last

@@ -90,6 +90,11 @@ def backbone(model: nn.Module) -> nn.Module:
     return get_module(unwrap(model), arch.layers.rsplit(".", 1)[0])
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where the model's token ids go: its input embedding's device (the first one under a device_map)."""
+    return unwrap(model).get_input_embeddings().weight.device
+
+
 def host_config(model: nn.Module):
     config = unwrap(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config

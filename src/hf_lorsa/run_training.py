@@ -97,7 +97,12 @@ class LorsaTrainingArguments(TrainingArguments):
     save_total_limit: int | None = field(default=3)
     remove_unused_columns: bool = field(default=False)
     report_to: str | list[str] = field(default="tensorboard")
-    bf16: bool = field(default_factory=lambda: torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on when training on a GPU)"})
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        super().__post_init__()
 
 
 def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTrainingArguments]:
