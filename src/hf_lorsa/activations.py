@@ -79,14 +79,6 @@ def pack(dataset, tokenizer, context_length: int, text_column: str = "text", bat
     )
 
 
-def loss_mask(input_ids: torch.Tensor, skip_token_ids: list[int] | None) -> torch.Tensor:
-    """True at positions that count: not BOS/pad (the tokens in `skip_token_ids`)."""
-    mask = torch.ones_like(input_ids, dtype=torch.bool)
-    for token in skip_token_ids or []:
-        mask &= input_ids != token
-    return mask
-
-
 def skip_tokens(tokenizer) -> list[int]:
     """Tokens whose positions are excluded from training and evaluation: BOS and padding."""
     return sorted({t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None})
@@ -169,14 +161,18 @@ class ActivationCache(torch.utils.data.Dataset):
         return ActivationCache(directory)
 
 
-def batches(windows, size: int) -> Iterator[torch.Tensor]:
-    """(size, T) tensors of input_ids from a dataset of windows."""
-    rows = []
+def batches(windows, size: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+    """(size, T) tensors of input_ids from a dataset of windows; with `max_tokens`, stop after the batch
+    that reaches that many tokens."""
+    rows, seen = [], 0
     for row in windows:
         rows.append(torch.as_tensor(row["input_ids"]))
         if len(rows) == size:
-            yield torch.stack(rows)
-            rows = []
+            batch, rows = torch.stack(rows), []
+            yield batch
+            seen += batch.numel()
+            if max_tokens is not None and seen >= max_tokens:
+                return
     if rows:
         yield torch.stack(rows)
 

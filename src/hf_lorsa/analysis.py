@@ -19,7 +19,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from . import hosts
-from .activations import batches, collect_batch, load_text, loss_mask, pack
+from .activations import batches, collect_batch, load_text, pack
+from .attention_mask import loss_mask
 
 ANALYSIS_DIR = "analysis"
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
@@ -116,22 +117,13 @@ class _TopEvents:
 # ---- what each head writes, and where it comes from -----------------------------------------------------
 
 
-def final_norm_scale(model) -> torch.Tensor:
-    """Per-channel scale of the host's final norm (Gemma's 1 + w included), read by probing."""
-    norm = hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).final_norm)
-    d = norm.weight.shape[0]
-    probe = torch.zeros(2, d, dtype=norm.weight.dtype, device=norm.weight.device)
-    probe[0, ::2], probe[0, 1::2] = 1e3, -1e3  # zero mean and unit RMS (x 1e3): LayerNorm and RMSNorm alike
-    out = norm(probe).float()
-    return (out[0] - out[1]) / probe[0].float().sign() / 1.0
-
-
 @torch.no_grad()
 def logit_attribution(model, lorsa, k: int = 10) -> list[dict]:
     """Tokens each head's output direction promotes / suppresses, read through final norm and unembedding."""
     W_U = hosts.unwrap(model).get_output_embeddings().weight.float()  # (V, D)
-    direction = lorsa.w_o.float().to(W_U.device) * final_norm_scale(model).to(W_U.device)
-    if "LayerNorm" in type(hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).final_norm)).__name__:
+    norm = hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).final_norm)
+    direction = lorsa.w_o.float().to(W_U.device) * hosts.probe_norm_scale(norm, lorsa.config.d_model).to(W_U.device)
+    if "LayerNorm" in type(norm).__name__:
         direction = direction - direction.mean(-1, keepdim=True)
     logits = direction @ W_U.T  # (Hov, V)
     top, bottom = logits.topk(k, dim=-1), (-logits).topk(k, dim=-1)
@@ -178,7 +170,7 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     top = _TopEvents.empty(c.n_ov_heads, top_n)
     stored: dict[int, torch.Tensor] = {}  # token ids of the windows that hold a current top event
     n_tokens, n_windows = 0, 0
-    for ids in tqdm(_limited(batches(windows, batch_size), max_tokens), desc="Analysing", disable=not progress):
+    for ids in tqdm(batches(windows, batch_size, max_tokens), desc="Analysing", disable=not progress):
         x = collect_batch(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
         counted = loss_mask(ids, skip).to(device)
         b, t, heads, values, source = head_events(lorsa, x, counted)
@@ -222,15 +214,6 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     dataset = Dataset.from_list(rows)
     dataset.info.description = json.dumps({"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer})
     return dataset
-
-
-def _limited(chunks, max_tokens: int):
-    seen = 0
-    for ids in chunks:
-        yield ids
-        seen += ids.numel()
-        if seen >= max_tokens:
-            return
 
 
 def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: int) -> list[list[dict]]:

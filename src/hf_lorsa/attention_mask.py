@@ -1,4 +1,4 @@
-"""Which keys each query may see: causal order, padding and the host's sliding window.
+"""Which keys each query may see (causal order, padding, the host's sliding window), and which positions count.
 
 Axes: B batch, T query positions, S key positions (S = T).
 """
@@ -31,6 +31,12 @@ def attention_bias(
     if attention_mask is not None:
         allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
     return allowed | torch.eye(length, dtype=torch.bool, device=device)
+
+
+def loss_mask(input_ids: torch.Tensor, skip_token_ids: list[int] | None) -> torch.Tensor:
+    """True at positions that count: not BOS/pad (the tokens in `skip_token_ids`)."""
+    skip = torch.tensor(skip_token_ids or [], dtype=input_ids.dtype, device=input_ids.device)
+    return ~torch.isin(input_ids, skip)
 
 
 def positions_from_mask(

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import hosts
-from .activations import batches, load_text, loss_mask, pack
-from .hooks import check_lorsa_matches, hooked
+from .activations import batches, load_text, pack
+from .attention_mask import loss_mask
+from .hooks import check_lorsa_matches, collect, hooked
 from .hub import EVAL_RESULTS_FILE
 
 VARIANTS = ("clean", "spliced", "zero_ablated", "mean_ablated")
@@ -69,12 +70,9 @@ class _Totals:
 @torch.no_grad()
 def mean_attention_output(model, lorsa, windows: list[torch.Tensor], skip_token_ids) -> torch.Tensor:
     """Mean of layer L's attention output over the counted positions (host run up to layer L only)."""
-    from .hooks import collect
-
-    device = hosts.input_device(model)
     total, count = 0.0, 0
     for ids in windows:
-        y = collect(model, lorsa.config.layer, input_ids=ids.to(device)).attention_output.double()
+        y = collect(model, lorsa.config.layer, input_ids=ids).attention_output.double()
         mask = loss_mask(ids, skip_token_ids).to(y.device)  # y lives on layer L's device
         total, count = total + y[mask].sum(0), count + int(mask.sum())
     return (total / count).float()
@@ -99,13 +97,7 @@ def evaluate_lorsa(
         raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
     check_lorsa_matches(model, lorsa)
     skip = lorsa.config.skip_token_ids if skip_token_ids is None else skip_token_ids
-    chunks = []
-    n_seen = 0
-    for ids in batches(windows, batch_size):
-        chunks.append(ids)
-        n_seen += ids.numel()
-        if n_seen >= max_tokens:
-            break
+    chunks = list(batches(windows, batch_size, max_tokens))  # read twice: for the mean, then for the metrics
     if not chunks:
         raise ValueError("The evaluation dataset gave no full windows; use more data or a shorter context_length.")
     modes = (model.training, lorsa.training)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import hosts
+from .attention_mask import loss_mask
 
 
 @dataclass
@@ -172,10 +173,8 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
             position_embeddings=None if pe is None else tuple(moved(t) for t in pe),
         ).reconstruction.to(x.device, x.dtype)
         if lorsa.config.skip_token_ids and record.input_ids is not None:
-            skipped = torch.isin(
-                record.input_ids, torch.tensor(lorsa.config.skip_token_ids, device=record.input_ids.device)
-            )
-            out = torch.where(skipped.to(x.device)[..., None], _first(output), out)
+            counted = loss_mask(record.input_ids, lorsa.config.skip_token_ids).to(x.device)
+            out = torch.where(counted[..., None], out, _first(output))
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     with hooked(model, lorsa.config.layer, attention_module, on_output):

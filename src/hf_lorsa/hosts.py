@@ -140,13 +140,18 @@ def probe_affine(module: nn.Module, d_in: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def probe_rms_scale(norm: nn.Module | None, dim: int) -> torch.Tensor | None:
-    """Effective per-channel scale of an RMSNorm (Gemma's 1 + w included), read at a large constant input."""
+def probe_norm_scale(norm: nn.Module | None, dim: int) -> torch.Tensor | None:
+    """Effective per-channel scale of an RMSNorm or LayerNorm (Gemma's 1 + w included), on the CPU.
+
+    Read at an input of alternating +-1e3 (zero mean, RMS 1e3), minus the output at zero (a LayerNorm bias).
+    """
     if norm is None:
         return None
     param = next(norm.parameters())
-    x = torch.full((1, dim), 1e3, device=param.device, dtype=torch.float32)
-    return norm(x.to(param.dtype)).float()[0].cpu()
+    probe = torch.zeros(2, dim)
+    probe[0, ::2], probe[0, 1::2] = 1e3, -1e3
+    out = norm(probe.to(param.device, param.dtype)).float().cpu()
+    return (out[0] - out[1]) * probe[0].sign()
 
 
 def read_attention(model: nn.Module, layer: int) -> HostAttention:
@@ -188,8 +193,8 @@ def read_attention(model: nn.Module, layer: int) -> HostAttention:
     W_v, b_v = heads(Mv, bv, Hkv)
     return HostAttention(
         W_q, b_q, W_k, b_k, W_v, b_v, Mo.view(H, dh, D), bo,
-        probe_rms_scale(getattr(attn, "q_norm", None), dh),
-        probe_rms_scale(getattr(attn, "k_norm", None), dh),
+        probe_norm_scale(getattr(attn, "q_norm", None), dh),
+        probe_norm_scale(getattr(attn, "k_norm", None), dh),
     )  # fmt: skip
 
 

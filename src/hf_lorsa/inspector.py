@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from .analysis import TAGS, analyze, load_analysis, token_strings
-from .hooks import capture, check_lorsa_matches
+from .hooks import check_lorsa_matches, collect
 
 logger = logging.getLogger(__name__)
 DEFAULT_CORPUS_SEQUENCES, DEFAULT_CORPUS_LENGTH = 24, 128
@@ -198,11 +198,9 @@ class Inspector:
         limit = min(TEXT_LIMIT, self.lorsa.config.max_position_embeddings)
         return ids[:, :limit], ids.shape[1] > limit
 
-    @torch.no_grad()
-    def _run(self, ids: torch.Tensor):
-        with capture(self.model, self.lorsa.config.layer, stop=True) as cap:
-            self.model(input_ids=ids)
-        return cap.last.hidden_states
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:
+        """The attention input of the Lorsa's layer for `ids` (the host stops after that layer)."""
+        return collect(self.model, self.lorsa.config.layer, input_ids=ids).hidden_states
 
     @torch.no_grad()
     def text(self, text: str) -> TextAnalysis:

@@ -22,12 +22,12 @@ from .activations import (
     batches,
     collect_batch,
     load_text,
-    loss_mask,
     norm_factors,
     pack,
     skip_tokens,
     split_holdout,
 )
+from .attention_mask import loss_mask
 from .configuration_lorsa import LorsaConfig
 from .modeling_lorsa import LorsaModel
 from .training import LorsaTrainer, default_aux_k, default_dead_tokens, steps_for_budget
@@ -243,7 +243,8 @@ def train(
     if data_args.activation_cache:
         train_data = cached_activations(host, model_args, data_args, args, windows)
 
-    args.max_steps = steps_for_budget(data_args.max_tokens, tokens_per_step(data_args, args))
+    per_step = tokens_per_step(data_args, args)
+    args.max_steps = steps_for_budget(data_args.max_tokens, per_step)
     args.per_device_train_batch_size = args.per_device_eval_batch_size = data_args.batch_size
     trainer = LorsaTrainer(
         model=lorsa, args=args, train_dataset=train_data, eval_dataset=eval_windows, data_collator=collate,
@@ -252,7 +253,7 @@ def train(
         aux_k=model_args.aux_k or default_aux_k(lorsa.config.d_model, lorsa.config.n_ov_heads),
         aux_k_coef=model_args.aux_k_coef, dead_tokens=model_args.dead_tokens or default_dead_tokens(data_args.max_tokens),
     )  # fmt: skip
-    trainer.context_length, trainer.eval_tokens = data_args.context_length, data_args.eval_tokens
+    trainer.tokens_per_step, trainer.eval_tokens = per_step, data_args.eval_tokens
     if args.should_save:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         Path(args.output_dir, RUN_FILE).write_text(json.dumps(run_signature(model_args, data_args), indent=2))
@@ -325,7 +326,7 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows) -> 
         "rank": args.process_index,
         "global_step": trainer.state.global_step,
         "tokens_seen": trainer.tokens_seen(),
-        "tokens_per_step": trainer.tokens_seen() // max(trainer.state.global_step, 1),
+        "tokens_per_step": trainer.tokens_per_step,
         "weights_sha256": weights_digest(trainer.lorsa),
         "first_batch_sha256": trainer.first_batch_digest,
     }

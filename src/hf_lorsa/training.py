@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 
-from .activations import loss_mask
+from .attention_mask import loss_mask
 from .hooks import collect
 
 STATE_FILE = "lorsa_trainer_state.safetensors"
@@ -133,9 +133,7 @@ class LorsaTrainer(Trainer):
 
     def tokens_seen(self) -> int:
         """Training tokens seen by all processes together."""
-        args = self.args
-        per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-        return self.state.global_step * per_step * self.context_length
+        return self.state.global_step * self.tokens_per_step
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Splice-based evaluation (hf_lorsa.evaluation) of the current Lorsa on the held-out windows."""
@@ -151,7 +149,7 @@ class LorsaTrainer(Trainer):
         return metrics
 
     eval_tokens: int = 100_000
-    context_length: int = 0
+    tokens_per_step: int = 0  # all processes together; set by the run (hf_lorsa.run_training.tokens_per_step)
     first_batch_digest: str | None = None
 
     # ---- state beyond what the Trainer checkpoints -----------------------------------------------------
