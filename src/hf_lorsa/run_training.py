@@ -306,7 +306,7 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows) -> 
     lorsa.config.dataset_name = data_args.dataset
     lorsa.config.tokens_trained = trainer.tokens_seen()
     lorsa.config.training_args = {
-        **{k: v for k, v in dataclasses.asdict(model_args).items()},
+        **dataclasses.asdict(model_args),
         **dataclasses.asdict(data_args),
         **{
             k: getattr(args, k)
