@@ -43,7 +43,7 @@ def test_annealed_k_decays_exponentially_then_stays():
 
 def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     out = tmp_path / "run"
-    final = train(*parse(options(out, eval_strategy="steps", eval_steps=6)))
+    final = train(*parse(options(out, eval_strategy="steps", eval_steps=6, keep_checkpoints="true")))
     loaded = LorsaModel.from_pretrained(out)
     c = loaded.config
     assert (c.layer, c.base_model_name_or_path, c.dataset_name) == (2, str(STORIES_MODEL), str(STORIES_DATA))
@@ -61,7 +61,7 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(final.state_dict().values(), loaded.state_dict().values()))
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     logged = [row for row in state["log_history"] if "fvu" in row]
-    assert {"mse", "fvu", "l0", "k", "dead_heads", "learning_rate", "tokens"} <= set(logged[0])
+    assert {"mse", "fvu", "l0", "k", "silent_heads", "learning_rate", "tokens"} <= set(logged[0])
     assert logged[0]["k"] > logged[-1]["k"] == 8  # K annealed down to top_k
     evaluations = [row for row in state["log_history"] if "eval_fvu" in row]
     assert [row["step"] for row in evaluations] == [6, 12] and evaluations[-1]["eval_l0"] == 8.0
@@ -80,7 +80,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
     assert (tmp_path / "crashed" / "checkpoint-6").is_dir() and not (
         tmp_path / "crashed" / "model.safetensors"
     ).exists()
-    train(*parse(options(tmp_path / "crashed")))  # the same command again continues from checkpoint-6
+    train(*parse(options(tmp_path / "crashed", keep_checkpoints="true")))  # continues from checkpoint-6
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "crashed" / "model.safetensors")
     for name in a:
@@ -196,8 +196,10 @@ def test_streamed_data_trains_like_hub_data(tmp_path):
     out = tmp_path / "stream"
     lorsa = train(*parse(options(out, streaming="true", holdout_fraction=0.0, max_tokens=256 * 4)))
     assert lorsa.config.tokens_trained == 256 * 4
-    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4 and LorsaModel.from_pretrained(out).config.training_args["streaming"] is True
+    run = json.loads((out / "lorsa_run.json").read_text())
+    assert run["status"] == "finished" and run["tokens_trained"] == 256 * 4
+    assert not list(out.glob("checkpoint-*"))  # removed once the final Lorsa is saved
+    assert LorsaModel.from_pretrained(out).config.training_args["streaming"] is True
 
 
 def test_device_map_auto_and_tensorboard_logs(tmp_path):

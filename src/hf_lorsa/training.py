@@ -9,17 +9,23 @@ Axes: B batch, T positions, D d_model, Hov OV heads, K active heads.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .attention_mask import loss_mask
 from .hooks import collect
 
 STATE_FILE = "lorsa_trainer_state.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite."""
 
 
 def annealed_k(step: int, total_steps: int, k_start: int, k_end: int, fraction: float) -> int:
@@ -38,15 +44,25 @@ class LorsaTrainer(Trainer):
     """
 
     def __init__(self, *args, host, k_start: int, k_anneal_fraction: float, aux_k: int, aux_k_coef: float,
-                 dead_tokens: int, **kwargs):  # fmt: skip
+                 dead_tokens: int, tokens_per_step: int, eval_tokens: int = 100_000, run_signature: dict | None = None,
+                 **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.host = host
         self.k_start, self.k_anneal_fraction = k_start, k_anneal_fraction
         self.aux_k, self.aux_k_coef, self.dead_tokens = aux_k, aux_k_coef, dead_tokens
+        self.tokens_per_step = tokens_per_step  # all processes together (hf_lorsa.arguments.tokens_per_step)
+        self.eval_tokens = eval_tokens
+        self.run_signature = run_signature  # written into every checkpoint, checked on resume
+        self.first_batch_digest: str | None = None
         lorsa = self.model
         self.tokens_since_fired = torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long)
         self._metrics: dict[str, list[float]] = {}
+        self._finite = torch.ones((), dtype=torch.bool)  # stays on the device: checked at logs and saves
         self.add_callback(TrainerStateCallback(self))
+        # logs as JSON lines of numbers (transformers prints floats as strings)
+        self.remove_callback(PrinterCallback)
+        self.remove_callback(ProgressCallback)
+        self.add_callback(JsonLogPrinter() if self.args.disable_tqdm else JsonLogProgress())
 
     @property
     def lorsa(self):
@@ -83,6 +99,7 @@ class LorsaTrainer(Trainer):
         target = y[counted] * scale
         mse = error.pow(2).mean()
         loss = mse
+        self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
         if use_aux:
             aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale)
             loss = loss + self.aux_k_coef * aux
@@ -126,10 +143,31 @@ class LorsaTrainer(Trainer):
         if self._metrics and "loss" in logs:  # a training log: add the recipe's metrics, averaged
             for name, values in self._metrics.items():
                 logs[name] = sum(float(v) for v in values) / len(values)
-            logs["dead_heads"] = int((self.tokens_since_fired > self.dead_tokens).sum())
+            logs["silent_heads"] = int((self.tokens_since_fired > self.dead_tokens).sum())
             logs["tokens"] = self.tokens_seen()
             self._metrics = {}
+            if not all(math.isfinite(v) for v in logs.values() if isinstance(v, float)):
+                self._finite = torch.zeros((), dtype=torch.bool)
+            self.check_finite()
         super().log(logs, start_time)
+
+    def check_finite(self) -> None:
+        """Stop with a message when the loss or the weights stopped being finite; the checkpoints saved so
+        far were checked the same way, so the last one is good."""
+        weights_ok = all(bool(torch.isfinite(p).all()) for p in self.lorsa.parameters())
+        if bool(self._finite) and weights_ok:
+            return
+        good = [c for c in Path(self.args.output_dir).glob("checkpoint-*") if c.is_dir()]
+        last = max(good, key=lambda c: int(c.name.split("-")[-1]), default=None)
+        raise TrainingDiverged(
+            f"Training diverged: the loss became non-finite by step {self.state.global_step}; stopped. "
+            + (f"The last good checkpoint is {last}. " if last else "No checkpoint was saved before that. ")
+            + f"Lower --learning_rate (now {self.args.learning_rate:g}) and start over with --overwrite_output_dir."
+        )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.check_finite()  # a diverged run never writes a checkpoint
+        super()._save_checkpoint(model, trial)
 
     def tokens_seen(self) -> int:
         """Training tokens seen by all processes together."""
@@ -148,14 +186,14 @@ class LorsaTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    eval_tokens: int = 100_000
-    tokens_per_step: int = 0  # all processes together; set by the run (hf_lorsa.run_training.tokens_per_step)
-    first_batch_digest: str | None = None
-
     # ---- state beyond what the Trainer checkpoints -----------------------------------------------------
 
     def save_extra_state(self, checkpoint_dir: str | Path) -> None:
         save_file({"tokens_since_fired": self.tokens_since_fired.cpu()}, Path(checkpoint_dir, STATE_FILE))
+        if self.run_signature is not None:
+            from .output_folder import write_run_file
+
+            write_run_file(checkpoint_dir, self.run_signature, "checkpoint", step=self.state.global_step)
 
     def load_extra_state(self, checkpoint_dir: str | Path) -> None:
         path = Path(checkpoint_dir, STATE_FILE)
@@ -188,3 +226,25 @@ def default_aux_k(d_model: int, n_ov_heads: int) -> int:
 
 def steps_for_budget(max_tokens: int, tokens_per_step: int) -> int:
     return max(1, math.floor(max_tokens / tokens_per_step))
+
+
+def json_line(logs: dict) -> str:
+    """One log as a JSON line: numbers stay numbers (6 significant digits)."""
+    shown = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
+    return json.dumps(shown)
+
+
+class JsonLogPrinter(TrainerCallback):
+    """Prints each log as a JSON line (output that is not a terminal: no progress bars)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            print(json_line(logs), flush=True)
+
+
+class JsonLogProgress(ProgressCallback):
+    """transformers' progress bars, with each log written above them as a JSON line."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            (self.training_bar.write if self.training_bar is not None else print)(json_line(logs))

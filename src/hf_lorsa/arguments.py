@@ -1,0 +1,328 @@
+"""The options of `hf-lorsa train`: three dataclasses, each checked when it is built, and the run signature.
+
+Every option is validated here, once, whether it comes from the command line, a YAML/JSON file or
+`train_lorsa(**options)`, so that bad input fails before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """A problem with the options the user gave; the message names the option and the fix."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise UsageError(message)
+
+
+def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    require(ok, f"--{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_float(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    require(ok, f"--{name} must be a number in {interval}, got {value!r}.")
+
+
+def check_model_name(name: str, option: str = "model_name_or_path") -> None:
+    """A local folder that exists, or something shaped like a Hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    require(isinstance(name, str) and name.strip() != "", f"--{option} is required (a Hub id or a local folder).")
+    path = Path(name).expanduser()
+    if path.exists():
+        require(path.is_dir(), f"--{option} {name} is a file; give the model's folder (with config.json).")
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
+    require(not looks_local, f"--{option} {name}: no such folder.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as err:
+        raise UsageError(f"--{option} {name!r} is neither an existing folder nor a Hub id ('org/name').") from err
+
+
+def check_writable_dir(path: str | Path, option: str) -> None:
+    """`path` is (or can become) a folder we can write into: not a file, not under a file, writable."""
+    path = Path(path).expanduser().absolute()
+    require(not path.exists() or path.is_dir(), f"--{option} {path} is a file; give a folder.")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    require(existing.is_dir(), f"--{option} {path} lies under {existing}, which is a file; give another folder.")
+    try:  # os.access says yes to root on read-only file systems: try for real
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        raise UsageError(f"--{option} {path}: cannot write into {existing} ({err.strerror}).") from err
+
+
+@dataclass
+class LorsaArguments:
+    """The host layer and the Lorsa's sizes and recipe."""
+
+    model_name_or_path: str = field(metadata={"help": "host causal LM: Hub id or local path"})
+    layer: int = field(metadata={"help": "index of the layer whose attention is replaced"})
+    expansion_factor: int | None = field(default=8, metadata={"help": "n_ov_heads = expansion_factor * d_model"})
+    n_ov_heads: int | None = field(default=None, metadata={"help": "dictionary size (overrides expansion_factor)"})
+    n_qk_heads: int | None = field(default=None, metadata={"help": "QK heads (default n_ov_heads / head_dim)"})
+    top_k: int = field(default=16, metadata={"help": "active OV heads per position"})
+    topk_rule: str = field(default="abs", metadata={"help": "rank heads by |z| ('abs') or ReLU(z) ('relu')"})
+    init: str = field(default="host", metadata={"help": "'host' (from the layer's weights) or 'random'"})
+    k_anneal_start: int | None = field(default=None, metadata={"help": "K at step 0 (default n_ov_heads)"})
+    k_anneal_fraction: float = field(default=0.05, metadata={"help": "fraction of training spent annealing K"})
+    aux_k: int | None = field(default=None, metadata={"help": "dead heads used by AuxK (default d_model / 2)"})
+    aux_k_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss (0 turns it off)"})
+    dead_tokens: int | None = field(default=None, metadata={"help": "silent for this many tokens = dead"})
+    torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
+    device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow the host's own code (off)"})
+
+    def __post_init__(self):
+        check_model_name(self.model_name_or_path)
+        check_int("layer", self.layer, minimum=0)
+        check_int("expansion_factor", self.expansion_factor, optional=True)
+        check_int("n_ov_heads", self.n_ov_heads, optional=True)
+        require(self.expansion_factor or self.n_ov_heads, "Give --expansion_factor or --n_ov_heads.")
+        check_int("n_qk_heads", self.n_qk_heads, optional=True)
+        check_int("top_k", self.top_k)
+        require(self.topk_rule in ("abs", "relu"), f"--topk_rule must be 'abs' or 'relu', got {self.topk_rule!r}.")
+        require(self.init in ("host", "random"), f"--init must be 'host' or 'random', got {self.init!r}.")
+        check_int("k_anneal_start", self.k_anneal_start, optional=True)
+        if self.k_anneal_start is not None:
+            require(self.k_anneal_start >= self.top_k, "--k_anneal_start must be at least --top_k.")
+        check_float("k_anneal_fraction", self.k_anneal_fraction, 0.0, 1.0)
+        check_int("aux_k", self.aux_k, optional=True)
+        check_float("aux_k_coef", self.aux_k_coef, 0.0, 1e6)
+        check_int("dead_tokens", self.dead_tokens, optional=True)
+        require(self.torch_dtype in DTYPES, f"--torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}.")
+
+    def n_ov_for(self, d_model: int) -> int:
+        return self.n_ov_heads or self.expansion_factor * d_model
+
+
+@dataclass
+class DataArguments:
+    """Where the text comes from and how much of it."""
+
+    dataset: str = field(metadata={"help": "Hub dataset (streamed) or local .jsonl/.txt/.parquet files"})
+    text_column: str = field(default="text")
+    dataset_split: str = field(default="train")
+    streaming: bool = field(default=False, metadata={"help": "stream local files too (Hub data is always streamed)"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out data (default: --holdout_fraction)"})
+    eval_split: str = field(default="validation")
+    holdout_fraction: float = field(default=0.0, metadata={"help": "hold out the last fraction of local documents"})
+    context_length: int = field(default=256)
+    max_tokens: int = field(default=100_000_000, metadata={"help": "training budget in tokens"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per device and step"})
+    activation_cache: str | None = field(default=None, metadata={"help": "folder to store/reuse activations"})
+    norm_batches: int = field(default=8, metadata={"help": "batches used to estimate normalisation factors"})
+    eval_tokens: int = field(default=100_000, metadata={"help": "tokens per evaluation"})
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "windows in the shuffle buffer (streamed data)"})
+
+    def __post_init__(self):
+        require(isinstance(self.dataset, str) and self.dataset.strip() != "", "--dataset is required.")
+        require(isinstance(self.text_column, str) and self.text_column != "", "--text_column must be a column name.")
+        check_float("holdout_fraction", self.holdout_fraction, 0.0, 1.0, high_open=True)
+        for name in ("context_length", "max_tokens", "batch_size", "norm_batches", "eval_tokens", "shuffle_buffer"):
+            check_int(name, getattr(self, name))
+        if self.activation_cache is not None:
+            check_writable_dir(self.activation_cache, "activation_cache")
+
+
+NOT_USED = {
+    "num_train_epochs": "the training length is --max_tokens (tokens), optionally capped by --max_steps",
+    "per_device_train_batch_size": "the batch is --batch_size (sequences per device and step)",
+    "per_device_eval_batch_size": "the batch is --batch_size (sequences per device and step)",
+}
+
+
+@dataclass
+class LorsaTrainingArguments(TrainingArguments):
+    """transformers' TrainingArguments with the Lorsa recipe's defaults."""
+
+    output_dir: str = field(default="lorsa-output")
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start over in the folder of an earlier run (its files are removed)"}
+    )
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "keep the checkpoint-* folders once the final Lorsa is saved"}
+    )
+    learning_rate: float = field(default=4e-3)
+    lr_scheduler_type: str = field(default="cosine")
+    warmup_steps: float = field(default=0.02)
+    max_grad_norm: float = field(default=1.0)
+    adam_beta2: float = field(default=0.99)
+    weight_decay: float = field(default=0.0)
+    logging_steps: float = field(default=10)
+    save_steps: float = field(default=200)
+    save_total_limit: int | None = field(default=3)
+    remove_unused_columns: bool = field(default=False)
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "comma-separated loggers: tensorboard, wandb, ..., all or none"}
+    )
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on when training on a GPU)"})
+    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (default: --max_tokens)"})
+    num_train_epochs: float | None = field(default=None, metadata={"help": f"not used: {NOT_USED['num_train_epochs']}"})
+    per_device_train_batch_size: int | None = field(default=None, metadata={"help": "not used: see --batch_size"})
+    per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "not used: see --batch_size"})
+
+    def __post_init__(self):
+        for name, instead in NOT_USED.items():
+            require(getattr(self, name) is None, f"--{name} is not used by hf-lorsa train: {instead}.")
+        self.num_train_epochs, self.per_device_train_batch_size, self.per_device_eval_batch_size = 1.0, 1, 1
+        check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        check_int("max_steps", self.max_steps, minimum=-1)
+        require(self.max_steps != 0, "--max_steps must be positive (or -1: no cap besides --max_tokens).")
+        check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e9)
+        check_writable_dir(self.output_dir, "output_dir")
+        if isinstance(self.report_to, str):
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()] or "none"
+        if self.bf16 is None:
+            self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if self.disable_tqdm is None:  # progress bars only on a terminal: no carriage-return floods in logs
+            self.disable_tqdm = not sys.stderr.isatty()
+        super().__post_init__()
+
+
+ARGUMENT_CLASSES = (LorsaArguments, DataArguments, LorsaTrainingArguments)
+
+
+def parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        ARGUMENT_CLASSES, prog="hf-lorsa train",
+        description="Train a Lorsa on one attention layer of a causal LM. Lorsa and data options come first; "
+        "then transformers' TrainingArguments. A single .yaml/.json argument is read as an options file.",
+    )  # fmt: skip
+
+
+def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTrainingArguments]:
+    """Options from a command line, or from one YAML/JSON file (its name is in any error)."""
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
+        return parse_file(argv[0])
+    return parser().parse_args_into_dataclasses(argv)
+
+
+def parse_file(path: str) -> tuple:
+    import json
+
+    import yaml
+
+    file = Path(path)
+    require(file.is_file(), f"Options file {path} does not exist.")
+    try:
+        options = yaml.safe_load(file.read_text()) if file.suffix != ".json" else json.loads(file.read_text())
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UsageError(f"Options file {path} is not valid {file.suffix[1:].upper()}: {err}") from err
+    require(isinstance(options, dict), f"Options file {path} must hold a mapping of option names to values.")
+    try:
+        return parse_dict(options)
+    except UsageError as err:
+        raise UsageError(f"{path}: {err}") from err
+
+
+def parse_dict(options: dict) -> tuple:
+    """Options as keywords (`train_lorsa(**options)`); numbers given as strings are converted by type."""
+    known = {f.name: f for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - set(known))
+    require(not unknown, f"Unknown options {unknown}; see `hf-lorsa train --help`.")
+    return parser().parse_dict({k: _coerce(known[k], v) for k, v in options.items()})
+
+
+def _coerce(f: dataclasses.Field, value):
+    """YAML gives `layer: "two"` as a string: convert numbers like the command line would, refuse the rest."""
+    if isinstance(value, Path):
+        return str(value)
+    kind = str(f.type)
+    if isinstance(value, str) and kind.split(" |")[0] in ("int", "float"):
+        try:
+            return int(value) if kind.startswith("int") else float(value)
+        except ValueError as err:
+            raise UsageError(f"--{f.name} must be a number, got {value!r}.") from err
+    return value
+
+
+def run_signature(model_args: LorsaArguments, data_args: DataArguments) -> dict:
+    """What must match for a folder to continue a run (logging, budget and resume options may change)."""
+    keep = {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device_map",)}
+    data = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in ("eval_tokens", "max_tokens")}
+    return {"lorsa": keep, "data": data}
+
+
+def tokens_per_step(data_args: DataArguments, args: TrainingArguments) -> int:
+    """Training tokens per optimiser step, all processes together."""
+    return data_args.batch_size * data_args.context_length * args.world_size * args.gradient_accumulation_steps
+
+
+def check_against_host(model_args: LorsaArguments, data_args: DataArguments, args: TrainingArguments) -> None:
+    """Sizes checked against the host's config (no weights loaded) and the budget."""
+    from transformers import AutoConfig
+
+    try:
+        host_config = AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise UsageError(f"Cannot read the config of --model_name_or_path {model_args.model_name_or_path}: {err}")
+    text = host_config.get_text_config()
+    n_layers = text.num_hidden_layers
+    require(
+        0 <= model_args.layer < n_layers,
+        f"--layer must be in [0, {n_layers - 1}] for {model_args.model_name_or_path}, got {model_args.layer}.",
+    )
+    max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if max_positions:
+        require(
+            data_args.context_length <= max_positions,
+            f"--context_length {data_args.context_length} exceeds the model's {max_positions} positions.",
+        )
+    d_model = text.hidden_size
+    head_dim = getattr(text, "head_dim", None) or d_model // text.num_attention_heads
+    n_ov = model_args.n_ov_for(d_model)
+    require(model_args.top_k <= n_ov, f"--top_k {model_args.top_k} exceeds the {n_ov} OV heads; lower --top_k.")
+    n_qk = model_args.n_qk_heads or max(n_ov // head_dim, 1)
+    require(
+        n_ov % n_qk == 0,
+        f"--n_qk_heads {n_qk} must divide the {n_ov} OV heads (the usual choice is n_ov / head_dim = {n_ov // head_dim}).",
+    )
+    if model_args.k_anneal_start is not None:
+        require(model_args.k_anneal_start <= n_ov, f"--k_anneal_start cannot exceed the {n_ov} OV heads.")
+    per_step = tokens_per_step(data_args, args)
+    require(
+        data_args.max_tokens >= per_step,
+        f"--max_tokens {data_args.max_tokens} is smaller than one step ({per_step} tokens = batch_size x "
+        "context_length x processes x accumulation); raise the budget or shrink the batch.",
+    )
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """On the command line, a problem the user can fix ends the command with its message and exit code 2,
+    not a traceback (set HF_LORSA_TRACEBACK=1 to see one)."""
+    from .training import TrainingDiverged
+
+    try:
+        yield
+    except (ValueError, OSError, TrainingDiverged) as err:
+        if os.environ.get("HF_LORSA_TRACEBACK"):
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

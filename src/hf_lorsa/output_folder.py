@@ -1,0 +1,105 @@
+"""The output folder of a training run: what may be written there, resumed from, or cleared.
+
+A run writes only into an empty folder, into the folder of the same run (to resume it), or, with
+`--overwrite_output_dir`, into the folder of an earlier run after removing that run's files. A folder
+holding anything a run did not make (a model, the user's own files) is never written to.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .arguments import UsageError
+
+RUN_FILE = "lorsa_run.json"
+# Everything a run (training, evaluate, analyze) writes into its folder.
+RUN_ENTRIES = (
+    RUN_FILE, "config.json", "model.safetensors", "README.md", "eval_results.json", "analysis", "runs",
+    "lorsa_trainer_state.safetensors",
+)  # fmt: skip
+RUN_PATTERNS = ("checkpoint-*", "train_summary_rank*.json")
+
+
+def run_made(entry: Path) -> bool:
+    return entry.name in RUN_ENTRIES or any(entry.match(p) for p in RUN_PATTERNS)
+
+
+def read_run_file(folder: str | Path) -> dict | None:
+    path = Path(folder, RUN_FILE)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if "signature" in record else {"signature": record, "status": "running"}  # older layout
+
+
+def write_run_file(folder: str | Path, signature: dict, status: str, **extra) -> None:
+    record = {"signature": signature, "status": status, **extra}
+    Path(folder, RUN_FILE).write_text(json.dumps(record, indent=2))
+
+
+@dataclass
+class OutputFolder:
+    """What the folder holds for this run: 'new' (start), 'resume' (continue) or 'finished' (nothing to do)."""
+
+    path: Path
+    state: str
+    record: dict | None = None
+
+
+def prepare(output_dir: str | Path, signature: dict, overwrite: bool) -> OutputFolder:
+    """Decide, before anything expensive, whether this run may use the folder; clear it when asked to."""
+    path = Path(output_dir)
+    signature = json.loads(json.dumps(signature))  # as it reads back from JSON
+    if not path.exists() or not any(path.iterdir()):
+        return OutputFolder(path, "new")
+    record = read_run_file(path)
+    if record is None:
+        shown = ", ".join(sorted(p.name for p in path.iterdir())[:6])
+        raise UsageError(
+            f"--output_dir {path} already holds files that no hf-lorsa run made ({shown}); they are left "
+            "untouched. Choose an empty or new folder."
+        )
+    foreign = sorted(p.name for p in path.iterdir() if not run_made(p))
+    if foreign:
+        raise UsageError(
+            f"--output_dir {path} holds a run and also files that no run made ({', '.join(foreign[:6])}); "
+            "move them away or choose another folder."
+        )
+    if overwrite:
+        clear(path)
+        return OutputFolder(path, "new")
+    if record["signature"] != signature:
+        raise UsageError(
+            f"{path} holds a run with a different configuration ({path / RUN_FILE}); choose another "
+            "--output_dir, or pass --overwrite_output_dir to start over there."
+        )
+    if record.get("status") == "finished":
+        return OutputFolder(path, "finished", record)
+    return OutputFolder(path, "resume", record)
+
+
+def clear(path: Path) -> None:
+    """Remove every file an earlier run made in `path` (checkpoints, results, analysis, card, logs)."""
+    for entry in path.iterdir():
+        if run_made(entry):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def check_checkpoint(checkpoint: str | Path, signature: dict) -> None:
+    """Refuse to resume from a checkpoint of another run (each checkpoint holds its run's signature)."""
+    record = read_run_file(checkpoint)
+    if record is None or record["signature"] != json.loads(json.dumps(signature)):
+        raise UsageError(
+            f"The checkpoint {checkpoint} was not made by a run with these options"
+            + (" (it records none)" if record is None else "")
+            + "; resume it with its own command, or start over with --overwrite_output_dir."
+        )
+
+
+def remove_checkpoints(path: str | Path) -> None:
+    for entry in Path(path).glob("checkpoint-*"):
+        if entry.is_dir():
+            shutil.rmtree(entry)
