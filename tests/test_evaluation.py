@@ -211,6 +211,6 @@ def test_the_host_runs_only_as_far_as_it_must():
 def test_hf_lorsa_evaluate_is_the_same_command():
     from hf_lorsa import cli
 
-    assert cli.COMMANDS["evaluate"] == "hf_lorsa.evaluation:main"
+    assert cli.COMMANDS["evaluate"][0] == "hf_lorsa.evaluation:main"
     result = subprocess.run([sys.executable, "-m", "hf_lorsa", "evaluate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--update_card" in result.stdout and "--max_tokens" in result.stdout

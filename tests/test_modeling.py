@@ -188,7 +188,6 @@ def test_bad_inputs_raise_clear_errors():
         (dict(topk_rule="softmax"), "topk_rule"),
         (dict(rope_parameters={"rope_type": "spiral", "rope_theta": 1.0}), "Unknown rope_type"),
         (dict(rope_parameters={"rope_type": "default"}), "rope_theta"),
-        (dict(n_ov_heads=None), "expansion_factor"),
         (dict(d_model=0), "positive integer"),
     ],
 )

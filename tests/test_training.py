@@ -185,7 +185,7 @@ def test_an_output_folder_of_another_run_is_refused(tmp_path):
 def test_command_line_entry_points_share_the_code():
     from hf_lorsa import cli
 
-    assert cli.COMMANDS["train"] == "hf_lorsa.run_training:main"
+    assert cli.COMMANDS["train"][0] == "hf_lorsa.run_training:main"
     script = (ROOT / "scripts" / "train.py").read_text()
     assert "from hf_lorsa.run_training import main" in script
     result = subprocess.run([sys.executable, "-m", "hf_lorsa", "train", "--help"], capture_output=True, text=True)

@@ -5,20 +5,47 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": "hf_lorsa.run_training:main",
-    "evaluate": "hf_lorsa.evaluation:main",
-    "analyze": "hf_lorsa.analysis:main",
+    "train": ("hf_lorsa.run_training:main", "train a Lorsa on one attention layer of a causal LM"),
+    "evaluate": ("hf_lorsa.evaluation:main", "splice a Lorsa into its model: FVU, L0, dead heads, loss recovered"),
+    "analyze": ("hf_lorsa.analysis:main", "read every head: top contexts, z-patterns, logit attribution, tags"),
 }
+
+
+def usage() -> str:
+    lines = ["usage: hf-lorsa COMMAND [options]   (hf-lorsa COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10}{summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "  --version  print the version of hf_lorsa"]
+    return "\n".join(lines)
+
+
+def quiet_when_not_a_terminal() -> None:
+    """No progress bars (carriage-return floods) when the output goes to a file or a pipe."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import version
+
+        print(f"hf-lorsa {version('hf_lorsa')}")
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: hf-lorsa {{{','.join(COMMANDS)}}} [options]   (hf-lorsa COMMAND --help for its options)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    module_name, function = COMMANDS[argv[0]].split(":")
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(usage(), file=sys.stdout if asked else sys.stderr)
+        if argv and not asked:
+            print(f"\nhf-lorsa: unknown command {argv[0]!r}", file=sys.stderr)
+        return 0 if asked else 2
+    module_name, function = COMMANDS[argv[0]][0].split(":")
     from importlib import import_module
 
+    quiet_when_not_a_terminal()
     return getattr(import_module(module_name), function)(argv[1:]) or 0
 
 

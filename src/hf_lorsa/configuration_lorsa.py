@@ -19,7 +19,7 @@ class LorsaConfig(PreTrainedConfig):
         n_qk_heads (`int`): number of QK heads (query/key pairs). Must divide `n_ov_heads`.
         d_qk_head (`int`): width of each QK head; use the host's head dimension.
         n_ov_heads (`int`, *optional*): number of rank-1 OV heads (the dictionary size). Defaults
-            to `expansion_factor * d_model`.
+            to `expansion_factor * d_model`, or without either to `n_qk_heads * d_qk_head` (a replica's size).
         expansion_factor (`int`, *optional*): used when `n_ov_heads` is not given.
         top_k (`int`): OV heads kept active at each position.
         topk_rule (`str`): how heads are ranked for top-k: `"abs"` ranks |z| * ||w_o|| and keeps the
@@ -37,6 +37,8 @@ class LorsaConfig(PreTrainedConfig):
         input_norm_factor (`float`): the attention input is multiplied by this before use.
         output_norm_factor (`float`): the reconstruction is divided by this. Both are 1 once folded.
         base_model_name_or_path (`str`, *optional*): Hub id or path of the host model.
+        host_fingerprint (`dict`, *optional*): norms of the host layer's attention weights, compared by `splice`
+            and evaluation so that a Lorsa is not silently used with another model of the same shape.
         host_model_type (`str`, *optional*): `model_type` of the host (e.g. `"llama"`).
         layer (`int`, *optional*): index of the host layer this Lorsa replaces.
         attn_input_module (`str`, *optional*): module path whose input is the attention input.
@@ -69,6 +71,7 @@ class LorsaConfig(PreTrainedConfig):
     input_norm_factor: float = 1.0
     output_norm_factor: float = 1.0
     base_model_name_or_path: str | None = None
+    host_fingerprint: dict | None = None
     host_model_type: str | None = None
     layer: int | None = None
     attn_input_module: str | None = None
@@ -80,12 +83,11 @@ class LorsaConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
-        if self.n_ov_heads is None:
+        if self.n_ov_heads is None:  # transformers builds configs without arguments: every default is valid
             if self.expansion_factor is None:
-                raise ValueError(
-                    "LorsaConfig needs `n_ov_heads` or `expansion_factor` (n_ov_heads = expansion_factor * d_model)."
-                )
-            self.n_ov_heads = int(self.expansion_factor * self.d_model)
+                self.n_ov_heads = self.n_qk_heads * self.d_qk_head
+            else:
+                self.n_ov_heads = int(self.expansion_factor * self.d_model)
         self._validate()
         # PreTrainedConfig fills an absent `rope_parameters` with defaults; `None` means "no rotary" here.
         has_rope = self.rope_parameters is not None
@@ -163,6 +165,7 @@ class LorsaConfig(PreTrainedConfig):
             n_ov_heads=n_ov_heads,
             top_k=top_k if top_k is not None else n_ov_heads,
             base_model_name_or_path=getattr(cfg, "_name_or_path", None) or None,
+            host_fingerprint=hosts.fingerprint(model, layer),
             host_model_type=cfg.model_type,
             layer=layer,
             attn_input_module=f"{layer_path}.{arch.input_norm}",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import hosts
 from .activations import batches, load_text, pack
 from .attention_mask import loss_mask
-from .hooks import check_lorsa_matches, collect, hooked
+from .hooks import check_lorsa_matches, collect, hooked, host_rotary_for
 from .hub import EVAL_RESULTS_FILE
 
 VARIANTS = ("clean", "spliced", "zero_ablated", "mean_ablated")
@@ -87,15 +87,19 @@ def evaluate_lorsa(
     batch_size: int = 8,
     skip_token_ids: list[int] | None = None,
     progress: bool = True,
+    strict: bool = True,
 ) -> dict:
     """The metrics of issue 'Evaluate a Lorsa' on `max_tokens` tokens of `windows` (rows of `input_ids`).
 
     `skip_token_ids` (default: the Lorsa's own, e.g. BOS) are positions left out of every metric, where
-    the host's attention output is kept in all four runs.
+    the host's attention output is kept in all four runs. `strict=False` accepts a Lorsa made from another
+    model of the same shape.
     """
     if max_tokens is None or max_tokens <= 0:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
-    check_lorsa_matches(model, lorsa)
+    check_lorsa_matches(model, lorsa, strict)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     skip = lorsa.config.skip_token_ids if skip_token_ids is None else skip_token_ids
     chunks = list(batches(windows, batch_size, max_tokens))  # read twice: for the mean, then for the metrics
     if not chunks:
@@ -121,7 +125,7 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
     def on_output(record, output):
         y = (output[0] if isinstance(output, tuple) else output)[:B]  # (B, T, D), on layer L's device
         x = record.hidden_states[:B].to(lorsa_param.device, lorsa_param.dtype)
-        pe = _first_copy(record.position_embeddings, B)
+        pe = host_rotary_for(lorsa, _first_copy(record.position_embeddings, B))
         out = lorsa(x, position_embeddings=None if pe is None else tuple(t.to(x.device) for t in pe))
         y_hat = out.reconstruction.to(y.device, y.dtype)
         here = counted.to(y.device)

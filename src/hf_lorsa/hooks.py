@@ -114,6 +114,7 @@ def capture(model: nn.Module, layer: int, attention_module: str | None = None, s
     `attention_module` is a dotted path such as "model.layers.{layer}.self_attn" for architectures
     hf_lorsa does not know.
     """
+    _check_layer_argument(layer)
     result = Capture()
 
     def on_output(record: AttentionRecord, output):
@@ -130,8 +131,13 @@ def capture(model: nn.Module, layer: int, attention_module: str | None = None, s
             pass  # the block ends with the first (stopped) forward pass
 
 
-def check_lorsa_matches(model: nn.Module, lorsa) -> None:
-    """Refuse a Lorsa trained for another model family, width or depth, before any forward pass."""
+def check_lorsa_matches(model: nn.Module, lorsa, strict: bool = True) -> None:
+    """Refuse, before any forward pass, a Lorsa made for another model family, width or depth, and (with
+    `strict`) one made from another model of the same shape (its recorded fingerprint differs)."""
+    from .modeling_lorsa import LorsaModel
+
+    if not isinstance(lorsa, LorsaModel):
+        raise TypeError(f"Expected a hf_lorsa.LorsaModel, got {type(lorsa).__name__}.")
     cfg = hosts.host_config(model)
     lc = lorsa.config
     if lc.d_model != cfg.hidden_size:
@@ -144,19 +150,33 @@ def check_lorsa_matches(model: nn.Module, lorsa) -> None:
     if lc.layer is None:
         raise ValueError("This Lorsa records no `layer`; set lorsa.config.layer to the layer it replaces.")
     hosts.check_layer(model, lc.layer)
+    recorded = getattr(lc, "host_fingerprint", None)
+    if strict and recorded and not hosts.same_fingerprint(recorded, hosts.fingerprint(model, lc.layer)):
+        raise ValueError(
+            f"This Lorsa was made from another model than this one: layer {lc.layer}'s attention weights differ "
+            f"from those it was trained on (base model: {lc.base_model_name_or_path}). Load that model, or pass "
+            "strict=False to use it with this one anyway."
+        )
+
+
+def _check_layer_argument(layer) -> None:
+    if not isinstance(layer, int) or isinstance(layer, bool):
+        raise TypeError(f"layer must be an integer (the index of a decoder layer), got {layer!r}.")
 
 
 @contextmanager
-def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iterator[None]:
+def splice(model: nn.Module, lorsa, attention_module: str | None = None, strict: bool = True) -> Iterator[None]:
     """Replace the output of layer `lorsa.config.layer`'s attention by the Lorsa reconstruction.
 
     The Lorsa reads that layer's attention input with the host's own positions (rotary cos/sin) and
     padding mask. At positions holding one of `lorsa.config.skip_token_ids` (BOS, padding: tokens it was
     not trained on) the host's own output is kept. Logits are bit-identical to the clean model again once
-    the block exits.
+    the block exits. `strict=False` accepts a Lorsa made from another model of the same shape.
     """
     if attention_module is None:
-        check_lorsa_matches(model, lorsa)
+        check_lorsa_matches(model, lorsa, strict)
+    elif not hasattr(lorsa, "config") or not hasattr(lorsa.config, "n_ov_heads"):
+        raise TypeError(f"Expected a hf_lorsa.LorsaModel, got {type(lorsa).__name__}.")
 
     def on_output(record: AttentionRecord, output):
         x = record.hidden_states
@@ -165,7 +185,7 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
         def moved(t):  # the Lorsa may live on another device than this layer (device_map hosts)
             return None if t is None else t.to(param.device)
 
-        pe = record.position_embeddings
+        pe = host_rotary_for(lorsa, record.position_embeddings)
         out = lorsa(
             x.to(param.device, param.dtype),
             position_ids=moved(record.position_ids),
@@ -179,6 +199,14 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None) -> Iter
 
     with hooked(model, lorsa.config.layer, attention_module, on_output):
         yield
+
+
+def host_rotary_for(lorsa, position_embeddings):
+    """The host's (cos, sin) when the Lorsa's QK heads can use them as they are, else None (it makes its own)."""
+    if position_embeddings is None or lorsa.rotary_emb is None:
+        return None
+    rotary_dim = int(lorsa.config.d_qk_head * lorsa.config.rope_parameters.get("partial_rotary_factor", 1.0))
+    return position_embeddings if position_embeddings[0].shape[-1] == rotary_dim else None
 
 
 def collect(model: nn.Module, layer: int, **inputs) -> AttentionRecord:

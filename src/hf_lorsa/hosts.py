@@ -216,3 +216,20 @@ def position_settings(model: nn.Module, layer: int) -> dict:
         "qk_norm": q_norm is not None,
         "qk_norm_eps": float(getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", 1e-6))),
     }
+
+
+@torch.no_grad()
+def fingerprint(model: nn.Module, layer: int) -> dict[str, float]:
+    """The norm of each weight of layer `layer`'s attention (LoRA adapters left out): cheap to compute, the
+    same in any dtype to within rounding, and different for another model of the same shape."""
+    attn = get_module(unwrap(model), attention_path(model, layer))
+    prints = {}
+    for name, param in attn.named_parameters():
+        if "lora_" in name:
+            continue
+        prints[name.replace(".base_layer", "")] = round(float(param.detach().float().norm()), 6)
+    return prints
+
+
+def same_fingerprint(a: dict[str, float], b: dict[str, float], rtol: float = 1e-2) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= rtol * max(abs(a[k]), 1e-12) for k in a)

@@ -118,7 +118,19 @@ class LorsaModel(LorsaPreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load from a Hub id or directory (`subfolder=` for one layer of a release); safetensors only."""
-        return hub.load_safetensors_only(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        hub.check_lorsa_config(pretrained_model_name_or_path, kwargs)
+        kwargs.setdefault("output_loading_info", False)
+        wants_info = kwargs["output_loading_info"]
+        kwargs["output_loading_info"] = True
+        lorsa, info = hub.load_safetensors_only(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
+        hub.check_loading_info(pretrained_model_name_or_path, info)
+        lorsa.eval_results = hub.read_eval_results(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        return (lorsa, info) if wants_info else lorsa
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"layer={c.layer}, d_model={c.d_model}, n_qk_heads={c.n_qk_heads}, d_qk_head={c.d_qk_head}, "
+                f"n_ov_heads={c.n_ov_heads}, top_k={c.top_k}, topk_rule={c.topk_rule!r}")  # fmt: skip
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         """transformers' save (safetensors), plus eval_results.json and a README.md model card."""
@@ -149,7 +161,7 @@ class LorsaModel(LorsaPreTrainedModel):
         `top_k` overrides `config.top_k` (for annealing).
         """
         z = self.pre_activations(hidden_states, position_ids, attention_mask, position_embeddings)  # (B, T, Hov)
-        values, indices = self.select_top_k(z, top_k or self.config.top_k)
+        values, indices = self.select_top_k(z, self.config.top_k if top_k is None else top_k)
         return LorsaOutput(
             reconstruction=self.decode(values, indices),
             top_k_values=values,
@@ -159,7 +171,7 @@ class LorsaModel(LorsaPreTrainedModel):
 
     def pre_activations(self, hidden_states, position_ids=None, attention_mask=None, position_embeddings=None):
         """z of every OV head at every position (B, T, Hov), through the fused attention path."""
-        x = self._check_input(hidden_states) * self.config.input_norm_factor
+        x = self._check_input(hidden_states, position_ids, attention_mask) * self.config.input_norm_factor
         q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)  # (B, Hqk, T, dqk)
         v = rearrange(self.values(x), "b t (h g) -> b h t g", h=self.config.n_qk_heads)
         if self.config.attn_logit_softcapping is not None:
@@ -194,7 +206,7 @@ class LorsaModel(LorsaPreTrainedModel):
 
     def select_top_k(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the k heads with the largest score at each position (LORSA.md: |z| * ||w_o|| or ReLU)."""
-        if not 0 < k <= self.config.n_ov_heads:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= self.config.n_ov_heads:
             raise ValueError(f"top_k must be in [1, n_ov_heads={self.config.n_ov_heads}], got {k}.")
         act = z.relu() if self.config.topk_rule == "relu" else z
         scores = (act.abs() if self.config.topk_rule == "abs" else act) * self.w_o.detach().norm(dim=-1).to(z.dtype)
@@ -251,37 +263,61 @@ class LorsaModel(LorsaPreTrainedModel):
             logits = torch.einsum("ed,esd->es", q[b, h, t].float(), k[b, h].float())  # (E, S)
             yield part, self._softmax(logits, allowed[b if allowed.shape[0] > 1 else 0 * b, t])
 
-    def attention_pattern(self, hidden_states, position_ids=None, attention_mask=None, position_embeddings=None):
-        """Attention pattern of every QK head, softmax(QK^T * scale) with masks: (B, Hqk, T, S)."""
-        x = self._check_input(hidden_states) * self.config.input_norm_factor
+    def attention_pattern(self, hidden_states, qk_head: int | None = None, position_ids=None, attention_mask=None,
+                          position_embeddings=None):  # fmt: skip
+        """Attention pattern softmax(QK^T * scale) with masks: of QK head `qk_head` (B, T, S), or of every QK
+        head (B, Hqk, T, S) when `qk_head` is None. OV head i reads QK head i // config.group_size."""
+        if qk_head is not None and (
+            isinstance(qk_head, bool) or not isinstance(qk_head, int) or not 0 <= qk_head < self.config.n_qk_heads
+        ):
+            raise ValueError(f"qk_head must be an integer in [0, {self.config.n_qk_heads}), got {qk_head!r}.")
+        x = self._check_input(hidden_states, position_ids, attention_mask) * self.config.input_norm_factor
         q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)
-        return self._pattern(q, k, attention_mask)
+        if qk_head is not None:
+            q, k = q[:, qk_head : qk_head + 1], k[:, qk_head : qk_head + 1]
+        pattern = self._pattern(q, k, attention_mask)
+        return pattern if qk_head is None else pattern[:, 0]
 
     def z_pattern(self, hidden_states, ov_head: int, position_ids=None, attention_mask=None, position_embeddings=None):
         """Contribution of each source token s to OV head `ov_head` at query t, A[t, s] * v[s]: (B, T, S).
 
         Summed over S it equals that head's pre-activation z.
         """
-        if not 0 <= ov_head < self.config.n_ov_heads:
-            raise ValueError(f"ov_head must be in [0, {self.config.n_ov_heads}), got {ov_head}.")
-        pattern = self.attention_pattern(hidden_states, position_ids, attention_mask, position_embeddings)
-        pattern = pattern[:, ov_head // self.config.group_size]  # (B, T, S)
+        if isinstance(ov_head, bool) or not isinstance(ov_head, int) or not 0 <= ov_head < self.config.n_ov_heads:
+            raise ValueError(f"ov_head must be an integer in [0, {self.config.n_ov_heads}), got {ov_head!r}.")
+        pattern = self.attention_pattern(
+            hidden_states, ov_head // self.config.group_size, position_ids=position_ids,
+            attention_mask=attention_mask, position_embeddings=position_embeddings,
+        )  # (B, T, S)  # fmt: skip
         x = hidden_states * self.config.input_norm_factor
         v = x @ self.w_v[ov_head] + self.b_v[ov_head]  # (B, S)
         return pattern * v[:, None, :]
 
-    def _check_input(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _check_input(self, hidden_states, position_ids=None, attention_mask=None) -> torch.Tensor:
+        """Shapes and dtypes checked at the boundary, with messages that say what to pass instead."""
         c = self.config
-        if hidden_states.dim() != 3 or hidden_states.shape[-1] != c.d_model:
+        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3 or hidden_states.shape[-1] != c.d_model:
+            shape = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
             raise ValueError(
-                f"LorsaModel expects the attention input as (batch, positions, d_model={c.d_model}), "
-                f"got shape {tuple(hidden_states.shape)}."
+                f"LorsaModel expects the attention input as (batch, positions, d_model={c.d_model}), got {shape}."
             )
-        if hidden_states.shape[1] > c.max_position_embeddings:
+        B, T = hidden_states.shape[:2]
+        if B == 0 or T == 0:
+            raise ValueError(f"The attention input has no positions (shape {tuple(hidden_states.shape)}).")
+        if T > c.max_position_embeddings:
             raise ValueError(
-                f"Sequence of {hidden_states.shape[1]} positions exceeds max_position_embeddings="
+                f"Sequence of {T} positions exceeds max_position_embeddings="
                 f"{c.max_position_embeddings} of this Lorsa; use shorter contexts."
             )
+        weight = self.w_v.dtype
+        if hidden_states.dtype != weight and not torch.is_autocast_enabled(hidden_states.device.type):
+            raise ValueError(
+                f"The attention input is {hidden_states.dtype} but this Lorsa's weights are {weight}: cast one to "
+                f"the other (e.g. lorsa.to({hidden_states.dtype}) or hidden_states.to({weight}))."
+            )
+        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if t is not None and (t.dim() != 2 or t.shape[1] != T or t.shape[0] not in (1, B)):
+                raise ValueError(f"{name} must have shape ({B}, {T}) (batch, positions), got {tuple(t.shape)}.")
         return hidden_states
 
     # ---- weight folding ------------------------------------------------------------------------------

@@ -261,8 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     # the processes started for `accelerate launch --cpu --num_processes N` rerun this very command line
     if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
         return code
+    from .cli import quiet_when_not_a_terminal
+
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_when_not_a_terminal()
     with user_errors("hf-lorsa train"):
         model_args, data_args, args = parse(argv)
         lorsa = train(model_args, data_args, args)
