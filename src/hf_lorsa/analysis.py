@@ -9,9 +9,9 @@ Axes: B batch, T query positions, S source positions, D d_model, Hqk QK heads, H
 
 from __future__ import annotations
 
-import argparse
 import json
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,8 +19,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from . import hosts
-from .activations import batches, collect_batch, load_text, pack
+from .activations import batches, collect_batch, load_text
+from .arguments import check_int
 from .attention_mask import loss_mask
+from .loading import LorsaSourceArguments, data_source, load_lorsa_and_host, load_windows, read_lorsa_config, warn_if_short
 
 ANALYSIS_DIR = "analysis"
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
@@ -155,13 +157,14 @@ def host_correspondence(model, lorsa) -> torch.Tensor:
 
 @torch.no_grad()
 def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size: int = 8, tokenizer=None,
-            progress: bool = True) -> Dataset:  # fmt: skip
+            progress: bool = True, strict: bool = True) -> Dataset:  # fmt: skip
     """One row per OV head: frequency, tags, top contexts with z-patterns, logit attribution, host heads."""
     from .hooks import check_lorsa_matches
 
-    check_lorsa_matches(model, lorsa)
-    if max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
+    check_lorsa_matches(model, lorsa, strict)
+    for name, value in (("max_tokens", max_tokens), ("top_n", top_n), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     c = lorsa.config
     skip = c.skip_token_ids or []
     device = next(lorsa.parameters()).device
@@ -186,6 +189,7 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
         stored = {w: row for w, row in stored.items() if w in referenced}
     if not n_windows:
         raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
+    warn_if_short(n_windows * ids.shape[1], max_tokens)
     tags = tags_from_counts(kinds, fires)
     contexts = _top_contexts(model, lorsa, top, stored, tokenizer, batch_size)
     dla = logit_attribution(model, lorsa)
@@ -291,17 +295,22 @@ def save_analysis(dataset: Dataset, lorsa_dir: str | Path) -> Path:
 
 
 def load_analysis(lorsa_dir: str | Path, subfolder: str = "") -> Dataset | None:
-    """The saved analysis of a Lorsa (local folder or Hub id), or None when there is none."""
-    path = Path(lorsa_dir, subfolder, ANALYSIS_DIR, "heads.parquet")
-    if not path.exists():
-        try:
-            from huggingface_hub import hf_hub_download
+    """The saved analysis of a Lorsa (local folder or Hub id), with its meta.json (tokens analysed, top_n) as
+    the dataset's description, or None when there is none."""
+    from .hub import _repo_file
 
-            sub = f"{subfolder}/{ANALYSIS_DIR}" if subfolder else ANALYSIS_DIR
-            path = Path(hf_hub_download(str(lorsa_dir), "heads.parquet", subfolder=sub))
-        except Exception:  # noqa: BLE001 - no analysis published: the caller computes one
-            return None
-    return Dataset.from_parquet(str(path))
+    sub = f"{subfolder}/{ANALYSIS_DIR}" if subfolder else ANALYSIS_DIR
+    try:
+        heads = _repo_file(lorsa_dir, "heads.parquet", sub)
+        meta = _repo_file(lorsa_dir, "meta.json", sub) if heads else None
+    except (OSError, ValueError):  # no analysis published: the caller computes one
+        return None
+    if not heads:
+        return None
+    dataset = Dataset.from_parquet(heads)
+    if meta:
+        dataset.info.description = Path(meta).read_text()
+    return dataset
 
 
 def push_analysis(lorsa_dir: str | Path, repo_id: str, subfolder: str = "", token: str | None = None):
@@ -314,42 +323,45 @@ def push_analysis(lorsa_dir: str | Path, repo_id: str, subfolder: str = "", toke
     )
 
 
+@dataclass
+class AnalyzeArguments(LorsaSourceArguments):
+    """`hf-lorsa analyze`: how much to keep and where it goes."""
+
+    output: str | None = field(default=None, metadata={"help": f"folder to write {ANALYSIS_DIR}/ into (None: the Lorsa's)"})
+    top_n: int = field(default=10, metadata={"help": "top contexts kept per head"})
+    push_to_hub: str | None = field(default=None, metadata={"help": "also upload the analysis to this Hub repository"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("top_n", self.top_n)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`hf-lorsa analyze`: compute the head analysis of a Lorsa and save it beside it."""
-    p = argparse.ArgumentParser(prog="hf-lorsa analyze", description="Analyse the heads of a Lorsa.")
-    p.add_argument("--lorsa", required=True, help="Lorsa directory or Hub id")
-    p.add_argument("--dataset", required=True, help="Hub dataset name or local .jsonl/.txt/.parquet files")
-    p.add_argument("--max_tokens", type=int, default=200_000)
-    p.add_argument("--model_name_or_path", default=None, help="host model (default: the Lorsa's base model)")
-    p.add_argument("--subfolder", default="")
-    p.add_argument("--output", default=None, help="folder to write analysis/ into (default: the Lorsa folder)")
-    p.add_argument("--top_n", type=int, default=10, help="top contexts kept per head")
-    p.add_argument("--text_column", default="text")
-    p.add_argument("--split", default="train")
-    p.add_argument("--context_length", type=int, default=None, help="default: the training context length")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload the analysis there")
-    args = p.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import HfArgumentParser
 
-    from .modeling_lorsa import LorsaModel
+    from .arguments import user_errors
 
-    dataset = load_text(args.dataset, args.text_column, split=args.split)
-    lorsa = LorsaModel.from_pretrained(args.lorsa, subfolder=args.subfolder).to(args.device)
-    host_name = args.model_name_or_path or lorsa.config.base_model_name_or_path
-    if not host_name:
-        raise SystemExit("This Lorsa records no base model; pass --model_name_or_path.")
-    output = Path(args.output) if args.output else Path(args.lorsa, args.subfolder)
-    if not args.output and not output.is_dir():
-        raise SystemExit(f"{args.lorsa} is not a local folder; pass --output.")
-    tokenizer = AutoTokenizer.from_pretrained(host_name)
-    model = AutoModelForCausalLM.from_pretrained(host_name).to(args.device)
-    context = args.context_length or (lorsa.config.training_args or {}).get("context_length") or 256
-    windows = pack(dataset, tokenizer, context, args.text_column)
-    result = analyze(model, lorsa, windows, args.max_tokens, args.top_n, args.batch_size, tokenizer)
-    path = save_analysis(result, output)
-    print(f"Saved the analysis of {len(result)} heads to {path}")
+    parser = HfArgumentParser(
+        AnalyzeArguments, prog="hf-lorsa analyze",
+        description="Analyse the heads of a Lorsa. Without --dataset, on its training run's held-out data.",
+    )  # fmt: skip
+    with user_errors("hf-lorsa analyze"):
+        (args,) = parser.parse_args_into_dataclasses(argv)
+        path = args.output_path(str(Path(args.output, ANALYSIS_DIR)) if args.output else None, ANALYSIS_DIR)
+        source = data_source(args, read_lorsa_config(args))
+        load_text(source.dataset, source.text_column, split=source.split)  # data problems before any model loads
+        lorsa, model, tokenizer = load_lorsa_and_host(
+            args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device
+        )
+        windows = load_windows(source, tokenizer)
+        result = analyze(model, lorsa, windows, args.max_tokens, args.top_n, args.batch_size, tokenizer,
+                         strict=args.strict)  # fmt: skip
+    if path.exists():
+        shutil.rmtree(path)
+    save_analysis(result, path.parent)
+    print(f"Saved the analysis of {len(result)} heads over {json.loads(result.info.description)['n_tokens']} "
+          f"tokens to {path}")  # fmt: skip
     if args.push_to_hub:
-        push_analysis(output, args.push_to_hub, args.subfolder)
+        push_analysis(path.parent, args.push_to_hub, args.subfolder)
     return 0

@@ -8,21 +8,27 @@ Axes: B batch, T positions, D d_model, V vocabulary, Hov OV heads.
 
 from __future__ import annotations
 
-import argparse
+import datetime
 import json
+import logging
 from collections.abc import Iterable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import HfArgumentParser
 
 from . import hosts
-from .activations import batches, load_text, pack
+from .activations import batches, load_text
 from .attention_mask import loss_mask
 from .hooks import check_lorsa_matches, collect, hooked, host_rotary_for
 from .hub import EVAL_RESULTS_FILE
+from .loading import LorsaSourceArguments, data_source, load_lorsa_and_host, load_windows, read_lorsa_config, warn_if_short
+
+logger = logging.getLogger(__name__)
 
 VARIANTS = ("clean", "spliced", "zero_ablated", "mean_ablated")
 
@@ -104,6 +110,7 @@ def evaluate_lorsa(
     chunks = list(batches(windows, batch_size, max_tokens))  # read twice: for the mean, then for the metrics
     if not chunks:
         raise ValueError("The evaluation dataset gave no full windows; use more data or a shorter context_length.")
+    warn_if_short(sum(c.numel() for c in chunks), max_tokens)
     modes = (model.training, lorsa.training)
     model.eval(), lorsa.eval()
     try:
@@ -202,56 +209,37 @@ def _summarise(t: _Totals, lorsa) -> dict:
 # ---- command line -----------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hf-lorsa evaluate", description="Evaluate a Lorsa spliced into its model.")
-    p.add_argument("--lorsa", required=True, help="Lorsa directory or Hub id")
-    p.add_argument("--dataset", required=True, help="Hub dataset name or local .jsonl/.txt/.parquet files")
-    p.add_argument("--max_tokens", type=int, required=True, help="evaluation budget in tokens")
-    p.add_argument("--model_name_or_path", default=None, help="host model (default: the Lorsa's base model)")
-    p.add_argument("--output", default=None, help=f"results file (default: LORSA_DIR/{EVAL_RESULTS_FILE})")
-    p.add_argument("--subfolder", default="", help="subfolder of the Lorsa repository (one layer of a release)")
-    p.add_argument("--text_column", default="text")
-    p.add_argument("--split", default="validation", help="split of a Hub dataset")
-    p.add_argument("--holdout_fraction", type=float, default=0.0, help="evaluate on the last fraction of local data")
-    p.add_argument("--context_length", type=int, default=None, help="default: the training context length")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--torch_dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--update_card", action="store_true", help="write the results into the model card")
-    return p
+@dataclass
+class EvaluateArguments(LorsaSourceArguments):
+    """`hf-lorsa evaluate`: where the results go."""
+
+    output: str | None = field(default=None, metadata={"help": f"results file (None: LORSA/{EVAL_RESULTS_FILE})"})
+    update_card: bool = field(default=False, metadata={"help": "write the results into the model card"})
+
+
+def parser() -> HfArgumentParser:
+    return HfArgumentParser(
+        EvaluateArguments, prog="hf-lorsa evaluate",
+        description="Evaluate a Lorsa spliced into its model. Without --dataset, on its training run's held-out data.",
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_tokens <= 0:
-        raise SystemExit("--max_tokens must be positive.")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .arguments import user_errors
 
-    from .activations import split_holdout
-    from .modeling_lorsa import LorsaModel
-
-    dataset = load_text(args.dataset, args.text_column, split=args.split)
-    if args.holdout_fraction:
-        dataset = split_holdout(dataset, args.holdout_fraction)[1]
-    lorsa = LorsaModel.from_pretrained(args.lorsa, subfolder=args.subfolder)
-    host_name = args.model_name_or_path or lorsa.config.base_model_name_or_path
-    if not host_name:
-        raise SystemExit("This Lorsa records no base model; pass --model_name_or_path.")
-    context = args.context_length or (lorsa.config.training_args or {}).get("context_length") or 256
-    tokenizer = AutoTokenizer.from_pretrained(host_name)
-    model = AutoModelForCausalLM.from_pretrained(host_name, dtype=getattr(torch, args.torch_dtype)).to(args.device)
-    results = evaluate_lorsa(
-        model,
-        lorsa.to(args.device),
-        pack(dataset, tokenizer, context, args.text_column),
-        args.max_tokens,
-        args.batch_size,
-    )
-    results.update(dataset=args.dataset, model=host_name, lorsa=args.lorsa, layer=lorsa.config.layer)
-    lorsa_dir = Path(args.lorsa, args.subfolder)
-    output = Path(args.output) if args.output else lorsa_dir / EVAL_RESULTS_FILE
-    if not args.output and not lorsa_dir.is_dir():
-        raise SystemExit(f"{args.lorsa} is not a local directory; pass --output for the results file.")
+    with user_errors("hf-lorsa evaluate"):
+        (args,) = parser().parse_args_into_dataclasses(argv)
+        output = args.output_path(args.output, EVAL_RESULTS_FILE)
+        source = data_source(args, read_lorsa_config(args))
+        load_text(source.dataset, source.text_column, split=source.split)  # data problems before any model loads
+        lorsa, model, tokenizer = load_lorsa_and_host(
+            args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device
+        )
+        results = evaluate_lorsa(
+            model, lorsa, load_windows(source, tokenizer), args.max_tokens, args.batch_size, strict=args.strict
+        )
+    results.update(**source.describe(), model=args.model_name_or_path or lorsa.config.base_model_name_or_path,
+                   lorsa=args.lorsa, subfolder=args.subfolder or None, layer=lorsa.config.layer)  # fmt: skip
     save_results(results, output)
     if args.update_card:
         update_card(lorsa, results, args.lorsa, args.subfolder)
@@ -260,11 +248,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save_results(results: dict, path: Path) -> None:
-    """Write the metrics with their run metadata (time, versions) through the `evaluate` library."""
-    import evaluate
+    """The metrics, what was evaluated, and the versions that computed them, as indented JSON."""
+    from importlib.metadata import version
 
+    import transformers
+
+    meta = {"hf_lorsa_version": version("hf_lorsa"), "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
-    evaluate.save(str(path), **results)
+    path.write_text(json.dumps({**results, **meta}, indent=2) + "\n")
 
 
 def update_card(lorsa, results: dict, name_or_path: str, subfolder: str = "") -> None:
@@ -273,7 +266,8 @@ def update_card(lorsa, results: dict, name_or_path: str, subfolder: str = "") ->
 
     directory = Path(name_or_path, subfolder)
     if directory.is_dir():
-        model_card(lorsa.config, results).save(directory / "README.md")
+        lorsa.eval_results = results
+        model_card(lorsa.config, results, str(directory)).save(directory / "README.md")
     else:
-        card = model_card(lorsa.config, results, repo_id=name_or_path)
+        card = model_card(lorsa.config, results, repo_id=name_or_path, subfolder=subfolder)
         card.push_to_hub(name_or_path, commit_message="Add evaluation results")

@@ -1,0 +1,160 @@
+"""One way to open a Lorsa with its host model and its text, for evaluate, analyze and the inspector Space.
+
+Options the user leaves out come from the Lorsa's own training run (recorded in its config): the host is
+its base model, the text is the run's held-out data, the context is the run's context length.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arguments import DTYPES, UsageError, check_int, check_model_name, check_writable_dir, require
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LorsaSourceArguments:
+    """Which Lorsa, which host, which text."""
+
+    lorsa: str = field(metadata={"help": "Lorsa folder or Hub id (required)"})
+    subfolder: str = field(default="", metadata={"help": "subfolder of the Lorsa repository (one layer of a release)"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "host model (None: the Lorsa's recorded base model)"}
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Hub dataset or local .jsonl/.txt/.parquet files (None: the training run's held-out data)"},
+    )
+    text_column: str | None = field(default=None, metadata={"help": "text column (None: the run's, else 'text')"})
+    split: str | None = field(default=None, metadata={"help": "split of a Hub dataset (None: the run's)"})
+    holdout_fraction: float | None = field(
+        default=None, metadata={"help": "use the last fraction of local documents (None: the run's)"}
+    )
+    context_length: int | None = field(default=None, metadata={"help": "tokens per window (None: the run's, else 256)"})
+    max_tokens: int = field(default=200_000, metadata={"help": "token budget"})
+    batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
+    torch_dtype: str = field(default="float32", metadata={"help": "host dtype: float32, bfloat16 or float16"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (None: cuda when available)"})
+    strict: bool = field(
+        default=True, metadata={"help": "refuse a host other than the one the Lorsa was made from (--no_strict)"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace earlier results at the output"})
+
+    def __post_init__(self):
+        require(isinstance(self.lorsa, str) and self.lorsa.strip() != "", "--lorsa is required.")
+        if self.model_name_or_path is not None:
+            check_model_name(self.model_name_or_path)
+        if self.holdout_fraction is not None:
+            ok = isinstance(self.holdout_fraction, (int, float)) and 0 <= self.holdout_fraction < 1
+            require(ok, f"--holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}.")
+        check_int("context_length", self.context_length, optional=True)
+        check_int("max_tokens", self.max_tokens)
+        check_int("batch_size", self.batch_size)
+        require(self.torch_dtype in DTYPES[1:], f"--torch_dtype must be one of {DTYPES[1:]}, got {self.torch_dtype!r}.")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            torch.device(self.device)
+        except RuntimeError as err:
+            raise UsageError(f"--device {self.device!r} is not a device (cpu, cuda, cuda:1, ...).") from err
+
+    @property
+    def lorsa_dir(self) -> Path:
+        return Path(self.lorsa, self.subfolder)
+
+    def output_path(self, output: str | None, default_name: str) -> Path:
+        """Where results go: `output`, else beside a local Lorsa; refused when it would replace earlier
+        results without --overwrite. Checked before anything is loaded."""
+        if output is None:
+            require(self.lorsa_dir.is_dir(), f"{self.lorsa} is not a local folder; pass --output.")
+            path = self.lorsa_dir / default_name
+        else:
+            path = Path(output)
+        check_writable_dir(path.parent, "output")
+        require(
+            self.overwrite or not path.exists(),
+            f"{path} already exists (earlier results); pass --overwrite to replace it, or --output elsewhere.",
+        )
+        return path
+
+
+@dataclass
+class DataSource:
+    """The text to read, resolved from the options and the Lorsa's training run."""
+
+    dataset: str
+    text_column: str
+    split: str
+    holdout_fraction: float
+    context_length: int
+
+    def describe(self) -> dict:
+        described = {"dataset": self.dataset}
+        if self.holdout_fraction:
+            described["dataset_split"] = f"last {self.holdout_fraction:g} of the documents"
+        elif not Path(self.dataset.split(",")[0]).exists():
+            described["dataset_split"] = self.split
+        return described
+
+
+def read_lorsa_config(args: LorsaSourceArguments):
+    """The Lorsa's config alone (no weights): enough to resolve every default."""
+    from . import hub
+    from .configuration_lorsa import LorsaConfig
+
+    hub.check_lorsa_config(args.lorsa, {"subfolder": args.subfolder})
+    return LorsaConfig.from_pretrained(args.lorsa, subfolder=args.subfolder)
+
+
+def data_source(args: LorsaSourceArguments, config) -> DataSource:
+    """--dataset and friends, or the held-out data of the run that trained the Lorsa."""
+    run = config.training_args or {}
+    context = args.context_length or run.get("context_length") or 256
+    column = args.text_column or run.get("text_column") or "text"
+    if args.dataset is not None:
+        return DataSource(args.dataset, column, args.split or "validation", args.holdout_fraction or 0.0, context)
+    if run.get("eval_dataset"):
+        return DataSource(run["eval_dataset"], column, args.split or run.get("eval_split", "validation"), 0.0, context)
+    fraction = args.holdout_fraction if args.holdout_fraction is not None else run.get("holdout_fraction") or 0.0
+    require(
+        bool(run.get("dataset")) and fraction > 0,
+        "This Lorsa's training run held out no data (no --eval_dataset or --holdout_fraction); pass --dataset.",
+    )
+    return DataSource(run["dataset"], column, args.split or "validation", fraction, context)
+
+
+def load_windows(source: DataSource, tokenizer):
+    """Token windows of the source (text loaded and checked, documents packed)."""
+    from .activations import load_text, pack, split_holdout
+
+    dataset = load_text(source.dataset, source.text_column, split=source.split)
+    if source.holdout_fraction:
+        dataset = split_holdout(dataset, source.holdout_fraction)[1]
+    return pack(dataset, tokenizer, source.context_length, source.text_column)
+
+
+def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str | None = None,
+                        torch_dtype: str = "float32", device: str = "cpu"):  # fmt: skip
+    """The Lorsa, its host model (default: the recorded base model) and the host's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling_lorsa import LorsaModel
+
+    model = LorsaModel.from_pretrained(lorsa, subfolder=subfolder)
+    host_name = model_name_or_path or model.config.base_model_name_or_path
+    require(bool(host_name), "This Lorsa records no base model; pass --model_name_or_path.")
+    if not model_name_or_path:
+        check_model_name(host_name, option="model_name_or_path (the Lorsa's recorded base model)")
+    tokenizer = AutoTokenizer.from_pretrained(host_name)
+    host = AutoModelForCausalLM.from_pretrained(host_name, dtype=getattr(torch, torch_dtype)).to(device)
+    return model.to(device).eval(), host.eval(), tokenizer
+
+
+def warn_if_short(read: int, asked: int) -> None:
+    if read < asked:
+        logger.warning("Only %d tokens of text were available, fewer than --max_tokens %d.", read, asked)
