@@ -1,5 +1,6 @@
 """The inspector Space in a real browser (headless Chromium driven by Playwright), and its logic."""
 
+import json
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import ROOT, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
-from hf_lorsa.inspector import Inspector, InspectorError
+from hf_lorsa.inspector import Inspector, InspectorError, describe
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -44,6 +45,9 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     token = first["promotes"].split()[0]
     assert first["head"] in set(inspector.head_table(token=token)["head"])
     assert inspector.head_table(token="zzzzqqq").empty
+    promoted = {t.strip().lower() for row in inspector.analysis for t in row["promoted_tokens"]}
+    part = next(t[:-1] for t in sorted(promoted) if len(t) > 2 and t[:-1] not in promoted)
+    assert inspector.head_table(token=part).empty  # whole tokens only: no match inside a longer token
     html = inspector.contexts_html(3)
     assert 'class="context"' in html and "outline" in html
     assert "<table>" in inspector.pattern_html(3)
@@ -71,6 +75,8 @@ def test_a_saved_analysis_is_used(lorsa_dir, tmp_path, inspector):
     save_analysis(inspector.analysis.select(range(64)), folder)
     loaded = Inspector.load(str(folder))
     assert loaded.notice == "" and loaded.analysis.to_list() == inspector.analysis.to_list()
+    n_tokens = json.loads((folder / "analysis" / "meta.json").read_text())["n_tokens"]
+    assert n_tokens > 0 and f"Analysis over {n_tokens} tokens." in describe(loaded)
 
 
 def test_a_lorsa_and_model_that_do_not_belong_together(lorsa_dir, stories_model, stories_tokenizer):
@@ -128,38 +134,95 @@ def test_space_in_a_real_browser(app_url):
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(app_url)
         expect(page.get_by_text("Lorsa for layer 2")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("Analysis over ? tokens")).to_have_count(0)
         expect(page.locator("#analysis-notice")).to_contain_text("sampled from the model")
         table = page.locator("#head-table")
-        expect(table.get_by_role("row")).not_to_have_count(0, timeout=30_000)
+        rows = table.locator("[role=row]")
+        expect(rows).not_to_have_count(0, timeout=30_000)
         expect(table).to_contain_text("frequency")
         page.screenshot(path=str(ARTIFACTS / "space-head-browser.png"), full_page=True)
 
-        page.get_by_role("tab", name="Head", exact=True).click()
+        # clicking a row opens that head's page
+        row = rows.nth(3)
+        clicked_head = row.locator("[role=gridcell]").first.inner_text().strip()
+        row.locator("[role=gridcell]").nth(2).click()
+        expect(page.locator("#head-summary")).to_contain_text(f"Head {clicked_head} ", timeout=30_000)
+        assert page.locator("#head-number input").input_value() == clicked_head
+        expect(page.locator("#head-contexts .context").first).to_be_visible()
+
         page.locator("#head-number input").fill("5")
         page.locator("#show-head").click()
         expect(page.locator("#head-summary")).to_contain_text("Head 5", timeout=30_000)
         expect(page.locator("#head-contexts .context").first).to_be_visible()
-        expect(page.locator("#head-pattern table")).to_be_visible()
+        heatmap = page.locator("#head-pattern .heatmap")
+        expect(heatmap.locator("table")).to_be_visible()
         for plot in ("#head-logits", "#head-hosts"):  # bar charts drawn by the browser
             expect(page.locator(f"{plot} canvas, {plot} svg").first).to_be_visible(timeout=30_000)
+        # the z-pattern heatmap of a long context stays inside its container, scrolling what does not fit
+        box, outer = heatmap.bounding_box(), page.locator("#head-pattern").bounding_box()
+        assert box["x"] >= outer["x"] and box["x"] + box["width"] <= outer["x"] + outer["width"] + 1
+        scroll, client, overflow = heatmap.evaluate(
+            "e => [e.scrollWidth, e.clientWidth, getComputedStyle(e).overflowX]"
+        )
+        assert scroll <= client or overflow in ("auto", "scroll")
         page.screenshot(path=str(ARTIFACTS / "space-head-page.png"), full_page=True)
 
+        # a user error says what is wrong and clears the stale page
         page.locator("#head-number input").fill("999")
         page.locator("#show-head").click()
         expect(page.get_by_text("Head 999 does not exist").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#head-summary")).not_to_contain_text("Head 5")
+        expect(page.locator("#head-contexts .context")).to_have_count(0)
 
         page.get_by_role("tab", name="Your text").click()
         page.locator("#analyse-text").click()
         expect(page.get_by_text("Type some text first").first).to_be_visible(timeout=30_000)
         page.locator("#user-text textarea").fill("Once upon a time, there was a little girl named Lily.")
-        page.locator("#analyse-text").click()
-        expect(page.locator("#text-tokens .tok").first).to_be_visible(timeout=30_000)
-        expect(page.locator("#text-tokens table.active")).to_contain_text("Lily")
-        page.locator("#text-position input").fill("5")
         page.locator("#text-head input").fill("3")
+        page.locator("#analyse-text").click()
+        tokens = page.locator("#text-tokens .token")
+        expect(tokens).to_have_count(16, timeout=30_000)
+        expect(page.locator("#text-active table.active")).to_contain_text("Lily")
+        # tokens are shaded where the chosen head fires, and only there
+        shading = tokens.evaluate_all("els => els.map(e => getComputedStyle(e).backgroundColor)")
+        shaded = [i for i, colour in enumerate(shading) if colour not in ("rgba(0, 0, 0, 0)", "transparent")]
+        assert 0 < len(shaded) < len(shading)
+        # clicking a token picks it and shows the head's z-pattern there
+        tokens.nth(shaded[0]).click()
+        expect(page.locator("#text-zpattern")).to_contain_text(f"Head 3 at token {shaded[0]} ", timeout=30_000)
+        assert page.locator("#text-position input").input_value() == str(shaded[0])
+        page.locator("#text-position input").fill("5")
         page.locator("#show-zpattern").click()
-        expect(page.locator("#text-zpattern")).to_contain_text("z = ", timeout=30_000)
+        expect(page.locator("#text-zpattern")).to_contain_text("Head 3 at token 5 ", timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "space-your-text.png"), full_page=True)
         browser.close()
-    # the app is still serving after the errors
+    # the app is still serving after the errors, and logged no traceback for them
     assert urllib.request.urlopen(app_url, timeout=5).status == 200
+    assert "Traceback" not in (ARTIFACTS / "space.log").read_text()
+
+
+def test_concurrent_users_get_the_answers_of_one_user(app_url):
+    """Ten clients asking at once for text, a head page and a z-pattern (30 requests) get exactly what one
+    client alone gets: the shared host's hooks never see another request's forward pass."""
+    from gradio_client import Client
+
+    calls = [
+        ("/analyse", ("Once upon a time, there was a little girl named Lily.", 3)),
+        ("/head_page", (5,)),
+        ("/z_pattern", ("Once upon a time, there was a little dog.", 6, 3)),
+    ]
+    alone = Client(app_url, verbose=False)
+    expected = {name: str(alone.predict(*args, api_name=name)) for name, args in calls}
+    clients = [Client(app_url, verbose=False) for _ in range(10)]
+    jobs = [(name, client.submit(*args, api_name=name)) for client in clients for name, args in calls]
+    answers = [(name, str(job.result(timeout=300))) for name, job in jobs]
+    assert len(answers) == 30 and all(answer == expected[name] for name, answer in answers)
+
+
+def test_a_port_in_use_is_refused_with_a_message(app_url, lorsa_dir):
+    port = app_url.rstrip("/").rsplit(":", 1)[1]
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=port)
+    app = ROOT / "spaces" / "lorsa-inspector" / "app.py"
+    result = subprocess.run([sys.executable, str(app), "--lorsa", str(lorsa_dir)], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and f"Port {port} (GRADIO_SERVER_PORT) is in use" in result.stderr

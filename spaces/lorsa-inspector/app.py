@@ -9,7 +9,9 @@ are honoured. All logic lives in hf_lorsa.inspector; this file is UI only.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import socket
 
 import gradio as gr
 
@@ -18,24 +20,32 @@ from hf_lorsa.inspector import InspectorError, cached_inspector, describe
 CSS = """
 .tok { white-space: pre; font-family: monospace; }
 .context { margin: 4px 0; line-height: 1.9; }
+.heatmap { overflow: auto; max-width: 100%; }
 .heatmap table, .active, .sources { border-collapse: collapse; font-size: 11px; }
-.heatmap td { width: 14px; height: 14px; border: 1px solid #eee; padding: 0; }
+.heatmap td { width: 14px; min-width: 14px; height: 14px; border: 1px solid #eee; padding: 0; }
 .heatmap th.col { writing-mode: vertical-rl; font-weight: normal; }
 """
+SHARE_TITLE = "share of the head's OV map inside each host head's OV subspace (subspaces overlap: no sum to 1)"
 
 
-def guarded(fn):
-    """Turn the inspector's errors into UI messages; anything else too, without a traceback."""
+def guarded(n_outputs: int):
+    """A user's mistake shows as a warning and clears the outputs (no stale view, no traceback in the log);
+    anything else is an error message, and the app keeps serving."""
 
-    def wrapper(*args):
-        try:
-            return fn(*args)
-        except InspectorError as err:
-            raise gr.Error(str(err)) from None
-        except Exception as err:  # noqa: BLE001 - the app keeps serving whatever one request did
-            raise gr.Error(f"Something went wrong: {type(err).__name__}: {err}") from None
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args):
+            try:
+                return fn(*args)
+            except InspectorError as err:
+                gr.Warning(str(err))
+                return None if n_outputs == 1 else (None,) * n_outputs
+            except Exception as err:  # noqa: BLE001 - the app keeps serving whatever one request did
+                raise gr.Error(f"Something went wrong: {type(err).__name__}: {err}") from err
 
-    return wrapper
+        return wrapper
+
+    return wrap
 
 
 def build(lorsa_id: str, model_id: str | None, subfolder: str = "") -> gr.Blocks:
@@ -53,61 +63,94 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "") -> gr.Blocks
         gr.Markdown(f"# Lorsa inspector\n{header}")
         if notice:
             gr.Markdown(f"*{notice}*", elem_id="analysis-notice")
-        with gr.Tab("Head browser", id="browser"):
-            with gr.Row():
-                tag = gr.Dropdown(tags, value="any", label="tag", elem_id="tag-filter")
-                token = gr.Textbox(label="promotes token", placeholder="e.g. the", elem_id="token-filter")
-                sort = gr.Dropdown(["frequency", "head"], value="frequency", label="sort by")
-            table = gr.Dataframe(label="heads", interactive=False, elem_id="head-table")
-        with gr.Tab("Head", id="head"):
-            with gr.Row():
-                head = gr.Number(value=0, precision=0, label="head", elem_id="head-number")
-                show = gr.Button("Show head", elem_id="show-head")
-            summary = gr.Markdown(elem_id="head-summary")
-            contexts = gr.HTML(elem_id="head-contexts")
-            pattern = gr.HTML(elem_id="head-pattern")
-            with gr.Row():
-                logits = gr.BarPlot(
-                    x="token", y="logit", title="promoted / suppressed tokens", sort="y", elem_id="head-logits"
-                )
-                hosts = gr.BarPlot(
-                    x="host head", y="share", title="share of the OV map in each host head", elem_id="head-hosts"
-                )
-        with gr.Tab("Your text", id="text"):
-            text = gr.Textbox(label="text", lines=3, elem_id="user-text")
-            run = gr.Button("Analyse text", elem_id="analyse-text")
-            tokens = gr.HTML(elem_id="text-tokens")
-            with gr.Row():
-                position = gr.Number(value=0, precision=0, label="token position", elem_id="text-position")
-                text_head = gr.Number(value=0, precision=0, label="head", elem_id="text-head")
-                zbutton = gr.Button("Show z-pattern", elem_id="show-zpattern")
-            zpattern = gr.HTML(elem_id="text-zpattern")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Head browser", id="browser"):
+                with gr.Row():
+                    tag = gr.Dropdown(tags, value="any", label="tag", elem_id="tag-filter")
+                    token = gr.Textbox(label="promotes token", placeholder="e.g. the", elem_id="token-filter")
+                    sort = gr.Dropdown(["frequency", "head"], value="frequency", label="sort by")
+                table = gr.Dataframe(label="heads (click a row to open the head)", interactive=False,
+                                     elem_id="head-table")  # fmt: skip
+            with gr.Tab("Head", id="head"):
+                with gr.Row():
+                    head = gr.Number(value=0, precision=0, label="head", elem_id="head-number")
+                    show = gr.Button("Show head", elem_id="show-head")
+                summary = gr.Markdown(elem_id="head-summary")
+                contexts = gr.HTML(elem_id="head-contexts")
+                pattern = gr.HTML(elem_id="head-pattern")
+                with gr.Row():
+                    logits = gr.BarPlot(
+                        x="token", y="logit", title="promoted / suppressed tokens", sort="y", elem_id="head-logits"
+                    )
+                    hosts = gr.BarPlot(x="host head", y="share", title=SHARE_TITLE, elem_id="head-hosts")
+            with gr.Tab("Your text", id="text"):
+                text = gr.Textbox(label="text", lines=3, elem_id="user-text")
+                with gr.Row():
+                    text_head = gr.Number(value=0, precision=0, label="head", elem_id="text-head")
+                    run = gr.Button("Analyse text", elem_id="analyse-text")
+                tokens = gr.HighlightedText(
+                    label="tokens, shaded by the head's activation (click a token for its z-pattern)",
+                    combine_adjacent=False, show_legend=False, elem_id="text-tokens",
+                )  # fmt: skip
+                with gr.Row():
+                    position = gr.Number(value=0, precision=0, label="token position", elem_id="text-position")
+                    zbutton = gr.Button("Show z-pattern", elem_id="show-zpattern")
+                zpattern = gr.HTML(elem_id="text-zpattern")
+                active = gr.HTML(elem_id="text-active")
 
-        @guarded
+        @guarded(1)
         def browse(tag, token, sort):
             return inspector().head_table(tag, token or "", sort)
 
-        @guarded
+        @guarded(5)
         def head_page(h):
             i = inspector()
             return i.head_summary(h), i.contexts_html(h), i.pattern_html(h), i.logit_table(h), i.host_table(h)
 
-        @guarded
-        def analyse(t):
-            i = inspector()
-            return i.text_html(i.text(t))
+        def open_row(evt: gr.SelectData):
+            h = int(evt.row_value[0])
+            return (h, *head_page(h), gr.Tabs(selected="head"))
 
-        @guarded
+        @guarded(2)
+        def analyse(t, h):
+            i = inspector()
+            analysis = i.text(t)
+            return i.shaded_tokens(analysis, h), i.text_html(analysis)
+
+        @guarded(1)
         def z_pattern(t, q, h):
             return inspector().text_pattern_html(t, q, h)
+
+        def pick_token(t, h, evt: gr.SelectData):
+            return evt.index, z_pattern(t, evt.index, h)
 
         for control in (tag, token, sort):
             control.change(browse, [tag, token, sort], table)
         demo.load(browse, [tag, token, sort], table)
+        table.select(open_row, None, [head, summary, contexts, pattern, logits, hosts, tabs])
         show.click(head_page, head, [summary, contexts, pattern, logits, hosts])
-        run.click(analyse, text, tokens)
+        run.click(analyse, [text, text_head], [tokens, active])
+        text_head.submit(analyse, [text, text_head], [tokens, active])
+        tokens.select(pick_token, [text, text_head], [position, zpattern])
         zbutton.click(z_pattern, [text, position, text_head], zpattern)
     return demo
+
+
+def check_port() -> None:
+    """GRADIO_SERVER_PORT that is taken: say so, instead of moving to another port without a word."""
+    port = os.environ.get("GRADIO_SERVER_PORT")
+    if not port:
+        return
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: only a listener blocks
+        try:
+            s.bind((host if host != "0.0.0.0" else "", int(port)))
+        except OSError as err:
+            raise SystemExit(
+                f"Port {port} (GRADIO_SERVER_PORT) is in use ({err.strerror}); stop the other server or choose "
+                "another port."
+            ) from None
 
 
 def main() -> None:
@@ -118,6 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.lorsa:
         parser.error("give --lorsa or set LORSA_ID")
+    check_port()
     build(args.lorsa, args.model, args.subfolder).queue().launch(css=CSS)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -47,7 +48,11 @@ def _token_span(text: str, value: float, scale: float, extra: str = "", title: s
 
 
 class Inspector:
-    """A host model, a Lorsa and its head analysis (loaded, or computed on a default corpus)."""
+    """A host model, a Lorsa and its head analysis (loaded, or computed on a default corpus).
+
+    One inspector serves every user of the Space: the hooks that read the host are installed per forward
+    pass, so forward passes through the shared host run one at a time (`self.lock`).
+    """
 
     def __init__(self, lorsa, model, tokenizer, analysis=None, max_tokens: int = 6_000):
         try:
@@ -55,6 +60,7 @@ class Inspector:
         except ValueError as err:
             raise InspectorError(f"This Lorsa does not belong to this model: {err}") from err
         self.lorsa, self.model, self.tokenizer = lorsa.eval().requires_grad_(False), model.eval(), tokenizer
+        self.lock = threading.RLock()
         self.notice = ""
         if analysis is None:
             self.notice = (f"No precomputed analysis was found for this Lorsa: the head statistics below come from "
@@ -67,27 +73,17 @@ class Inspector:
 
     @classmethod
     def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "") -> Inspector:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .modeling_lorsa import LorsaModel
+        from .loading import load_lorsa_and_host
 
         try:
-            lorsa = LorsaModel.from_pretrained(lorsa_id, subfolder=subfolder)
+            lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id)
         except (OSError, ValueError) as err:
-            raise InspectorError(f"Could not load the Lorsa {lorsa_id!r}: {err}") from err
-        model_id = model_id or lorsa.config.base_model_name_or_path
-        if not model_id:
-            raise InspectorError("This Lorsa records no base model; give the model to inspect it with.")
-        try:
-            model = AutoModelForCausalLM.from_pretrained(model_id)
-            tokenizer = AutoTokenizer.from_pretrained(model_id)
-        except (OSError, ValueError) as err:
-            raise InspectorError(f"Could not load the model {model_id!r}: {err}") from err
+            raise InspectorError(f"Could not load the Lorsa {lorsa_id!r} with its model: {err}") from err
         return cls(lorsa, model, tokenizer, load_analysis(lorsa_id, subfolder))
 
     @torch.no_grad()
     def _default_corpus(self) -> torch.Tensor:
-        torch.manual_seed(0)
+        torch.manual_seed(0)  # the same corpus (and statistics) every time the Space starts
         start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else 0
         prompt = torch.full((DEFAULT_CORPUS_SEQUENCES, 1), start)
         return self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_length=DEFAULT_CORPUS_LENGTH,
@@ -105,15 +101,16 @@ class Inspector:
             ]
             if tag not in ("", "any", None) and tag not in row["tags"]:
                 continue
-            if needle and not any(needle in t.strip().lower() for t in promoted):
+            if needle and not any(needle == t.strip().lower() for t in promoted):  # whole tokens only
                 continue
             rows.append({
                 "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": round(row["frequency"], 5),
                 "promotes": " ".join(p.strip() for p in promoted[:5]),
-                "host heads": ", ".join(f"{h} ({row['host_shares'][h]:.2f})" for h in row["host_heads"][:2]),
+                "host heads (OV share)": ", ".join(f"{h} ({row['host_shares'][h]:.2f})" for h in row["host_heads"][:2]),
                 "spans several": row["spans_several_host_heads"],
             })  # fmt: skip
-        table = pd.DataFrame(rows, columns=["head", "tags", "frequency", "promotes", "host heads", "spans several"])
+        columns = ["head", "tags", "frequency", "promotes", "host heads (OV share)", "spans several"]
+        table = pd.DataFrame(rows, columns=columns)
         return table.sort_values(sort_by, ascending=sort_by == "head", kind="stable").reset_index(drop=True)
 
     def tag_choices(self) -> list[str]:
@@ -184,10 +181,20 @@ class Inspector:
         return pd.DataFrame({"token": [*names, *down], "logit": [*row["promoted_logits"], *row["suppressed_logits"]]})
 
     def host_table(self, head) -> pd.DataFrame:
+        """Per host head, the share of this head's rank-1 OV map that lies inside that host head's OV subspace.
+        Host subspaces overlap, so the shares of one head need not add up to 1."""
         row = self.head(head)
         return pd.DataFrame(
             {"host head": [str(h) for h in range(len(row["host_shares"]))], "share": row["host_shares"]}
         )
+
+    def shaded_tokens(self, analysis: TextAnalysis, head) -> list[tuple[str, float | None]]:
+        """(token, activation of `head` scaled to [-1, 1]) per token, for a highlighted text; None where the
+        head is silent."""
+        index = self.head(head)["head"]
+        acts = [dict(heads).get(index) for heads in analysis.active]
+        scale = max((abs(a) for a in acts if a is not None), default=0.0) or 1.0
+        return [(tok, None if a is None else round(a / scale, 4)) for tok, a in zip(analysis.tokens, acts)]
 
     # ---- your text -----------------------------------------------------------------------------------------
 
@@ -200,7 +207,8 @@ class Inspector:
 
     def _run(self, ids: torch.Tensor) -> torch.Tensor:
         """The attention input of the Lorsa's layer for `ids` (the host stops after that layer)."""
-        return collect(self.model, self.lorsa.config.layer, input_ids=ids).hidden_states
+        with self.lock:
+            return collect(self.model, self.lorsa.config.layer, input_ids=ids).hidden_states
 
     @torch.no_grad()
     def text(self, text: str) -> TextAnalysis:
@@ -266,14 +274,23 @@ def heatmap_html(values: torch.Tensor, labels: list[str], title: str) -> str:
         cells = "".join(f"<td style='background:{_shade(v, scale)}' title='{v:.3f}'></td>" if s <= q else "<td></td>"
                         for s, v in enumerate(values[q].tolist()))  # fmt: skip
         body.append(f"<tr><th>{html.escape(label)}</th>{cells}</tr>")
-    return (f"<div class='heatmap'><p>{html.escape(title)} (rows: queries, columns: sources)</p>"
+    return (f"<div class='heatmap' style='overflow:auto;max-width:100%'><p>{html.escape(title)} (rows: queries, "
+            f"columns: sources)</p>"
             f"<table><tr><th></th>{head}</tr>{''.join(body)}</table></div>")  # fmt: skip
 
 
-@lru_cache(maxsize=4)
+_LOADING = threading.Lock()
+
+
 def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "") -> Inspector:
-    """Inspectors are shared between sessions: loading is the slow part."""
-    return Inspector.load(lorsa_id, model_id or None, subfolder)
+    """Inspectors are shared between sessions: loading is the slow part (and happens once)."""
+    with _LOADING:
+        return _load_inspector(lorsa_id, model_id or None, subfolder)
+
+
+@lru_cache(maxsize=4)
+def _load_inspector(lorsa_id: str, model_id: str | None, subfolder: str) -> Inspector:
+    return Inspector.load(lorsa_id, model_id, subfolder)
 
 
 def describe(inspector: Inspector) -> str:
