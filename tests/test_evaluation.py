@@ -185,7 +185,8 @@ def test_command_line_writes_results_and_card(tmp_path, stories_model):
     assert json.loads(other.read_text())["fvu"] != results["fvu"]  # another slice of the data
     fail = subprocess.run(
         cmd[:4] + ["--dataset", str(tmp_path / "none.jsonl"), "--max_tokens", "10", "--overwrite"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert fail.returncode != 0 and "does not exist" in fail.stderr
 

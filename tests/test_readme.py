@@ -1,9 +1,20 @@
-"""The README's example runs as written, from the repository root."""
+"""The README's example and every command it documents run as written."""
 
+import json
 import os
 import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
-from conftest import ROOT, require_shared
+import pytest
+
+from conftest import ROOT, SHARED, require_shared
 
 
 def test_readme_example_runs(monkeypatch):
@@ -16,3 +27,128 @@ def test_readme_example_runs(monkeypatch):
     exec(compile(example, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     assert namespace["logits"].shape == (1, 5, 512)
     assert os.getcwd() == str(ROOT)
+
+
+# ---- every command of the README, run as a user types it ---------------------------------------------------
+
+SMALL_BUDGET = "16384"  # the one change to the training commands: a small --max_tokens
+NOT_RUN = ("bash .ci/setup", "python -m pytest -q")  # setting up and running this very suite
+
+
+def readme_commands() -> list[str]:
+    """The commands of the README's bash blocks, continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and line not in NOT_RUN:
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A copy of the checkout with ../shared beside it, so that commands write nothing into the checkout."""
+    require_shared()
+    root = tmp_path_factory.mktemp("readme")
+    ignore = shutil.ignore_patterns(".git", "runs", "build", "test-artifacts", "*.egg-info", "__pycache__", "*.whl")
+    shutil.copytree(ROOT, root / "project", ignore=ignore)
+    (root / "shared").symlink_to(SHARED, target_is_directory=True)
+    yaml_file = root / "project" / "examples" / "stories-l2.yaml"
+    yaml_file.write_text(re.sub(r"max_tokens: \d+", f"max_tokens: {SMALL_BUDGET}", yaml_file.read_text()))
+    return root / "project"
+
+
+def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    if "train" in command.split(" --")[0] and "--max_tokens" in command:
+        command = re.sub(r"--max_tokens \S+", f"--max_tokens {SMALL_BUDGET}", command)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "\r" not in result.stderr and "Traceback" not in result.stderr  # no progress-bar floods in a log
+    return result
+
+
+def test_the_readme_lists_the_commands_these_tests_run():
+    assert [c.split(" --")[0] for c in readme_commands()] == [
+        "hf-lorsa train", "accelerate launch scripts/train.py", "hf-lorsa train examples/stories-l2.yaml",
+        "hf-lorsa evaluate", "python scripts/evaluate.py", "hf-lorsa analyze",
+        "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "python scripts/bench.py",
+    ]  # fmt: skip
+
+
+def test_every_readme_command_runs_as_written(project):
+    from hf_lorsa import LorsaModel
+
+    commands = readme_commands()
+    trained = {}
+    for command in commands[:3]:  # the three training commands
+        result = run(command, project)
+        out = project / re.search(r"--output_dir (\S+)", command + " --output_dir runs/stories-l2-yaml").group(1)
+        lorsa = LorsaModel.from_pretrained(out)
+        logs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        assert any(isinstance(row.get("fvu"), float) for row in logs)  # numbers, not strings
+        assert lorsa.config.tokens_trained == int(SMALL_BUDGET) and not list(out.glob("checkpoint-*"))
+        assert json.loads((out / "lorsa_run.json").read_text())["status"] == "finished"
+        assert 0 < lorsa.eval_results["fvu"] < 1 and lorsa.eval_results["dataset_split"].startswith("last 0.05")
+        trained[out.name] = lorsa
+    assert [lorsa.config.layer for lorsa in trained.values()] == [2, 3, 2]
+    assert list((project / "runs" / "stories-l3" / "runs").rglob("events.out.tfevents.*"))  # default: tensorboard
+    again = run(commands[0].replace(f"--max_tokens {SMALL_BUDGET}", ""), project)  # a finished run: nothing to do
+    assert "nothing to do" in again.stderr
+
+    lorsa_dir = project / "runs" / "stories-l2"
+    before = json.loads((lorsa_dir / "eval_results.json").read_text())
+    result = run(commands[3], project)  # hf-lorsa evaluate: the run's own held-out data
+    text = (lorsa_dir / "eval_results.json").read_text()
+    results = json.loads(text)
+    assert text.startswith('{\n  "fvu"') and sys.executable not in text
+    assert results["dataset_split"].startswith("last 0.05") and results["n_tokens"] == before["n_tokens"]
+    assert results["fvu"] == pytest.approx(before["fvu"], rel=1e-4)  # the same held-out text as the run's own
+    assert "fewer than --max_tokens 200000" in result.stderr
+    assert f"{results['fvu']:.6g}" in (lorsa_dir / "README.md").read_text()
+    assert LorsaModel.from_pretrained(lorsa_dir).eval_results["fvu"] == results["fvu"]
+    run(commands[4], project)  # scripts/evaluate.py on other data, to another file (whole batches of 8 x 256)
+    other = json.loads((project / "runs" / "stories-l2-first-stories.json").read_text())
+    assert other["dataset"].endswith("stories260K-samples.jsonl") and "dataset_split" not in other
+    assert 18_000 < other["n_tokens"] <= 20_480 and other["fvu"] != results["fvu"]
+
+    result = run(commands[5], project)  # hf-lorsa analyze
+    analysis = json.loads((lorsa_dir / "analysis" / "meta.json").read_text())
+    assert analysis["n_tokens"] == results["n_tokens"] and f"{analysis['n_tokens']} tokens" in result.stdout
+    import datasets
+
+    assert len(datasets.Dataset.from_parquet(str(lorsa_dir / "analysis" / "heads.parquet"))) == 512
+
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               GRADIO_ANALYTICS_ENABLED="False")  # fmt: skip
+    app = subprocess.Popen(commands[6], shell=True, cwd=project, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        page, deadline = "", time.time() + 240
+        while time.time() < deadline and app.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert "Lorsa for layer 2" in page and f"Analysis over {analysis['n_tokens']} tokens" in page
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=30)
+
+    run(commands[7], project)  # python scripts/build_space.py
+    assert [p.name for p in (project / "spaces" / "lorsa-inspector").glob("*.whl")] == [
+        "hf_lorsa-0.1.0-py3-none-any.whl"
+    ]
+    result = run(commands[8], project)  # python scripts/bench.py
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["config"] for row in rows] == ["a", "b"] and all(row["tokens_per_s"] > 0 for row in rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -226,3 +226,48 @@ def test_a_port_in_use_is_refused_with_a_message(app_url, lorsa_dir):
     result = subprocess.run([sys.executable, str(app), "--lorsa", str(lorsa_dir)], env=env, capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode != 0 and f"Port {port} (GRADIO_SERVER_PORT) is in use" in result.stderr
+
+
+def test_space_folder_installs_and_starts_in_a_fresh_virtualenv(tmp_path, lorsa_dir):
+    """What a Space does: a new environment, `pip install -r requirements.txt` in the Space folder (the package
+    registry and that folder only), then `python app.py` with LORSA_ID set."""
+    space = tmp_path / "space"
+    shutil.copytree(ROOT / "spaces" / "lorsa-inspector", space)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_space.py"), "--space", str(space)], check=True)
+    assert [p.name for p in space.glob("*.whl")] == ["hf_lorsa-0.1.0-py3-none-any.whl"]
+    venv = tmp_path / "venv"
+    python = venv / "bin" / "python"
+    steps = [
+        [sys.executable, "-m", "venv", str(venv)],
+        [str(python), "-m", "pip", "install", "-q", "torch==2.13.0"],  # CPU torch first, as on this machine
+        [str(python), "-m", "pip", "install", "-q", "-r", "requirements.txt", "-c", str(ROOT / ".ci" / "constraints.txt")],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run(step, cwd=space, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            message = f"{' '.join(step)} failed: {done.stderr[-2000:]}"
+            if os.environ.get("HF_LORSA_REQUIRE_SHARED"):
+                pytest.fail(message)
+            pytest.skip(f"needs the package registry: {message}")
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LORSA_ID": str(lorsa_dir), "HF_HUB_OFFLINE": "1",
+           "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    log = open(tmp_path / "app.log", "w")
+    app = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=log, stderr=log)
+    try:
+        deadline, page = time.time() + 240, ""
+        while time.time() < deadline and app.poll() is None:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert "Lorsa for layer 2" in page, (tmp_path / "app.log").read_text()[-3000:]
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+        log.close()
+    # the app ran from the virtualenv's installed wheel, not from this checkout
+    where = subprocess.run([str(python), "-c", "import hf_lorsa; print(hf_lorsa.__file__)"], capture_output=True,
+                           text=True, cwd=tmp_path, check=True).stdout  # fmt: skip
+    assert str(venv) in where

@@ -22,7 +22,14 @@ from . import hosts
 from .activations import batches, collect_batch, load_text
 from .arguments import check_int
 from .attention_mask import loss_mask
-from .loading import LorsaSourceArguments, data_source, load_lorsa_and_host, load_windows, read_lorsa_config, warn_if_short
+from .loading import (
+    LorsaSourceArguments,
+    data_source,
+    load_lorsa_and_host,
+    load_windows,
+    read_lorsa_config,
+    warn_if_short,
+)
 
 ANALYSIS_DIR = "analysis"
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
@@ -327,7 +334,9 @@ def push_analysis(lorsa_dir: str | Path, repo_id: str, subfolder: str = "", toke
 class AnalyzeArguments(LorsaSourceArguments):
     """`hf-lorsa analyze`: how much to keep and where it goes."""
 
-    output: str | None = field(default=None, metadata={"help": f"folder to write {ANALYSIS_DIR}/ into (None: the Lorsa's)"})
+    output: str | None = field(
+        default=None, metadata={"help": f"folder to write {ANALYSIS_DIR}/ into (None: the Lorsa's)"}
+    )
     top_n: int = field(default=10, metadata={"help": "top contexts kept per head"})
     push_to_hub: str | None = field(default=None, metadata={"help": "also upload the analysis to this Hub repository"})
 

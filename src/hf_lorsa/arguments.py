@@ -91,7 +91,10 @@ class LorsaArguments:
     k_anneal_fraction: float = field(default=0.05, metadata={"help": "fraction of training spent annealing K"})
     aux_k: int | None = field(default=None, metadata={"help": "dead heads used by AuxK (None: d_model / 2)"})
     aux_k_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss (0 turns it off)"})
-    dead_tokens: int | None = field(default=None, metadata={"help": "heads silent for this many tokens are dead for AuxK (None: 5%% of the budget, 100K to 10M)"})
+    dead_tokens: int | None = field(
+        default=None,
+        metadata={"help": "heads silent for this many tokens are dead for AuxK (None: 5%% of the budget, 100K to 10M)"},
+    )
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
     device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the host's own code (off)"})
@@ -127,7 +130,9 @@ class DataArguments:
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     streaming: bool = field(default=False, metadata={"help": "stream local files too (Hub data is always streamed)"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "held-out data (None: the --holdout_fraction end of --dataset)"})
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "held-out data (None: the --holdout_fraction end of --dataset)"}
+    )
     eval_split: str = field(default="validation", metadata={"help": "split of --eval_dataset"})
     holdout_fraction: float = field(default=0.0, metadata={"help": "hold out the last fraction of local documents"})
     context_length: int = field(default=256, metadata={"help": "tokens per window"})
@@ -281,7 +286,9 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
             model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
         )
     except (OSError, ValueError) as err:
-        raise UsageError(f"Cannot read the config of --model_name_or_path {model_args.model_name_or_path}: {err}")
+        raise UsageError(
+            f"Cannot read the config of --model_name_or_path {model_args.model_name_or_path}: {err}"
+        ) from err
     text = host_config.get_text_config()
     n_layers = text.num_hidden_layers
     require(

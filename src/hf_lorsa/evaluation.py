@@ -26,7 +26,14 @@ from .activations import batches, load_text
 from .attention_mask import loss_mask
 from .hooks import check_lorsa_matches, collect, hooked, host_rotary_for
 from .hub import EVAL_RESULTS_FILE
-from .loading import LorsaSourceArguments, data_source, load_lorsa_and_host, load_windows, read_lorsa_config, warn_if_short
+from .loading import (
+    LorsaSourceArguments,
+    data_source,
+    load_lorsa_and_host,
+    load_windows,
+    read_lorsa_config,
+    warn_if_short,
+)
 
 logger = logging.getLogger(__name__)
 

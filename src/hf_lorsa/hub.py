@@ -129,8 +129,12 @@ def model_card(config, eval_results: dict | None = None, repo_id: str | None = N
     name = f"lorsa-{(base or 'model').rstrip('/').split('/')[-1]}-l{config.layer}"
     results = [
         EvalResult(
-            task_type="text-generation", dataset_type=evaluated, dataset_name=evaluated,
-            dataset_split=eval_results.get("dataset_split"), metric_type=metric, metric_name=metric,
+            task_type="text-generation",
+            dataset_type=evaluated,
+            dataset_name=evaluated,
+            dataset_split=eval_results.get("dataset_split"),
+            metric_type=metric,
+            metric_name=metric,
             metric_value=float(eval_results[metric]),
         )  # fmt: skip
         for metric in CARD_METRICS

@@ -28,7 +28,6 @@ from .activations import (
     split_holdout,
 )
 from .arguments import (
-    user_errors,
     DataArguments,
     LorsaArguments,
     LorsaTrainingArguments,
@@ -38,6 +37,7 @@ from .arguments import (
     parse_dict,
     run_signature,
     tokens_per_step,
+    user_errors,
 )
 from .attention_mask import loss_mask
 from .configuration_lorsa import LorsaConfig
@@ -217,7 +217,9 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, sig
     recorded = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "bf16", "max_steps",
                 "world_size")  # fmt: skip
     lorsa.config.training_args = {
-        **dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **{k: getattr(args, k) for k in recorded}
+        **dataclasses.asdict(model_args),
+        **dataclasses.asdict(data_args),
+        **{k: getattr(args, k) for k in recorded},
     }
     summary = {
         "rank": args.process_index,
