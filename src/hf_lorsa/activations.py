@@ -5,6 +5,7 @@ Axes: N windows, B batch, T positions (context_length), D d_model.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -35,12 +37,20 @@ def load_text(spec: str, text_column: str = "text", split: str = "train", stream
                 raise ValueError(f"Unknown dataset file type {p.suffix!r}; use one of {sorted(LOCAL_FORMATS)}.")
             if p.stat().st_size == 0:
                 raise ValueError(f"Dataset file {p} is empty.")
+            if p.suffix != ".parquet":
+                check_utf8(p)
         formats = {LOCAL_FORMATS[p.suffix] for p in paths}
         if len(formats) > 1:
             raise ValueError(f"Dataset files mix formats {sorted(formats)}; pass files of one type.")
-        dataset = load_dataset(
-            formats.pop(), data_files=[str(p) for p in paths], split="train", streaming=bool(streaming)
-        )
+        kind = formats.pop()
+        try:
+            dataset = load_dataset(kind, data_files=[str(p) for p in paths], split="train", streaming=bool(streaming))
+        except (DatasetGenerationError, UnicodeDecodeError, ValueError) as err:
+            cause = err.__cause__ or err
+            raise ValueError(
+                f"Could not read {spec} as {kind} ({type(cause).__name__}: {str(cause)[:300]}). Files must be UTF-8 "
+                "text; a .jsonl file holds one JSON object per line."
+            ) from err
     else:
         dataset = load_dataset(spec, split=split, streaming=True if streaming is None else streaming)
     columns = dataset.column_names or list(next(iter(dataset)).keys())
@@ -48,7 +58,26 @@ def load_text(spec: str, text_column: str = "text", split: str = "train", stream
         raise ValueError(f"Dataset {spec} has no column {text_column!r} (columns: {columns}); set --text_column.")
     if isinstance(dataset, Dataset) and len(dataset) == 0:
         raise ValueError(f"Dataset {spec} has no rows.")
+    feature = (dataset.features or {}).get(text_column)
+    if feature is not None and getattr(feature, "dtype", "string") not in ("string", "large_string", "null"):
+        raise ValueError(f"Column {text_column!r} of {spec} holds {feature.dtype} values, not text; set --text_column.")
     return dataset
+
+
+def check_utf8(path: Path, chunk: int = 1 << 24) -> None:
+    """Text files must be UTF-8 (reading them once is cheap next to tokenizing them)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"Dataset file {path} is not UTF-8 text (byte {offset + err.start}: {err.reason}); convert it to "
+                    "UTF-8 first."
+                ) from None
+            offset += len(block)
 
 
 def split_holdout(dataset, fraction: float):
@@ -66,7 +95,10 @@ def pack(dataset, tokenizer, context_length: int, text_column: str = "text", bat
     the concatenated stream into windows of exactly `context_length` tokens (a last partial one is dropped).
     """
 
-    def tokenize_and_cut(batch):
+    def tokenize_and_cut(batch, indices):
+        for text, index in zip(batch[text_column], indices):
+            if not isinstance(text, str):
+                raise ValueError(f"Row {index} of the dataset has {text!r} in column {text_column!r}, not text.")
         stream = []
         for ids in tokenizer(batch[text_column], add_special_tokens=True).input_ids:
             stream.extend(ids)
@@ -75,8 +107,9 @@ def pack(dataset, tokenizer, context_length: int, text_column: str = "text", bat
 
     kwargs = {} if isinstance(dataset, IterableDataset) else {"desc": "Tokenizing"}
     return dataset.map(
-        tokenize_and_cut, batched=True, batch_size=batch_size, remove_columns=dataset.column_names, **kwargs
-    )
+        tokenize_and_cut, batched=True, with_indices=True, batch_size=batch_size, remove_columns=dataset.column_names,
+        **kwargs,
+    )  # fmt: skip
 
 
 def skip_tokens(tokenizer) -> list[int]:

@@ -256,7 +256,7 @@ def _coerce(f: dataclasses.Field, value):
     """YAML gives `layer: "two"` as a string: convert numbers like the command line would, refuse the rest."""
     if isinstance(value, Path):
         return str(value)
-    kind = str(f.type)
+    kind = f.type.__name__ if isinstance(f.type, type) else str(f.type)  # HfArgumentParser resolves the types
     if isinstance(value, str) and kind.split(" |")[0] in ("int", "float"):
         try:
             return int(value) if kind.startswith("int") else float(value)

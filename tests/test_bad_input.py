@@ -1,0 +1,348 @@
+"""Nothing a user saved is lost, and every bad input gets a clear answer before the expensive work."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from conftest import STORIES_DATA, STORIES_MODEL, build_host, require_shared, token_batch
+from hf_lorsa import LorsaModel, capture, splice
+from hf_lorsa.arguments import UsageError
+from hf_lorsa.evaluation import evaluate_lorsa
+from hf_lorsa.run_training import parse, train
+from hf_lorsa.training import TrainingDiverged
+from test_training import options
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to load a host's weights fails the test: errors must come before."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def snapshot(folder) -> dict:
+    """Every file under `folder` with the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---- output folders ---------------------------------------------------------------------------------------
+
+
+def test_the_host_models_own_folder_is_refused_and_untouched(tmp_path, no_model_loading):
+    require_shared()
+    host = tmp_path / "host"
+    shutil.copytree(STORIES_MODEL, host)
+    before = snapshot(host)
+    for overwrite in ("false", "true"):
+        with pytest.raises(UsageError, match="files that no hf-lorsa run made"):
+            train(*parse(options(host, model_name_or_path=host, overwrite_output_dir=overwrite)))
+    assert snapshot(host) == before
+
+
+@pytest.mark.parametrize("files", [{"README.md": "# my notes\n", "config.json": "{}"}, {"checkpoint-6/x.bin": "old"}])
+def test_a_folder_of_the_users_files_is_refused_and_untouched(tmp_path, no_model_loading, files):
+    require_shared()
+    out = tmp_path / "out"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = snapshot(out)
+    for overwrite in ("false", "true"):
+        with pytest.raises(UsageError, match="no hf-lorsa run made"):
+            train(*parse(options(out, overwrite_output_dir=overwrite)))
+    assert snapshot(out) == before
+
+
+def test_a_run_folder_with_the_users_files_is_refused(tmp_path, no_model_loading):
+    require_shared()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "lorsa_run.json").write_text(json.dumps({"signature": {}, "status": "finished"}))
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(UsageError, match=r"also files that no run made \(notes.txt\)"):
+        train(*parse(options(out, overwrite_output_dir="true")))
+    assert snapshot(out) == before
+
+
+class Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise RuntimeError("killed")
+
+
+def test_overwrite_starts_over_and_a_rerun_never_resumes_the_old_run(tmp_path):
+    require_shared()
+    out = tmp_path / "out"
+    train(*parse(options(out, layer=2, keep_checkpoints="true")))  # an earlier run, with results and checkpoints
+    (out / "analysis").mkdir()
+    (out / "analysis" / "meta.json").write_text('{"n_tokens": 1}')
+    assert (out / "checkpoint-12").is_dir() and (out / "eval_results.json").exists()
+    new = options(out, layer=3, holdout_fraction=0.0, overwrite_output_dir="true")
+    with pytest.raises(RuntimeError, match="killed"):
+        train(*parse(new), callbacks=[Crash()])
+    assert not (out / "analysis").exists() and not (out / "eval_results.json").exists()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]  # the old run's are gone
+    train(*parse(new))  # the same command again, as after any crash
+    straight = train(*parse(options(tmp_path / "straight", layer=3, holdout_fraction=0.0)))
+    saved = load_file(out / "model.safetensors")
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(saved[name], tensor.cpu(), atol=1e-6, rtol=0)
+    card = (out / "README.md").read_text()
+    assert "## Evaluation" not in card and not (out / "eval_results.json").exists()  # no stale results
+    assert LorsaModel.from_pretrained(out).config.layer == 3
+
+
+def test_a_checkpoint_of_another_run_is_never_resumed(tmp_path):
+    require_shared()
+    train(*parse(options(tmp_path / "a", layer=2, keep_checkpoints="true", holdout_fraction=0.0)))
+    with pytest.raises(UsageError, match="was not made by a run with these options"):
+        train(*parse(options(tmp_path / "b", layer=3, resume_from_checkpoint=tmp_path / "a" / "checkpoint-6")))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "analyze"])
+def test_evaluate_and_analyze_do_not_replace_results_without_overwrite(tmp_path, command, no_model_loading, capsys):
+    require_shared()
+    from hf_lorsa.cli import main
+
+    model = build_host("llama")
+    lorsa = LorsaModel.from_host(model, 1, n_ov_heads=32, top_k=4)
+    lorsa.save_pretrained(tmp_path)
+    target = tmp_path / ("eval_results.json" if command == "evaluate" else "analysis/heads.parquet")
+    target.parent.mkdir(exist_ok=True)
+    target.write_text("earlier results")
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--lorsa", str(tmp_path), "--dataset", str(STORIES_DATA)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "already exists" in err and "pass --overwrite" in err
+    assert snapshot(tmp_path) == before
+
+
+# ---- options, checked when parsed -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"expansion_factor": 0}, "--expansion_factor must be an integer >= 1"),
+        ({"k_anneal_fraction": 5}, r"--k_anneal_fraction must be a number in \[0.0, 1.0\]"),
+        ({"holdout_fraction": -0.1}, "--holdout_fraction must be a number in"),
+        ({"holdout_fraction": 1.5}, "--holdout_fraction must be a number in"),
+        ({"learning_rate": -1}, "--learning_rate must be a number in"),
+        ({"learning_rate": "nan"}, "--learning_rate must be a number in"),
+        ({"context_length": 0}, "--context_length must be an integer >= 1"),
+        ({"batch_size": 0}, "--batch_size must be an integer >= 1"),
+        ({"norm_batches": 0}, "--norm_batches must be an integer >= 1"),
+        ({"torch_dtype": "float99"}, "--torch_dtype must be one of"),
+        ({"top_k": 1000}, "--top_k 1000 exceeds the 128 OV heads"),
+        ({"n_qk_heads": 7}, "--n_qk_heads 7 must divide the 128 OV heads"),
+        ({"k_anneal_start": 4}, "--k_anneal_start must be at least --top_k"),
+        ({"max_steps": 0}, "--max_steps must be positive"),
+        ({"num_train_epochs": 2}, "--num_train_epochs is not used.*--max_tokens"),
+        ({"per_device_train_batch_size": 8}, "--per_device_train_batch_size is not used.*--batch_size"),
+        ({"model_name_or_path": "./no/such/model"}, "no such folder"),
+        ({"model_name_or_path": "not a repo id!"}, "neither an existing folder nor a Hub id"),
+        ({"output_dir": "FILE"}, "is a file; give a folder"),
+        ({"output_dir": "FILE/sub"}, "which is a file"),
+        ({"activation_cache": "FILE"}, "--activation_cache .* is a file"),
+        ({"output_dir": "/proc/hf-lorsa-run"}, "cannot write into"),
+    ],
+)
+def test_bad_options_fail_before_the_model_loads(tmp_path, no_model_loading, overrides, message):
+    require_shared()
+    (tmp_path / "FILE").write_text("a file")
+    overrides = {k: str(v).replace("FILE", str(tmp_path / "FILE")) for k, v in overrides.items()}
+    out = overrides.pop("output_dir", tmp_path / "run")
+    with pytest.raises(UsageError, match=message):
+        train(*parse(options(out, **overrides)))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("layer: two\n", r"stories.yaml: --layer must be a number, got 'two'"),
+        ("layer: 2\nlearning_rate: 2e\n", r"stories.yaml: --learning_rate must be a number, got '2e'"),
+        ("layer: [2\n", "stories.yaml is not valid YAML"),
+    ],
+)
+def test_bad_options_files_name_the_file(tmp_path, no_model_loading, content, message):
+    """YAML reads `1e-3` as a string: numbers are converted as on the command line, the rest refused."""
+    require_shared()
+    path = tmp_path / "stories.yaml"
+    path.write_text(f"model_name_or_path: {STORIES_MODEL}\ndataset: {STORIES_DATA}\n{content}")
+    with pytest.raises(UsageError, match=message):
+        parse([str(path)])
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (b'{"text": "Once upon a time"}\n{"text": null}\n', "Row 1 of the dataset has None in column 'text'"),
+        (b'{"text": 5}\n', "holds int64 values, not text"),
+        (b'{"text": "Once upon a \xff time"}\n', "is not UTF-8 text"),
+        (b'{"text": "Once upon a time"}\nnot json\n', "holds one JSON object per line"),
+    ],
+)
+def test_bad_data_fails_before_the_model_loads(tmp_path, no_model_loading, lines, message):
+    require_shared()
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(lines)
+    with pytest.raises(ValueError, match=message):
+        train(*parse(options(tmp_path / "run", dataset=data, holdout_fraction=0.0)))
+
+
+def test_the_command_line_prints_the_message_not_a_traceback(tmp_path):
+    require_shared()
+    cmd = [sys.executable, "-m", "hf_lorsa", "train", *options(tmp_path / "run", expansion_factor=0)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "hf-lorsa train: error: --expansion_factor must be an integer >= 1, got 0." in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "command, extra, message",
+    [
+        ("evaluate", ["--batch_size", "0"], "--batch_size must be an integer >= 1"),
+        ("evaluate", ["--context_length", "0"], "--context_length must be an integer >= 1"),
+        ("evaluate", ["--max_tokens", "-5"], "--max_tokens must be an integer >= 1"),
+        ("evaluate", ["--torch_dtype", "float99"], "--torch_dtype must be one of"),
+        ("analyze", ["--top_n", "0"], "--top_n must be an integer >= 1"),
+        ("analyze", ["--top_n", "-1"], "--top_n must be an integer >= 1"),
+        ("analyze", ["--output", "FILE"], "--output .*FILE is a file; give a folder"),
+        ("analyze", ["--lorsa", "HOST"], "holds a 'llama' model, not a Lorsa"),
+    ],
+)
+def test_evaluate_and_analyze_options_fail_first(tmp_path, no_model_loading, capsys, command, extra, message):
+    require_shared()
+    from hf_lorsa.cli import main
+
+    (tmp_path / "FILE").write_text("a file")
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
+    lorsa.save_pretrained(tmp_path / "lorsa")
+    extra = [str(STORIES_MODEL) if e == "HOST" else str(tmp_path / "FILE") if e == "FILE" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--lorsa", str(tmp_path / "lorsa"), "--dataset", str(STORIES_DATA), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"hf-lorsa {command}: error:" in err
+    assert __import__("re").search(message, err), err
+
+
+# ---- loading is strict ----------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_missing_a_tensor_or_a_config_key_is_refused(tmp_path):
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
+    lorsa.save_pretrained(tmp_path / "ok")
+    shutil.copytree(tmp_path / "ok", tmp_path / "no-w_o")
+    weights = load_file(tmp_path / "ok" / "model.safetensors")
+    del weights["w_o"]
+    save_file(weights, tmp_path / "no-w_o" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing: w_o"):
+        LorsaModel.from_pretrained(tmp_path / "no-w_o")
+    shutil.copytree(tmp_path / "ok", tmp_path / "no-d_model")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    del config["d_model"]
+    (tmp_path / "no-d_model" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lacks \['d_model'\]"):
+        LorsaModel.from_pretrained(tmp_path / "no-d_model")
+
+
+# ---- shapes, dtypes and models at the boundary ---------------------------------------------------------------
+
+
+def test_forward_capture_and_splice_check_their_input():
+    model = build_host("llama")
+    lorsa = LorsaModel.from_host(model, 1, n_ov_heads=32, top_k=4)
+    x = torch.randn(2, 6, 32)
+    cases = [
+        (lambda: lorsa(x, top_k=0), ValueError, r"top_k must be in \[1, n_ov_heads=32\], got 0"),
+        (lambda: lorsa(x.half()), ValueError, "torch.float16 but this Lorsa's weights are torch.float32"),
+        (lambda: lorsa(x[:, :0]), ValueError, "has no positions"),
+        (lambda: lorsa(x, attention_mask=torch.ones(2, 5)), ValueError, r"attention_mask must have shape \(2, 6\)"),
+        (lambda: lorsa(x, position_ids=torch.arange(6)), ValueError, r"position_ids must have shape \(2, 6\)"),
+        (lambda: lorsa.attention_pattern(x, 16), ValueError, r"qk_head must be an integer in \[0, 4\)"),
+        (lambda: splice(model, None).__enter__(), TypeError, "Expected a hf_lorsa.LorsaModel, got NoneType"),
+        (lambda: capture(model, True).__enter__(), TypeError, "layer must be an integer"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+
+
+def test_another_model_of_the_same_shape_is_refused_unless_asked():
+    mine, other = build_host("llama", seed=0), build_host("llama", seed=1)
+    lorsa = LorsaModel.from_host(mine, 1, n_ov_heads=32, top_k=4)
+    ids = token_batch()
+    with pytest.raises(ValueError, match="made from another model than this one"), splice(other, lorsa):
+        pass
+    windows = [{"input_ids": row} for row in ids]
+    with pytest.raises(ValueError, match="strict=False"):
+        evaluate_lorsa(other, lorsa, windows, 48, progress=False)
+    with splice(other, lorsa, strict=False):
+        logits = other(ids).logits
+    assert torch.isfinite(logits).all()
+    with splice(mine.to(torch.bfloat16), lorsa.to(torch.bfloat16)):  # the same weights in another dtype still match
+        mine(ids)
+
+
+def test_a_host_of_the_same_width_with_another_head_size():
+    import transformers
+
+    from conftest import FAMILIES
+
+    wide_heads = transformers.AutoConfig.for_model("llama", **dict(FAMILIES["llama"], num_attention_heads=2))
+    host = AutoModelForCausalLM.from_config(wide_heads, attn_implementation="eager").eval()  # head size 16, not 8
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
+    with pytest.raises(ValueError, match="made from another model"), splice(host, lorsa):
+        pass
+    with splice(host, lorsa, strict=False):  # the Lorsa then makes its own rotary for its 8-wide heads
+        assert torch.isfinite(host(token_batch()).logits).all()
+
+
+# ---- a diverging run stops and keeps its last good checkpoint ---------------------------------------------
+
+
+class Poison(TrainerCallback):
+    """Makes the weights non-finite after step 7, as a diverging learning rate would."""
+
+    def __init__(self):
+        self.trainer = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 7:
+            with torch.no_grad():
+                model.w_o[0] = float("nan")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    require_shared()
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="last good checkpoint is .*checkpoint-6"):
+        train(*parse(options(out, holdout_fraction=0.0)), callbacks=[Poison()])
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"] and not (out / "model.safetensors").exists()
+    weights = load_file(out / "checkpoint-6" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_numbers_in_an_options_file_read_as_on_the_command_line(tmp_path):
+    require_shared()
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model_name_or_path: {STORIES_MODEL}\ndataset: {STORIES_DATA}\nlayer: 2\nlearning_rate: 1e-3\n")
+    _, _, args = parse([str(path)])
+    assert args.learning_rate == 1e-3
