@@ -335,7 +335,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="last good checkpoint is .*checkpoint-6"):
         train(*parse(options(out, holdout_fraction=0.0)), callbacks=[Poison()])
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"] and not (out / "model.safetensors").exists()
+    assert (
+        sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
+        and not (out / "model.safetensors").exists()
+    )
     weights = load_file(out / "checkpoint-6" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
 

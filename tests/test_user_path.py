@@ -1,0 +1,163 @@
+"""What a user meets on the documented path: help and version, the step cap, results that travel with a
+Lorsa, the model card, the explicit attention path by head, and configs built without arguments."""
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from conftest import STORIES_MODEL, build_host, require_shared
+from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa.arguments import UsageError
+from hf_lorsa.run_training import parse, train
+from test_hub import FakeHub, small_lorsa
+from test_training import options
+
+
+def hf_lorsa(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hf_lorsa", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_the_commands_and_version_prints_it():
+    from importlib.metadata import version
+
+    result = hf_lorsa("--help")
+    assert result.returncode == 0
+    listed = re.findall(r"^  (\w+)\s{2,}\S", result.stdout, re.M)
+    assert listed == ["train", "evaluate", "analyze"]
+    assert hf_lorsa("--version").stdout.strip() == f"hf-lorsa {version('hf_lorsa')}"
+    wrong = hf_lorsa("trian")
+    assert wrong.returncode == 2 and "unknown command 'trian'" in wrong.stderr
+
+
+def test_train_help_shows_the_lorsa_and_data_options_first_with_defaults():
+    text = hf_lorsa("train", "--help").stdout
+    assert text.startswith("usage: hf-lorsa train")
+    order = [text.index(f"  --{name} ") for name in ("model_name_or_path", "layer", "top_k", "dataset", "max_tokens")]
+    assert order == sorted(order) and order[-1] < text.index("  --learning_rate ")
+    assert "active OV heads per position (default: 16)" in text and "tokens per window (default: 256)" in text
+    assert "not used: see --batch_size" in text
+
+
+def test_max_steps_caps_the_budget(tmp_path):
+    require_shared()
+    lorsa = train(*parse(options(tmp_path / "run", max_steps=5, holdout_fraction=0.0, max_tokens=256 * 12)))
+    assert lorsa.config.tokens_trained == 5 * 256 and lorsa.config.training_args["max_steps"] == 5
+
+
+@pytest.mark.parametrize(
+    "option, instead", [("num_train_epochs", "--max_tokens"), ("per_device_train_batch_size", "--batch_size")]
+)
+def test_options_that_would_be_ignored_are_refused(tmp_path, option, instead):
+    require_shared()
+    with pytest.raises(UsageError, match=f"--{option} is not used.*{instead}"):
+        parse(options(tmp_path / "run", **{option: 2}))
+
+
+def test_report_to_defaults_to_tensorboard_and_takes_a_list(tmp_path):
+    require_shared()
+    assert parse(options(tmp_path / "a", report_to="tensorboard"))[2].report_to == ["tensorboard"]
+    from hf_lorsa.arguments import LorsaTrainingArguments
+
+    assert LorsaTrainingArguments(output_dir=str(tmp_path / "b")).report_to == ["tensorboard"]
+    assert parse(options(tmp_path / "c", report_to="none"))[2].report_to == []
+
+
+def test_held_out_results_reach_tensorboard(tmp_path):
+    require_shared()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    lorsa = train(*parse(options(out, report_to="tensorboard")))
+    (events,) = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    scalars = EventAccumulator(str(events)).Reload()
+    tags = scalars.Tags()["scalars"]
+    assert "train/fvu" in tags and "train/silent_heads" in tags
+    logged = scalars.Scalars("eval/fvu")[-1].value
+    assert logged == pytest.approx(lorsa.eval_results["fvu"], rel=1e-6)
+
+
+def test_results_travel_with_the_lorsa_through_load_save_and_push(tmp_path, monkeypatch):
+    import transformers.utils.hub as transformers_hub
+
+    model = small_lorsa()
+    model.eval_results = {"fvu": 0.12, "loss_recovered_zero": 0.97, "n_tokens": 5000, "dataset": "org/stories"}
+    model.save_pretrained(tmp_path / "first")
+    loaded = LorsaModel.from_pretrained(tmp_path / "first")
+    assert loaded.eval_results == model.eval_results
+    loaded.save_pretrained(tmp_path / "second")
+    assert json.loads((tmp_path / "second" / "eval_results.json").read_text()) == model.eval_results
+    assert "| fvu | 0.12 |" in (tmp_path / "second" / "README.md").read_text()
+    hub = FakeHub()
+    monkeypatch.setattr(transformers_hub, "hf_api", lambda: hub)
+    LorsaModel.from_pretrained(tmp_path / "second").push_to_hub("org/lorsa-tiny")
+    ((_, files, _),) = hub.commits
+    assert json.loads(files["eval_results.json"]) == model.eval_results
+    card = files["README.md"].decode()
+    assert "On 5000 tokens of `org/stories`" in card and "| fvu | 0.12 |" in card
+    # a Lorsa without results does not inherit a stale file from the folder it is saved into
+    small_lorsa().save_pretrained(tmp_path / "second")
+    assert not (tmp_path / "second" / "eval_results.json").exists()
+
+
+def test_the_model_card_holds_what_the_hub_shows_and_its_snippet_runs(tmp_path, monkeypatch):
+    require_shared()
+    host = build_host("llama")
+    lorsa = LorsaModel.from_host(host, 1, n_ov_heads=32, top_k=4)
+    lorsa.config.dataset_name = "org/stories"
+    lorsa.config.base_model_name_or_path = "org/tiny-llama"
+    lorsa.eval_results = {"fvu": 0.2, "n_tokens": 1234, "dataset": "org/stories", "dataset_split": "validation"}
+    lorsa.save_pretrained(tmp_path / "hub-host")
+    card = ModelCard.load(tmp_path / "hub-host" / "README.md")
+    data = card.data
+    assert (data.base_model, data.datasets, data.library_name, data.license) == (
+        "org/tiny-llama", ["org/stories"], "hf_lorsa", "other"
+    )  # fmt: skip
+    assert {"lorsa", "interpretability", "layer-1"} <= set(data.tags)
+    assert "On 1234 tokens of `org/stories` (validation)" in card.text
+    # with a local host, the card's usage snippet runs as written
+    stories = LorsaModel.from_host(
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(STORIES_MODEL), 2, n_ov_heads=64, top_k=8
+    )
+    stories.config.base_model_name_or_path = str(STORIES_MODEL)
+    stories.save_pretrained(tmp_path / "local")
+    text = (tmp_path / "local" / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    assert "base_model:" not in text.split("---")[1]  # a local path is no Hub id
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)  # noqa: S102 - the card we just wrote
+    assert namespace["logits"].shape[:2] == (1, namespace["input_ids"].shape[1])
+
+
+def test_print_shows_the_sizes():
+    text = repr(small_lorsa())
+    assert "LorsaModel(\n  layer=1, d_model=32, n_qk_heads=4, d_qk_head=8, n_ov_heads=64, top_k=8" in text
+
+
+def test_attention_pattern_of_one_qk_head():
+    lorsa = small_lorsa()
+    x = torch.randn(2, 6, 32)
+    full = lorsa.attention_pattern(x)
+    assert full.shape == (2, 4, 6, 6)
+    for head in range(4):
+        torch.testing.assert_close(lorsa.attention_pattern(x, head), full[:, head])
+    ov = 37  # reads QK head 37 // 16 = 2
+    z = lorsa.z_pattern(x, ov)
+    v = x @ lorsa.w_v[ov] + lorsa.b_v[ov]
+    torch.testing.assert_close(z, full[:, ov // lorsa.config.group_size] * v[:, None, :])
+
+
+def test_a_config_builds_without_arguments_and_saves(tmp_path):
+    config = LorsaConfig()
+    assert (config.d_model, config.n_ov_heads, config.top_k) == (64, 64, 16)
+    model = LorsaModel(config)
+    model.save_pretrained(tmp_path)
+    reloaded = LorsaModel.from_pretrained(tmp_path)
+    x = torch.randn(1, 5, 64)
+    assert torch.equal(model(x).reconstruction, reloaded(x).reconstruction)
+    with pytest.raises(ValueError, match="multiple of n_qk_heads"):
+        LorsaConfig(n_ov_heads=60)
