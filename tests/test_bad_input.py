@@ -220,6 +220,7 @@ def test_the_command_line_prints_the_message_not_a_traceback(tmp_path):
     [
         ("evaluate", ["--batch_size", "0"], "--batch_size must be an integer >= 1"),
         ("evaluate", ["--context_length", "0"], "--context_length must be an integer >= 1"),
+        ("evaluate", ["--context_length", "100000"], "--context_length 100000 exceeds the 64 positions"),
         ("evaluate", ["--max_tokens", "-5"], "--max_tokens must be an integer >= 1"),
         ("evaluate", ["--torch_dtype", "float99"], "--torch_dtype must be one of"),
         ("analyze", ["--top_n", "0"], "--top_n must be an integer >= 1"),

@@ -115,6 +115,10 @@ def data_source(args: LorsaSourceArguments, config) -> DataSource:
     """--dataset and friends, or the held-out data of the run that trained the Lorsa."""
     run = config.training_args or {}
     context = args.context_length or run.get("context_length") or 256
+    require(
+        context <= config.max_position_embeddings,
+        f"--context_length {context} exceeds the {config.max_position_embeddings} positions this Lorsa supports.",
+    )
     column = args.text_column or run.get("text_column") or "text"
     if args.dataset is not None:
         return DataSource(args.dataset, column, args.split or "validation", args.holdout_fraction or 0.0, context)
