@@ -16,7 +16,7 @@ from hf_lorsa import LorsaModel, capture, splice
 from hf_lorsa.arguments import UsageError
 from hf_lorsa.evaluation import evaluate_lorsa
 from hf_lorsa.run_training import parse, train
-from hf_lorsa.training import TrainingDiverged
+from hf_lorsa.trainer import TrainingDiverged
 from test_training import options
 
 

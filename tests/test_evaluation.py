@@ -88,7 +88,7 @@ def test_every_number_matches_an_independent_computation(family):
     lorsa = LorsaModel.from_host(model, 1, n_ov_heads=64, top_k=6)
     lorsa.config.skip_token_ids = [1]
     rows = windows()
-    results = evaluate_lorsa(model, lorsa, rows, max_tokens=10_000, batch_size=4, progress=False)
+    results = evaluate_lorsa(model, lorsa, rows, max_tokens=10_000, batch_size=4, progress=False).to_dict()
     assert set(results) == KEYS
     expected = brute_force(model, lorsa, rows, [1])
     for key, value in expected.items():
@@ -105,14 +105,14 @@ def test_every_number_matches_an_independent_computation(family):
 def test_exact_init_is_perfect_and_a_silent_lorsa_is_the_zero_ablation():
     model = build_host("qwen3")
     rows = windows(bos=None)
-    exact = evaluate_lorsa(model, LorsaModel.from_host(model, 2), rows, max_tokens=10_000, progress=False)
+    exact = evaluate_lorsa(model, LorsaModel.from_host(model, 2), rows, max_tokens=10_000, progress=False).to_dict()
     assert exact["fvu"] < 1e-6
     assert exact["loss_spliced"] == pytest.approx(exact["loss_clean"], abs=1e-5)
     assert exact["loss_recovered_zero"] == pytest.approx(1.0, abs=1e-4) and abs(exact["kl_spliced"]) < 1e-6
     silent = LorsaModel.from_host(model, 2)
     with torch.no_grad():
         silent.w_o.zero_(), silent.b_D.zero_()
-    zero = evaluate_lorsa(model, silent, rows, max_tokens=10_000, progress=False)
+    zero = evaluate_lorsa(model, silent, rows, max_tokens=10_000, progress=False).to_dict()
     assert zero["loss_spliced"] == pytest.approx(zero["loss_zero_ablated"], abs=1e-6)
     assert zero["loss_recovered_zero"] == pytest.approx(0.0, abs=1e-6) and zero["fvu"] > 0.5
 
@@ -121,7 +121,7 @@ def test_budget_stops_after_enough_tokens():
     model = build_host("llama")
     results = evaluate_lorsa(
         model, LorsaModel.from_host(model, 0), windows(n=12), max_tokens=50, batch_size=2, progress=False
-    )
+    ).to_dict()
     assert results["n_tokens"] == 4 * 20  # two batches of two windows reach 50 tokens
 
 
@@ -132,7 +132,7 @@ def test_loss_clean_is_the_models_own_loss(stories_model, stories_tokenizer):
     rows = list(pack(load_text(str(STORIES_DATA)).select(range(40)), stories_tokenizer, 128))[:8]
     lorsa = LorsaModel.from_host(stories_model, 3, n_ov_heads=256, top_k=16)
     lorsa.config.skip_token_ids = [1]
-    results = evaluate_lorsa(stories_model, lorsa, rows, max_tokens=8 * 128, progress=False)
+    results = evaluate_lorsa(stories_model, lorsa, rows, max_tokens=8 * 128, progress=False).to_dict()
     ids = torch.tensor([r["input_ids"] for r in rows])
     labels = ids.clone()
     labels[:, 1:][ids[:, :-1] == 1] = -100  # no prediction is made from a BOS position

@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.run_training import parse, train
-from hf_lorsa.training import annealed_k
+from hf_lorsa.trainer import annealed_k
 
 pytestmark = pytest.mark.usefixtures("shared")
 
@@ -89,23 +89,50 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
     assert [row["step"] for row in log if "fvu" in row] == [3, 6, 9, 12]
 
 
+SUMMARY_SCRIPT = """
+import hashlib, json, os, sys
+from pathlib import Path
+from transformers import TrainerCallback
+import hf_lorsa.run_training as run
+from hf_lorsa.launch import relaunch_on_cpu
+
+if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
+    sys.exit(code)
+first = {}
+collate = run.collate
+
+def recording_collate(rows):  # the first batch this process trains on
+    batch = collate(rows)
+    first.setdefault("ids", hashlib.sha256(batch["input_ids"].numpy().tobytes()).hexdigest())
+    return batch
+
+class Summary(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.removeprefix("module.").encode() + tensor.detach().cpu().numpy().tobytes())
+        summary = {"weights": digest.hexdigest(), "first_batch": first["ids"], "global_step": state.global_step}
+        Path(os.environ["SUMMARY_DIR"], f"rank{args.process_index}.json").write_text(json.dumps(summary))
+
+run.collate = recording_collate
+run.train(*run.parse(sys.argv[1:]), callbacks=[Summary()])
+"""
+
+
 def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--cpu",
-        str(ROOT / "scripts" / "train.py"),
-        *options(tmp_path / "ddp", holdout_fraction=0.0, max_tokens=256 * 8),
-    ]
-    subprocess.run(cmd, env=env, check=True, timeout=600, capture_output=True)
-    ranks = [json.loads((tmp_path / "ddp" / f"train_summary_rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
-    assert ranks[0]["first_batch_sha256"] != ranks[1]["first_batch_sha256"]  # each process reads its own data
-    assert ranks[0]["tokens_per_step"] == 2 * 4 * 64 and ranks[0]["global_step"] == 4
+    """`accelerate launch --num_processes 2 --cpu`: a callback of the test's own records each process's view."""
+    script = tmp_path / "train_with_summary.py"
+    script.write_text(SUMMARY_SCRIPT)
+    (tmp_path / "summaries").mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SUMMARY_DIR=str(tmp_path / "summaries"))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(script),
+           *options(tmp_path / "ddp", holdout_fraction=0.0, max_tokens=256 * 8)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "summaries" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each process reads its own data
+    assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4  # 2 x 4 x 64 tokens per step
     assert LorsaModel.from_pretrained(tmp_path / "ddp").config.tokens_trained == 256 * 8
 
 
@@ -114,7 +141,7 @@ def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
     first = train(*parse(options(tmp_path / "a", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
     assert (cache / "cache.json").exists()
     calls = []
-    import hf_lorsa.training as training
+    import hf_lorsa.trainer as training
 
     monkeypatch.setattr(training, "collect", lambda *a, **k: calls.append(1))
     second = train(*parse(options(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))

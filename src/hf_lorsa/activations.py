@@ -18,7 +18,8 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .hooks import collect
+from .attention_mask import counted_positions
+from .hooks import collect_to_cpu
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
@@ -185,7 +186,7 @@ class ActivationCache(torch.utils.data.Dataset):
         directory.mkdir(parents=True, exist_ok=True)
         shard, count = 0, 0
         for chunk in batches(windows, shard_size):
-            parts = [collect_batch(model, key.layer, ids) for ids in chunk.split(batch_size)]
+            parts = [collect_to_cpu(model, key.layer, ids) for ids in chunk.split(batch_size)]
             tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
             save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
             shard, count = shard + 1, count + len(chunk)
@@ -210,12 +211,26 @@ def batches(windows, size: int, max_tokens: int | None = None) -> Iterator[torch
         yield torch.stack(rows)
 
 
-@torch.no_grad()
-def collect_batch(model, layer: int, input_ids: torch.Tensor) -> dict:
-    """Attention input and output of `layer` for a batch of full windows (the host stops after the layer)."""
-    record = collect(model, layer, input_ids=input_ids)
-    return {
-        "input_ids": input_ids.cpu(),
-        "hidden_states": record.hidden_states.cpu(),
-        "attention_output": record.attention_output.cpu(),
-    }
+def estimate_norm_factors(host, layer: int, windows, batch_size: int, n_batches: int, skip: list[int]):
+    """The two normalisation factors (input, output) of LORSA.md, from the first `n_batches` batches."""
+    xs, ys, masks = [], [], []
+    for i, ids in enumerate(batches(windows, batch_size)):
+        if i == n_batches:
+            break
+        acts = collect_to_cpu(host, layer, ids)
+        xs.append(acts["hidden_states"])
+        ys.append(acts["attention_output"])
+        masks.append(counted_positions(ids, skip))
+    if not xs:
+        raise ValueError("The dataset gave no full window; use more text or a shorter --context_length.")
+    return norm_factors(torch.cat(xs), torch.cat(ys), torch.cat(masks))
+
+
+def cached_activations(directory, key: CacheKey, host, windows, batch_size: int, main_process_first) -> ActivationCache:
+    """The activation cache in `directory`: reused when it was made for `key`, else built once (by the main
+    process, inside `main_process_first`) from the first `key.n_windows` windows."""
+    with main_process_first():
+        if not ActivationCache.check(directory, key):
+            limited = windows.take(key.n_windows) if not hasattr(windows, "__len__") else windows
+            ActivationCache.build(directory, key, host, limited, batch_size)
+    return ActivationCache(directory)

@@ -19,9 +19,10 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from . import hosts
-from .activations import batches, collect_batch, load_text
+from .activations import batches, load_text
 from .arguments import check_int
-from .attention_mask import loss_mask
+from .attention_mask import counted_positions
+from .hooks import check_lorsa_matches, collect_to_cpu
 from .loading import (
     LorsaSourceArguments,
     data_source,
@@ -129,12 +130,7 @@ class _TopEvents:
 @torch.no_grad()
 def logit_attribution(model, lorsa, k: int = 10) -> list[dict]:
     """Tokens each head's output direction promotes / suppresses, read through final norm and unembedding."""
-    W_U = hosts.unwrap(model).get_output_embeddings().weight.float()  # (V, D)
-    norm = hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).final_norm)
-    direction = lorsa.w_o.float().to(W_U.device) * hosts.probe_norm_scale(norm, lorsa.config.d_model).to(W_U.device)
-    if "LayerNorm" in type(norm).__name__:
-        direction = direction - direction.mean(-1, keepdim=True)
-    logits = direction @ W_U.T  # (Hov, V)
+    logits = hosts.direct_logits(model, lorsa.w_o)  # (Hov, V)
     top, bottom = logits.topk(k, dim=-1), (-logits).topk(k, dim=-1)
     return [
         {"promoted": top.indices[i].tolist(), "promoted_logits": top.values[i].tolist(),
@@ -166,8 +162,6 @@ def host_correspondence(model, lorsa) -> torch.Tensor:
 def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size: int = 8, tokenizer=None,
             progress: bool = True, strict: bool = True) -> Dataset:  # fmt: skip
     """One row per OV head: frequency, tags, top contexts with z-patterns, logit attribution, host heads."""
-    from .hooks import check_lorsa_matches
-
     check_lorsa_matches(model, lorsa, strict)
     for name, value in (("max_tokens", max_tokens), ("top_n", top_n), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -181,8 +175,8 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     stored: dict[int, torch.Tensor] = {}  # token ids of the windows that hold a current top event
     n_tokens, n_windows = 0, 0
     for ids in tqdm(batches(windows, batch_size, max_tokens), desc="Analysing", disable=not progress):
-        x = collect_batch(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
-        counted = loss_mask(ids, skip).to(device)
+        x = collect_to_cpu(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
+        counted = counted_positions(ids, skip).to(device)
         b, t, heads, values, source = head_events(lorsa, x, counted)
         window = b.cpu() + n_windows
         stored.update({n_windows + i: row for i, row in enumerate(ids)})
@@ -242,7 +236,7 @@ def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: 
     for start in range(0, len(needed), batch_size):
         group = needed[start : start + batch_size]
         ids = torch.stack([stored[w] for w in group])
-        x = collect_batch(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
+        x = collect_to_cpu(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
         out = lorsa(x)
         acts = torch.zeros(*out.top_k_indices.shape[:2], c.n_ov_heads, device=device)
         acts.scatter_(-1, out.top_k_indices, out.top_k_values.float())  # (B, T, Hov) after top-k

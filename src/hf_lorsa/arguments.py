@@ -324,7 +324,7 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
 def user_errors(prog: str):
     """On the command line, a problem the user can fix ends the command with its message and exit code 2,
     not a traceback (set HF_LORSA_TRACEBACK=1 to see one)."""
-    from .training import TrainingDiverged
+    from .trainer import TrainingDiverged
 
     try:
         yield

@@ -33,7 +33,7 @@ def attention_bias(
     return allowed | torch.eye(length, dtype=torch.bool, device=device)
 
 
-def loss_mask(input_ids: torch.Tensor, skip_token_ids: list[int] | None) -> torch.Tensor:
+def counted_positions(input_ids: torch.Tensor, skip_token_ids: list[int] | None) -> torch.Tensor:
     """True at positions that count: not BOS/pad (the tokens in `skip_token_ids`)."""
     skip = torch.tensor(skip_token_ids or [], dtype=input_ids.dtype, device=input_ids.device)
     return ~torch.isin(input_ids, skip)

@@ -8,11 +8,11 @@ Axes: B batch, T positions, D d_model, V vocabulary, Hov OV heads.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
 from collections.abc import Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from . import hosts
 from .activations import batches, load_text
-from .attention_mask import loss_mask
-from .hooks import check_lorsa_matches, collect, hooked, host_rotary_for
+from .attention_mask import counted_positions
+from .hooks import check_lorsa_matches, collect, lorsa_output, run_variants
 from .hub import EVAL_RESULTS_FILE
 from .loading import (
     LorsaSourceArguments,
@@ -40,28 +39,41 @@ logger = logging.getLogger(__name__)
 VARIANTS = ("clean", "spliced", "zero_ablated", "mean_ablated")
 
 
-def _repeat(value, batch: int, copies: int):
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value.repeat(copies, *([1] * (value.dim() - 1)))
-    if isinstance(value, tuple):
-        return tuple(_repeat(v, batch, copies) for v in value)
-    return value
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What `evaluate_lorsa` measured (LORSA.md, "How quality is measured"), over `n_tokens` counted positions.
 
+    Attributes:
+        fvu: sum ||y_hat - y||^2 / sum ||y - mean(y)||^2; explained_variance = 1 - fvu; mse per dimension.
+        l0: mean number of active heads per position.
+        dead_heads: heads that never fired on the evaluation text; heads_below_1e5 / heads_below_1e6: heads
+            firing on fewer than that fraction of positions; dense_heads: on more than 10%.
+        loss_*: next-token cross-entropy of the clean model, with the Lorsa spliced in, and with the attention
+            output zero- or mean-ablated; loss_recovered_* = (ablated - spliced) / (ablated - clean).
+        kl_spliced: mean KL(clean || spliced) of the next-token distributions.
+    """
 
-@contextmanager
-def repeated_from_layer(model, layer: int, batch: int, copies: int):
-    """From decoder layer `layer` on, every batch-sized input is repeated `copies` times along the batch."""
-    layers = hosts.get_module(hosts.unwrap(model), hosts.architecture_of(model).layers)
+    fvu: float
+    explained_variance: float
+    mse: float
+    l0: float
+    dead_heads: int
+    heads_below_1e5: int
+    heads_below_1e6: int
+    dense_heads: int
+    loss_clean: float
+    loss_spliced: float
+    loss_zero_ablated: float
+    loss_mean_ablated: float
+    loss_recovered_zero: float
+    loss_recovered_mean: float
+    kl_spliced: float
+    n_tokens: int
 
-    def pre_hook(module, args, kwargs):
-        return _repeat(args, batch, copies), {k: _repeat(v, batch, copies) for k, v in kwargs.items()}
-
-    handles = [layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in range(layer, len(layers))]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    def to_dict(self) -> dict:
+        """The metrics under the names of eval_results.json and the model card."""
+        names = {"heads_below_1e5": "heads_below_1e-5", "heads_below_1e6": "heads_below_1e-6"}
+        return {names.get(k, k): v for k, v in dataclasses.asdict(self).items()}
 
 
 class _Totals:
@@ -86,7 +98,7 @@ def mean_attention_output(model, lorsa, windows: list[torch.Tensor], skip_token_
     total, count = 0.0, 0
     for ids in windows:
         y = collect(model, lorsa.config.layer, input_ids=ids).attention_output.double()
-        mask = loss_mask(ids, skip_token_ids).to(y.device)  # y lives on layer L's device
+        mask = counted_positions(ids, skip_token_ids).to(y.device)  # y lives on layer L's device
         total, count = total + y[mask].sum(0), count + int(mask.sum())
     return (total / count).float()
 
@@ -101,7 +113,7 @@ def evaluate_lorsa(
     skip_token_ids: list[int] | None = None,
     progress: bool = True,
     strict: bool = True,
-) -> dict:
+) -> EvaluationResult:
     """The metrics of issue 'Evaluate a Lorsa' on `max_tokens` tokens of `windows` (rows of `input_ids`).
 
     `skip_token_ids` (default: the Lorsa's own, e.g. BOS) are positions left out of every metric, where
@@ -131,30 +143,20 @@ def evaluate_lorsa(
 
 
 def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
-    ids = ids.to(hosts.input_device(model))
-    B = ids.shape[0]
-    counted = loss_mask(ids, skip)  # (B, T)
-    lorsa_param = next(lorsa.parameters())
+    counted = counted_positions(ids, skip)  # (B, T)
 
-    def on_output(record, output):
-        y = (output[0] if isinstance(output, tuple) else output)[:B]  # (B, T, D), on layer L's device
-        x = record.hidden_states[:B].to(lorsa_param.device, lorsa_param.dtype)
-        pe = host_rotary_for(lorsa, _first_copy(record.position_embeddings, B))
-        out = lorsa(x, position_embeddings=None if pe is None else tuple(t.to(x.device) for t in pe))
+    def variants(record, y):  # y: (B, T, D) on layer L's device
+        out = lorsa_output(lorsa, record)
         y_hat = out.reconstruction.to(y.device, y.dtype)
         here = counted.to(y.device)
         keep = here[..., None]
-        variants = [y, torch.where(keep, y_hat, y), torch.where(keep, 0.0, y), torch.where(keep, mean.to(y), y)]
-        on_lorsa = here.to(x.device)
+        on_lorsa = here.to(out.top_k_values.device)
         _accumulate_reconstruction(
             totals, y[here], y_hat[here], out.top_k_values[on_lorsa], out.top_k_indices[on_lorsa]
         )
-        new = torch.cat(variants)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return [y, torch.where(keep, y_hat, y), torch.where(keep, 0.0, y), torch.where(keep, mean.to(y), y)]
 
-    with hooked(model, lorsa.config.layer, None, on_output), repeated_from_layer(model, lorsa.config.layer, B, 4):
-        logits = model(input_ids=ids, use_cache=False).logits.float()  # (4B, T, V)
-    logits = logits.view(4, B, *logits.shape[1:])[:, :, :-1]
+    logits = run_variants(model, lorsa.config.layer, ids, len(VARIANTS), variants)[:, :, :-1]  # (4, B, T-1, V)
     targets = ids[:, 1:].to(logits.device)
     valid = counted[:, :-1].to(logits.device)  # predictions made at counted positions
     logp = logits.log_softmax(-1)
@@ -162,12 +164,6 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
         totals.loss[name] += F.nll_loss(lp[valid], targets[valid], reduction="sum").item()
     totals.kl += F.kl_div(logp[1][valid], logp[0][valid], log_target=True, reduction="sum").item()
     totals.n_pred += int(valid.sum())
-
-
-def _first_copy(position_embeddings, batch: int):
-    if position_embeddings is None:
-        return None
-    return tuple(t[:batch] if t.shape[0] > batch else t for t in position_embeddings)
 
 
 def _accumulate_reconstruction(totals: _Totals, y, y_hat, values, indices) -> None:
@@ -183,7 +179,7 @@ def _accumulate_reconstruction(totals: _Totals, y, y_hat, values, indices) -> No
     totals.fires.index_add_(0, indices[active], torch.ones_like(indices[active], dtype=totals.fires.dtype))
 
 
-def _summarise(t: _Totals, lorsa) -> dict:
+def _summarise(t: _Totals, lorsa) -> EvaluationResult:
     variance = t.sum_y2 - t.sum_y.pow(2).sum() / t.n
     fvu = (t.sse / variance).item()
     loss = {name: t.loss[name] / t.n_pred for name in VARIANTS}
@@ -193,24 +189,14 @@ def _summarise(t: _Totals, lorsa) -> dict:
         return (loss[ablated] - loss["spliced"]) / gap if gap else float("nan")
 
     freq = t.fires / t.n
-    return {
-        "fvu": fvu,
-        "explained_variance": 1.0 - fvu,
-        "mse": (t.sse / (t.n * lorsa.config.d_model)).item(),
-        "l0": (t.active / t.n).item(),
-        "dead_heads": int((t.fires == 0).sum()),
-        "heads_below_1e-5": int((freq < 1e-5).sum()),
-        "heads_below_1e-6": int((freq < 1e-6).sum()),
-        "dense_heads": int((freq > 0.1).sum()),
-        "loss_clean": loss["clean"],
-        "loss_spliced": loss["spliced"],
-        "loss_zero_ablated": loss["zero_ablated"],
-        "loss_mean_ablated": loss["mean_ablated"],
-        "loss_recovered_zero": recovered("zero_ablated"),
-        "loss_recovered_mean": recovered("mean_ablated"),
-        "kl_spliced": t.kl / t.n_pred,
-        "n_tokens": t.n,
-    }
+    return EvaluationResult(
+        fvu=fvu, explained_variance=1.0 - fvu, mse=(t.sse / (t.n * lorsa.config.d_model)).item(),
+        l0=(t.active / t.n).item(), dead_heads=int((t.fires == 0).sum()), heads_below_1e5=int((freq < 1e-5).sum()),
+        heads_below_1e6=int((freq < 1e-6).sum()), dense_heads=int((freq > 0.1).sum()), loss_clean=loss["clean"],
+        loss_spliced=loss["spliced"], loss_zero_ablated=loss["zero_ablated"], loss_mean_ablated=loss["mean_ablated"],
+        loss_recovered_zero=recovered("zero_ablated"), loss_recovered_mean=recovered("mean_ablated"),
+        kl_spliced=t.kl / t.n_pred, n_tokens=t.n,
+    )  # fmt: skip
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -244,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         results = evaluate_lorsa(
             model, lorsa, load_windows(source, tokenizer), args.max_tokens, args.batch_size, strict=args.strict
-        )
+        ).to_dict()
     results.update(**source.describe(), model=args.model_name_or_path or lorsa.config.base_model_name_or_path,
                    lorsa=args.lorsa, subfolder=args.subfolder or None, layer=lorsa.config.layer)  # fmt: skip
     save_results(results, output)

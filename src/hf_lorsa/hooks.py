@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import hosts
-from .attention_mask import loss_mask
+from .attention_mask import counted_positions
 
 
 @dataclass
@@ -63,7 +63,7 @@ def _bound_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 @contextmanager
-def hooked(model: nn.Module, layer: int, attention_module: str | None, on_output: Callable) -> Iterator[None]:
+def _hooked(model: nn.Module, layer: int, attention_module: str | None, on_output: Callable) -> Iterator[None]:
     """Track the padding mask at the backbone and call on_output(record, output) after the attention."""
     inner = hosts.unwrap(model)
     attn = hosts.get_module(inner, hosts.attention_path(model, layer, attention_module))
@@ -124,7 +124,7 @@ def capture(model: nn.Module, layer: int, attention_module: str | None = None, s
         if stop:
             raise StopForward
 
-    with hooked(model, layer, attention_module, on_output):
+    with _hooked(model, layer, attention_module, on_output):
         try:
             yield result
         except StopForward:
@@ -180,24 +180,13 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None, strict:
 
     def on_output(record: AttentionRecord, output):
         x = record.hidden_states
-        param = next(lorsa.parameters())
-
-        def moved(t):  # the Lorsa may live on another device than this layer (device_map hosts)
-            return None if t is None else t.to(param.device)
-
-        pe = host_rotary_for(lorsa, record.position_embeddings)
-        out = lorsa(
-            x.to(param.device, param.dtype),
-            position_ids=moved(record.position_ids),
-            attention_mask=moved(record.attention_mask),
-            position_embeddings=None if pe is None else tuple(moved(t) for t in pe),
-        ).reconstruction.to(x.device, x.dtype)
+        out = lorsa_output(lorsa, record).reconstruction.to(x.device, x.dtype)
         if lorsa.config.skip_token_ids and record.input_ids is not None:
-            counted = loss_mask(record.input_ids, lorsa.config.skip_token_ids).to(x.device)
+            counted = counted_positions(record.input_ids, lorsa.config.skip_token_ids).to(x.device)
             out = torch.where(counted[..., None], out, _first(output))
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
-    with hooked(model, lorsa.config.layer, attention_module, on_output):
+    with _hooked(model, lorsa.config.layer, attention_module, on_output):
         yield
 
 
@@ -207,6 +196,21 @@ def host_rotary_for(lorsa, position_embeddings):
         return None
     rotary_dim = int(lorsa.config.d_qk_head * lorsa.config.rope_parameters.get("partial_rotary_factor", 1.0))
     return position_embeddings if position_embeddings[0].shape[-1] == rotary_dim else None
+
+
+def lorsa_output(lorsa, record: AttentionRecord):
+    """The Lorsa run on what the host's attention saw: moved to the Lorsa's device and dtype (a device_map host
+    may hold the layer elsewhere), with the host's own rotary (cos, sin) when it fits the Lorsa's QK heads."""
+    param = next(lorsa.parameters())
+
+    def moved(t):
+        return None if t is None else t.to(param.device)
+
+    pe = host_rotary_for(lorsa, record.position_embeddings)
+    return lorsa(
+        record.hidden_states.to(param.device, param.dtype), position_ids=moved(record.position_ids),
+        attention_mask=moved(record.attention_mask), position_embeddings=None if pe is None else tuple(map(moved, pe)),
+    )  # fmt: skip
 
 
 def collect(model: nn.Module, layer: int, **inputs) -> AttentionRecord:
@@ -219,3 +223,70 @@ def collect(model: nn.Module, layer: int, **inputs) -> AttentionRecord:
     with torch.no_grad(), capture(model, layer, stop=True) as cap:
         model(**inputs, use_cache=False)
     return cap.last
+
+
+@torch.no_grad()
+def collect_to_cpu(model: nn.Module, layer: int, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`collect` for a batch of token windows, returned as CPU copies (`input_ids`, `hidden_states`,
+    `attention_output`) ready to store; `collect` itself returns the tensors where the host made them."""
+    record = collect(model, layer, input_ids=input_ids)
+    return {
+        "input_ids": input_ids.cpu(),
+        "hidden_states": record.hidden_states.cpu(),
+        "attention_output": record.attention_output.cpu(),
+    }
+
+
+# ---- one host pass, several versions of one attention output (evaluation) -----------------------------
+
+
+def _repeat(value, batch: int, copies: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value.repeat(copies, *([1] * (value.dim() - 1)))
+    if isinstance(value, tuple):
+        return tuple(_repeat(v, batch, copies) for v in value)
+    return value
+
+
+@contextmanager
+def _repeated_from_layer(model: nn.Module, layer: int, batch: int, copies: int) -> Iterator[None]:
+    """From decoder layer `layer` on, every batch-sized input is repeated `copies` times along the batch."""
+
+    def pre_hook(module, args, kwargs):
+        return _repeat(args, batch, copies), {k: _repeat(v, batch, copies) for k, v in kwargs.items()}
+
+    layers = hosts.decoder_layers(model)
+    handles = [layers[i].register_forward_pre_hook(pre_hook, with_kwargs=True) for i in range(layer, len(layers))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def run_variants(model: nn.Module, layer: int, input_ids: torch.Tensor, copies: int,
+                 variants: Callable[[AttentionRecord, torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:  # fmt: skip
+    """Logits (copies, B, T, V) of `copies` versions of one forward pass that differ only in layer `layer`'s
+    attention output: the layers below run once, then the batch is repeated, copy i continuing with
+    `variants(record, y)[i]`, where `record` is what the attention saw and `y` (B, T, D) what it wrote."""
+    ids = input_ids.to(hosts.input_device(model))
+    B = ids.shape[0]
+
+    def on_output(record: AttentionRecord, output):
+        record.hidden_states = record.hidden_states[:B]
+        if record.position_embeddings is not None:
+            record.position_embeddings = tuple(t[:B] if t.shape[0] > B else t for t in record.position_embeddings)
+        for name in ("position_ids", "attention_mask"):
+            value = getattr(record, name)
+            if value is not None and value.shape[0] > B:
+                setattr(record, name, value[:B])
+        versions = variants(record, _first(output)[:B])
+        if len(versions) != copies:
+            raise ValueError(f"variants gave {len(versions)} outputs, not {copies}.")
+        new = torch.cat(versions)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    with _hooked(model, layer, None, on_output), _repeated_from_layer(model, layer, B, copies):
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (copies * B, T, V)
+    return logits.view(copies, B, *logits.shape[1:])

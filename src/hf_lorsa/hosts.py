@@ -84,6 +84,23 @@ def attention_path(model: nn.Module, layer: int, attention_module: str | None = 
     return f"{arch.layers}.{layer}.{arch.attention}"
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The host's decoder layers, in order."""
+    return get_module(unwrap(model), architecture_of(model).layers)
+
+
+@torch.no_grad()
+def direct_logits(model: nn.Module, directions: torch.Tensor) -> torch.Tensor:
+    """What writing each direction (N, D) into the last residual stream does to the logits: through the final
+    norm's per-channel scale (and a LayerNorm's centring) and the unembedding. (N, V), float32."""
+    W_U = unwrap(model).get_output_embeddings().weight.float()  # (V, D)
+    norm = get_module(unwrap(model), architecture_of(model).final_norm)
+    d = directions.float().to(W_U.device) * probe_norm_scale(norm, directions.shape[-1]).to(W_U.device)
+    if "LayerNorm" in type(norm).__name__:
+        d = d - d.mean(-1, keepdim=True)
+    return d @ W_U.T
+
+
 def backbone(model: nn.Module) -> nn.Module:
     """The module that owns the decoder layers; it receives the 2-D padding mask as `attention_mask`."""
     arch = architecture_of(model)

@@ -14,8 +14,6 @@ import torch
 from torch import nn
 
 from . import hosts
-from .configuration_lorsa import LorsaConfig
-from .modeling_lorsa import LorsaModel
 
 EXTRA_HEAD_SCALE = 0.1  # extra heads start at this fraction of their host head's mean singular value
 
@@ -35,25 +33,11 @@ def ov_pieces(W_v: torch.Tensor, b_v: torch.Tensor, W_o: torch.Tensor):
 
 
 @torch.no_grad()
-def lorsa_from_host(
-    model: nn.Module,
-    layer: int,
-    n_qk_heads: int | None = None,
-    n_ov_heads: int | None = None,
-    top_k: int | None = None,
-    expansion_factor: int | None = None,
-    seed: int = 0,
-    **config_kwargs,
-) -> LorsaModel:
-    """A LorsaModel for layer `layer` of `model`, initialised from that layer's attention weights.
-
-    With no sizes given it is an exact replica of the layer (Hov = H * dh, Hqk = H, top_k = Hov).
-    """
-    config = LorsaConfig.from_host(
-        model, layer, expansion_factor=expansion_factor, top_k=top_k,
-        n_qk_heads=n_qk_heads, n_ov_heads=n_ov_heads, **config_kwargs,
-    )  # fmt: skip
-    lorsa = LorsaModel(config)
+def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: int = 0) -> None:
+    """Fill `lorsa` (a LorsaModel whose config came from `LorsaConfig.from_host(model, layer, ...)`) with
+    pieces of that layer's attention weights. With the replica's sizes (Hov = H * dh, Hqk = H, top_k = Hov)
+    it reproduces the layer exactly."""
+    config = lorsa.config
     host = hosts.read_attention(model, layer)
     generator = torch.Generator().manual_seed(seed)
     H, G = host.n_heads, config.group_size
@@ -89,4 +73,3 @@ def lorsa_from_host(
             lorsa.w_o[extra] = w_o / w_o.norm(dim=-1, keepdim=True)
             lorsa.b_v[extra] = 0.0
     lorsa.b_D.copy_(b_D)
-    return lorsa.to(next(model.parameters()).device)

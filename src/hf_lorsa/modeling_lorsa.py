@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from . import hub
 from .attention_mask import attention_bias, needs_mask, positions_from_mask
 from .configuration_lorsa import LorsaConfig
+from .initialization import initialize_from_host
 
 
 @dataclass
@@ -107,11 +108,15 @@ class LorsaModel(LorsaPreTrainedModel):
             init.zeros_(bias)
 
     @classmethod
-    def from_host(cls, model, layer: int, **kwargs) -> LorsaModel:
-        """A Lorsa initialised from layer `layer`'s attention; see `hf_lorsa.initialization.lorsa_from_host`."""
-        from .initialization import lorsa_from_host
+    def from_host(cls, model, layer: int, seed: int = 0, **sizes) -> LorsaModel:
+        """A Lorsa (of this class) initialised from layer `layer`'s attention, on the host's device.
 
-        return lorsa_from_host(model, layer, **kwargs)
+        `sizes` are those of `LorsaConfig.from_host` (`n_ov_heads`, `expansion_factor`, `n_qk_heads`, `top_k`,
+        config fields); without any it is an exact replica of the layer (Hov = H * dh, top_k = Hov).
+        """
+        lorsa = cls(LorsaConfig.from_host(model, layer, **sizes))
+        initialize_from_host(lorsa, model, layer, seed)
+        return lorsa.to(next(model.parameters()).device)
 
     # ---- Hub -----------------------------------------------------------------------------------------
 

@@ -1,10 +1,13 @@
-"""`hf-lorsa train` / `accelerate launch scripts/train.py`: the run itself (options live in hf_lorsa.arguments)."""
+"""`hf-lorsa train` / `accelerate launch scripts/train.py`: the run, step by step.
+
+Its parts live elsewhere: the options in `arguments`, the output folder's rules in `output_folder`, text,
+windows, normalisation and the activation cache in `activations`, the loop in `trainer`.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import sys
@@ -17,12 +20,10 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from . import output_folder
 from .activations import (
-    ActivationCache,
     CacheKey,
-    batches,
-    collect_batch,
+    cached_activations,
+    estimate_norm_factors,
     load_text,
-    norm_factors,
     pack,
     skip_tokens,
     split_holdout,
@@ -39,11 +40,10 @@ from .arguments import (
     tokens_per_step,
     user_errors,
 )
-from .attention_mask import loss_mask
 from .configuration_lorsa import LorsaConfig
 from .modeling_lorsa import LorsaModel
 from .output_folder import RUN_FILE
-from .training import LorsaTrainer, default_aux_k, default_dead_tokens, steps_for_budget
+from .trainer import LorsaTrainer, default_aux_k, default_dead_tokens, steps_for_budget
 
 logger = logging.getLogger(__name__)
 __all__ = ["RUN_FILE", "parse", "run_signature", "tokens_per_step", "train", "train_lorsa"]
@@ -53,6 +53,71 @@ def train_lorsa(callbacks=None, **options) -> LorsaModel:
     """Train from Python with the command line's option names, e.g.
     `train_lorsa(model_name_or_path="gpt2", layer=5, dataset="data.jsonl", output_dir="runs/gpt2-l5")`."""
     return train(*parse_dict(options), callbacks)
+
+
+def train(
+    model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None
+) -> LorsaModel:
+    """Run (or resume) a training run; returns the final Lorsa, also saved in args.output_dir."""
+    check_against_host(model_args, data_args, args)
+    signature = run_signature(model_args, data_args)
+    folder = claim_output_folder(args, signature)
+    if folder.state == "finished":
+        logger.warning(
+            "%s already holds the finished run of this command (%s tokens trained): nothing to do. To train again, "
+            "pass --overwrite_output_dir or choose another --output_dir.", args.output_dir,
+            folder.record.get("tokens_trained"),
+        )  # fmt: skip
+        return LorsaModel.from_pretrained(args.output_dir)
+    resume = resume_checkpoint(args, signature)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    windows, eval_windows = load_windows(data_args, tokenizer, args.seed)
+
+    host = load_host(model_args, args.device)
+    skip = skip_tokens(tokenizer)
+    lorsa = build_lorsa(model_args, host, skip)
+    if resume:  # the checkpoint's weights are in its own normalisation
+        saved = LorsaConfig.from_pretrained(resume)
+        lorsa.set_norm_factors(saved.input_norm_factor, saved.output_norm_factor)
+    else:
+        lorsa.set_norm_factors(
+            *estimate_norm_factors(host, model_args.layer, windows, data_args.batch_size, data_args.norm_batches, skip)
+        )
+    train_data = windows
+    if data_args.activation_cache:
+        train_data = activation_cache(host, model_args, data_args, args, windows)
+
+    trainer = build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_windows, signature, callbacks)
+    if resume:
+        trainer.load_extra_state(resume)
+        logger.info("Resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    return finish(trainer, model_args, data_args, args, eval_windows, signature)
+
+
+def claim_output_folder(args: TrainingArguments, signature: dict) -> output_folder.OutputFolder:
+    """Decide (main process first) whether this run may use its output folder, and mark it as this run's."""
+    with args.main_process_first(local=False, desc="output folder"):
+        folder = output_folder.prepare(args.output_dir, signature, args.overwrite_output_dir)
+        if folder.state == "new" and args.should_save:
+            folder.path.mkdir(parents=True, exist_ok=True)
+            output_folder.write_run_file(folder.path, signature, "running")
+    return folder
+
+
+def load_windows(data_args: DataArguments, tokenizer, seed: int):
+    """Training windows (shuffled when streamed) and held-out windows (or None)."""
+    dataset = load_text(data_args.dataset, data_args.text_column, data_args.dataset_split, data_args.streaming or None)
+    train_text, eval_text = split_holdout(dataset, data_args.holdout_fraction)
+    if data_args.eval_dataset:
+        eval_text = load_text(data_args.eval_dataset, data_args.text_column, split=data_args.eval_split)
+    windows = pack(train_text, tokenizer, data_args.context_length, data_args.text_column)
+    if isinstance(windows, IterableDataset):
+        windows = windows.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
+    eval_windows = pack(eval_text, tokenizer, data_args.context_length, data_args.text_column) if eval_text else None
+    return windows, eval_windows
 
 
 def load_host(model_args: LorsaArguments, device: torch.device):
@@ -81,77 +146,24 @@ def build_lorsa(model_args: LorsaArguments, host, skip: list[int]) -> LorsaModel
     return lorsa.float()
 
 
-def estimate_norm_factors(host, layer: int, windows, data_args: DataArguments, skip: list[int]) -> tuple[float, float]:
-    xs, ys, masks = [], [], []
-    for i, ids in enumerate(batches(windows, data_args.batch_size)):
-        if i == data_args.norm_batches:
-            break
-        acts = collect_batch(host, layer, ids)
-        xs.append(acts["hidden_states"])
-        ys.append(acts["attention_output"])
-        masks.append(loss_mask(ids, skip))
-    if not xs:
-        raise ValueError("The dataset gave no full window; use more text or a shorter --context_length.")
-    return norm_factors(torch.cat(xs), torch.cat(ys), torch.cat(masks))
-
-
-def weights_digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().cpu().float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def train(
-    model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None
-) -> LorsaModel:
-    """Run (or resume) a training run; returns the final Lorsa, also saved in args.output_dir."""
-    check_against_host(model_args, data_args, args)
-    signature = run_signature(model_args, data_args)
-    with args.main_process_first(local=False, desc="output folder"):
-        folder = output_folder.prepare(args.output_dir, signature, args.overwrite_output_dir)
-        if folder.state == "new" and args.should_save:
-            folder.path.mkdir(parents=True, exist_ok=True)
-            output_folder.write_run_file(folder.path, signature, "running")
-    if folder.state == "finished":
-        tokens = folder.record.get("tokens_trained")
-        logger.warning(
-            "%s already holds the finished run of this command (%s tokens trained): nothing to do. To train "
-            "again, pass --overwrite_output_dir or choose another --output_dir.", args.output_dir, tokens,
-        )  # fmt: skip
-        return LorsaModel.from_pretrained(args.output_dir)
-    resume = resume_checkpoint(args, signature)
-
-    dataset = load_text(data_args.dataset, data_args.text_column, data_args.dataset_split, data_args.streaming or None)
-    train_text, eval_text = split_holdout(dataset, data_args.holdout_fraction)
-    if data_args.eval_dataset:
-        eval_text = load_text(data_args.eval_dataset, data_args.text_column, split=data_args.eval_split)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+def activation_cache(host, model_args, data_args, args, windows):
+    n_windows = len(windows) if hasattr(windows, "__len__") else data_args.max_tokens // data_args.context_length
+    key = CacheKey(
+        model=model_args.model_name_or_path, layer=model_args.layer, dataset=data_args.dataset,
+        text_column=data_args.text_column, context_length=data_args.context_length,
+        dtype=str(next(host.parameters()).dtype), n_windows=n_windows, seed=args.seed,
+    )  # fmt: skip
+    return cached_activations(
+        data_args.activation_cache, key, host, windows, data_args.batch_size, args.main_process_first
     )
-    windows = pack(train_text, tokenizer, data_args.context_length, data_args.text_column)
-    if isinstance(windows, IterableDataset):
-        windows = windows.shuffle(seed=args.seed, buffer_size=data_args.shuffle_buffer)  # streamed data
-    eval_windows = pack(eval_text, tokenizer, data_args.context_length, data_args.text_column) if eval_text else None
 
-    host = load_host(model_args, args.device)
-    skip = skip_tokens(tokenizer)
-    lorsa = build_lorsa(model_args, host, skip)
-    if resume:  # the checkpoint's weights are in its own normalisation
-        saved = LorsaConfig.from_pretrained(resume)
-        lorsa.set_norm_factors(saved.input_norm_factor, saved.output_norm_factor)
-    else:
-        lorsa.set_norm_factors(*estimate_norm_factors(host, model_args.layer, windows, data_args, skip))
 
-    train_data = windows
-    if data_args.activation_cache:
-        train_data = cached_activations(host, model_args, data_args, args, windows)
-
+def build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_windows, signature, callbacks):
     per_step = tokens_per_step(data_args, args)
     steps = steps_for_budget(data_args.max_tokens, per_step)
     args.max_steps = min(steps, args.max_steps) if args.max_steps > 0 else steps
     args.per_device_train_batch_size = args.per_device_eval_batch_size = data_args.batch_size
-    trainer = LorsaTrainer(
+    return LorsaTrainer(
         model=lorsa, args=args, train_dataset=train_data, eval_dataset=eval_windows, data_collator=collate,
         callbacks=callbacks, host=host, k_start=model_args.k_anneal_start or lorsa.config.n_ov_heads,
         k_anneal_fraction=model_args.k_anneal_fraction,
@@ -159,11 +171,6 @@ def train(
         aux_k_coef=model_args.aux_k_coef, dead_tokens=model_args.dead_tokens or default_dead_tokens(data_args.max_tokens),
         tokens_per_step=per_step, eval_tokens=data_args.eval_tokens, run_signature=signature,
     )  # fmt: skip
-    if resume:
-        trainer.load_extra_state(resume)
-        logger.info("Resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
-    return finish(trainer, model_args, data_args, args, eval_windows, signature)
 
 
 def collate(rows: list[dict]) -> dict:
@@ -188,23 +195,6 @@ def resume_checkpoint(args: TrainingArguments, signature: dict) -> str | None:
     return checkpoint
 
 
-def cached_activations(host, model_args, data_args, args, windows) -> ActivationCache:
-    """The activation cache for this run, built once (by the main process) or reused when it matches."""
-    from accelerate import PartialState
-
-    n_windows = len(windows) if hasattr(windows, "__len__") else data_args.max_tokens // data_args.context_length
-    key = CacheKey(
-        model=model_args.model_name_or_path, layer=model_args.layer, dataset=data_args.dataset,
-        text_column=data_args.text_column, context_length=data_args.context_length,
-        dtype=str(next(host.parameters()).dtype), n_windows=n_windows, seed=args.seed,
-    )  # fmt: skip
-    with PartialState().main_process_first():
-        if not ActivationCache.check(data_args.activation_cache, key):
-            limited = windows.take(n_windows) if not hasattr(windows, "__len__") else windows
-            ActivationCache.build(data_args.activation_cache, key, host, limited, data_args.batch_size)
-    return ActivationCache(data_args.activation_cache)
-
-
 def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict) -> LorsaModel:
     """Fold normalisation and decoder norms into the weights, record provenance, evaluate, save, and remove
     the intermediate checkpoints (unless --keep_checkpoints)."""
@@ -217,25 +207,14 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, sig
     recorded = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "bf16", "max_steps",
                 "world_size")  # fmt: skip
     lorsa.config.training_args = {
-        **dataclasses.asdict(model_args),
-        **dataclasses.asdict(data_args),
-        **{k: getattr(args, k) for k in recorded},
-    }
-    summary = {
-        "rank": args.process_index,
-        "global_step": trainer.state.global_step,
-        "tokens_seen": trainer.tokens_seen(),
-        "tokens_per_step": trainer.tokens_per_step,
-        "weights_sha256": weights_digest(trainer.lorsa),
-        "first_batch_sha256": trainer.first_batch_digest,
-    }
-    Path(args.output_dir, f"train_summary_rank{args.process_index}.json").write_text(json.dumps(summary, indent=2))
+        **dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **{k: getattr(args, k) for k in recorded}
+    }  # fmt: skip
     if eval_windows is not None and args.should_save:
         from .evaluation import evaluate_lorsa
 
         results = evaluate_lorsa(
             trainer.host, lorsa, eval_windows, data_args.eval_tokens, data_args.batch_size, progress=False
-        )
+        ).to_dict()
         lorsa.eval_results = {**results, **evaluated_data(data_args), "model": model_args.model_name_or_path}
         trainer.log({f"eval_{k}": v for k, v in results.items()})  # held-out results reach TensorBoard too
         logger.info("Held-out evaluation: %s", json.dumps(results))
@@ -258,13 +237,12 @@ def evaluated_data(data_args: DataArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import quiet_when_not_a_terminal
     from .launch import relaunch_on_cpu
 
     # the processes started for `accelerate launch --cpu --num_processes N` rerun this very command line
     if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
         return code
-    from .cli import quiet_when_not_a_terminal
-
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_when_not_a_terminal()

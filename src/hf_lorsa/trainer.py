@@ -8,7 +8,6 @@ Axes: B batch, T positions, D d_model, Hov OV heads, K active heads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from .attention_mask import loss_mask
+from .attention_mask import counted_positions
 from .hooks import collect
 
 STATE_FILE = "lorsa_trainer_state.safetensors"
@@ -53,7 +52,6 @@ class LorsaTrainer(Trainer):
         self.tokens_per_step = tokens_per_step  # all processes together (hf_lorsa.arguments.tokens_per_step)
         self.eval_tokens = eval_tokens
         self.run_signature = run_signature  # written into every checkpoint, checked on resume
-        self.first_batch_digest: str | None = None
         lorsa = self.model
         self.tokens_since_fired = torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long)
         self._metrics: dict[str, list[float]] = {}
@@ -83,13 +81,11 @@ class LorsaTrainer(Trainer):
             record = collect(self.host, self.lorsa.config.layer, input_ids=ids)
             x, y = record.hidden_states, record.attention_output
         device = ids.device
-        counted = loss_mask(ids, self.lorsa.config.skip_token_ids)
+        counted = counted_positions(ids, self.lorsa.config.skip_token_ids)
         return x.to(device, torch.float32), y.to(device, torch.float32), counted
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         lorsa = self.lorsa
-        if self.first_batch_digest is None:  # lets a run show that its processes read different data
-            self.first_batch_digest = hashlib.sha256(inputs["input_ids"].cpu().numpy().tobytes()).hexdigest()
         x, y, counted = self.activations(inputs)
         k = self.current_k()
         use_aux = self.aux_k_coef > 0 and bool((self.tokens_since_fired > self.dead_tokens).any())
@@ -180,7 +176,7 @@ class LorsaTrainer(Trainer):
         windows = eval_dataset if eval_dataset is not None else self.eval_dataset
         results = evaluate_lorsa(
             self.host, self.lorsa, windows, self.eval_tokens, self.args.per_device_eval_batch_size, progress=False
-        )
+        ).to_dict()
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in results.items()}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
