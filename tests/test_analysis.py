@@ -1,5 +1,6 @@
 """Head analysis: tags on inputs with known answers, every field against an independent computation."""
 
+import json
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ from conftest import ROOT, STORIES_DATA, require_shared
 from hf_lorsa import LorsaConfig, LorsaModel
 from hf_lorsa.activations import load_text, pack
 from hf_lorsa.analysis import (
+    HEAD_FEATURES,
     TAGS,
     analyze,
     head_events,
@@ -135,9 +137,18 @@ def test_analyze_command(tmp_path, stories_model):
            "--max_tokens", "1024", "--context_length", "64", "--top_n", "2"]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert "Analysing" in result.stderr  # the progress bar
     loaded = load_analysis(tmp_path)
-    assert len(loaded) == 64 and all(len(c) <= 2 for c in loaded["top_contexts"])
+    # the command saved what analyze() computes in-process on the same windows
+    from transformers import AutoTokenizer
+
+    from conftest import STORIES_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(STORIES_MODEL)
+    windows = pack(load_text(str(STORIES_DATA)), tokenizer, 64)
+    expected = analyze(stories_model, LorsaModel.from_pretrained(tmp_path), windows, 1024, top_n=2, tokenizer=tokenizer,
+                       progress=False)  # fmt: skip
+    assert loaded.to_list() == expected.to_list() and loaded.features == HEAD_FEATURES
+    assert json.loads(loaded.info.description)["n_tokens"] == json.loads(expected.info.description)["n_tokens"] > 900
 
 
 def test_push_analysis_uploads_the_folder(analysed, tmp_path, monkeypatch):

@@ -20,6 +20,9 @@ def make(seed: int = 0, **overrides) -> LorsaModel:
         for p in (model.b_Q, model.b_K, model.b_v, model.b_D):
             p.normal_(std=0.1)
         model.w_o.mul_(torch.rand(model.config.n_ov_heads, 1) + 0.5)  # non-unit norms matter for ranking
+        if model.q_norm is not None:  # norm weights other than one, so that they matter
+            model.q_norm.weight.copy_(torch.rand(model.config.d_qk_head) + 0.5)
+            model.k_norm.weight.copy_(torch.rand(model.config.d_qk_head) + 0.5)
     return model
 
 
@@ -38,10 +41,15 @@ def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = 
         rot = torch.cat([-t[..., half:], t[..., :half]], -1)
         return t * cos + rot * sin
 
+    def norm(t, weight):  # per-head RMSNorm (Qwen3, Gemma 3)
+        if not c.qk_norm:
+            return t
+        return t / torch.sqrt(t.pow(2).mean(-1, keepdim=True) + c.qk_norm_eps) * weight
+
     z = torch.zeros(B, T, c.n_ov_heads)
     for h in range(c.n_qk_heads):
-        q = rope(x @ model.W_Q[h] + model.b_Q[h])
-        k = rope(x @ model.W_K[h] + model.b_K[h])
+        q = rope(norm(x @ model.W_Q[h] + model.b_Q[h], model.q_norm.weight if c.qk_norm else None))
+        k = rope(norm(x @ model.W_K[h] + model.b_K[h], model.k_norm.weight if c.qk_norm else None))
         logits = q @ k.transpose(-1, -2) / math.sqrt(c.d_qk_head)
         if c.attn_logit_softcapping:
             logits = torch.tanh(logits / c.attn_logit_softcapping) * c.attn_logit_softcapping
@@ -61,7 +69,14 @@ def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = 
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"sliding_window": 3}, {"attn_logit_softcapping": 2.0}, {"qk_norm": False, "topk_rule": "relu"}]
+    "overrides",
+    [
+        {},
+        {"sliding_window": 3},
+        {"attn_logit_softcapping": 2.0},
+        {"qk_norm": True},
+        {"qk_norm": True, "topk_rule": "relu"},
+    ],
 )
 @torch.no_grad()
 def test_pre_activations_match_reference(overrides):
@@ -204,21 +219,35 @@ def test_expansion_factor_sets_the_dictionary_size():
 
 
 @torch.no_grad()
-def test_rope_types_and_interleaving_change_the_output():
+def test_interleaved_partial_rotary_is_gptj_rotary():
+    """rope_interleaved rotates adjacent pairs as GPT-J does (transformers' own GPT-J functions), and only the
+    first partial_rotary_factor of each QK head."""
+    from einops import einsum
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb, create_sinusoidal_positions
+
+    model = make(rope_interleaved=True, rope_parameters=dict(ROPE, partial_rotary_factor=0.5))
+    x = torch.randn(2, 8, 32)
+    q, k = model.queries_keys(x)  # (B, Hqk, T, dqk)
+    rot = 4
+    sincos = create_sinusoidal_positions(8, rot)[None].expand(2, -1, -1)  # (B, T, rot)
+    sin, cos = sincos[..., : rot // 2], sincos[..., rot // 2 :]
+    for got, W, b in ((q, model.W_Q, model.b_Q), (k, model.W_K, model.b_K)):
+        raw = einsum(x, W, "B T D, H D e -> B T H e") + b  # GPT-J's layout (B, T, H, dqk)
+        expected = torch.cat([apply_rotary_pos_emb(raw[..., :rot], sin, cos), raw[..., rot:]], -1)
+        torch.testing.assert_close(got, expected.transpose(1, 2))
+
+
+@torch.no_grad()
+def test_rope_scaling_and_no_rope():
     x = torch.randn(1, 8, 32)
-    base = make()(x).reconstruction
-    for overrides in (
-        {"rope_interleaved": True},
-        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
-        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
-        {"rope_parameters": None},
-    ):
-        other = make(**overrides)(x).reconstruction
-        assert not torch.allclose(other, base, atol=1e-4)
     # linear scaling by 4 is the same as positions divided by 4
     scaled = make(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
     pos = torch.arange(8)[None].float()
     torch.testing.assert_close(scaled(x).reconstruction, make()(x, position_ids=pos / 4).reconstruction)
+    # without rotary the queries are the plain projections
+    plain = make(rope_parameters=None)
+    q, _ = plain.queries_keys(x)
+    torch.testing.assert_close(q, (torch.einsum("btd,hde->bhte", x, plain.W_Q) + plain.b_Q[:, None]))
 
 
 def test_backward_reaches_every_parameter():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -11,9 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, STORIES_MODEL, require_shared
-from hf_lorsa import LorsaModel
+from hf_lorsa import LorsaModel, collect
 from hf_lorsa.inspector import Inspector, InspectorError, describe
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -50,7 +52,12 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     assert inspector.head_table(token=part).empty  # whole tokens only: no match inside a longer token
     html = inspector.contexts_html(3)
     assert 'class="context"' in html and "outline" in html
-    assert "<table>" in inspector.pattern_html(3)
+    # the heatmap shows the head's z-pattern on its top context: each cell is A[q, s] * v[s]
+    cells = re.findall(r"<td style='background:[^']*' title='(-?[0-9.]+)'>", inspector.pattern_html(3))
+    ids = torch.tensor(inspector.head(3)["top_contexts"][0]["tokens"])[None]
+    z = inspector.lorsa.z_pattern(collect(inspector.model, 2, input_ids=ids).hidden_states, 3)[0]
+    expected = [f"{v:.3f}" for q in range(z.shape[0]) for v in z[q, : q + 1].tolist()]
+    assert cells == expected
     assert len(inspector.logit_table(3)) == 20 and len(inspector.host_table(3)) == 8
     analysis = inspector.text("Once upon a time, there was a little dog.")
     assert len(analysis.tokens) == len(stories_tokenizer("Once upon a time, there was a little dog.").input_ids)

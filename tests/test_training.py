@@ -209,14 +209,21 @@ def test_an_output_folder_of_another_run_is_refused(tmp_path):
         train(*parse(options(out)))
 
 
-def test_command_line_entry_points_share_the_code():
-    from hf_lorsa import cli
-
-    assert cli.COMMANDS["train"][0] == "hf_lorsa.run_training:main"
-    script = (ROOT / "scripts" / "train.py").read_text()
-    assert "from hf_lorsa.run_training import main" in script
-    result = subprocess.run([sys.executable, "-m", "hf_lorsa", "train", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--max_tokens" in result.stdout and "--activation_cache" in result.stdout
+def test_command_line_entry_points_are_the_same_run(tmp_path):
+    """`hf-lorsa train`, `python scripts/train.py` and `accelerate launch scripts/train.py` write the same bytes."""
+    budget = dict(holdout_fraction=0.0, max_tokens=256 * 2)
+    commands = {
+        "cli": [sys.executable, "-m", "hf_lorsa", "train"],
+        "script": [sys.executable, str(ROOT / "scripts" / "train.py")],
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+                       str(ROOT / "scripts" / "train.py")],
+    }  # fmt: skip
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    for name, command in commands.items():
+        done = subprocess.run([*command, *options(tmp_path / name, **budget)], capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in commands}
+    assert weights["cli"] == weights["script"] == weights["accelerate"]
 
 
 def test_streamed_data_trains_like_hub_data(tmp_path):

@@ -8,12 +8,13 @@ are honoured. All logic lives in hf_lorsa.inspector; this file is UI only.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import socket
+from dataclasses import dataclass, field
 
 import gradio as gr
+from transformers import HfArgumentParser
 
 from hf_lorsa.inspector import InspectorError, cached_inspector, describe
 
@@ -153,12 +154,25 @@ def check_port() -> None:
             ) from None
 
 
+@dataclass
+class SpaceArguments:
+    """Which Lorsa to inspect; on a Space, the variables LORSA_ID, LORSA_SUBFOLDER and LORSA_MODEL."""
+
+    lorsa: str | None = field(
+        default_factory=lambda: os.environ.get("LORSA_ID"), metadata={"help": "Lorsa folder or Hub id (LORSA_ID)"}
+    )
+    subfolder: str = field(
+        default_factory=lambda: os.environ.get("LORSA_SUBFOLDER", ""), metadata={"help": "one layer of a release"}
+    )
+    model: str | None = field(
+        default_factory=lambda: os.environ.get("LORSA_MODEL"),
+        metadata={"help": "host model (LORSA_MODEL; None: the Lorsa's base model)"},
+    )
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Inspect the heads of a Lorsa.")
-    parser.add_argument("--lorsa", default=os.environ.get("LORSA_ID"), help="Lorsa directory or Hub id")
-    parser.add_argument("--subfolder", default=os.environ.get("LORSA_SUBFOLDER", ""))
-    parser.add_argument("--model", default=os.environ.get("LORSA_MODEL"), help="host model (default: its base model)")
-    args = parser.parse_args()
+    parser = HfArgumentParser(SpaceArguments, prog="app.py", description="Inspect the heads of a Lorsa.")
+    (args,) = parser.parse_args_into_dataclasses()
     if not args.lorsa:
         parser.error("give --lorsa or set LORSA_ID")
     check_port()

@@ -20,6 +20,14 @@ from tqdm.auto import tqdm
 
 from . import hosts
 from .activations import batches, load_text
+from .analysis_table import (  # noqa: F401 - load_analysis is part of this module's API
+    ANALYSIS_DIR,
+    HEAD_FEATURES,
+    TAGS,
+    load_analysis,
+    push_analysis,
+    save_analysis,
+)
 from .arguments import check_int
 from .attention_mask import counted_positions
 from .hooks import check_lorsa_matches, collect_to_cpu
@@ -32,7 +40,6 @@ from .loading import (
     warn_if_short,
 )
 
-ANALYSIS_DIR = "analysis"
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
 N_SOURCES = 5  # source tokens listed for each top activation
 
@@ -40,7 +47,6 @@ N_SOURCES = 5  # source tokens listed for each top activation
 # draw most of their activation from the source position the tag names.
 TAG_FRACTION = 0.5
 TAG_MIN_EVENTS = 20
-TAGS = ("bos", "previous_token", "current_token", "induction", "duplicate_token")
 # A Lorsa head "spans several host heads" when no single host head's OV subspace holds this share of its
 # rank-1 OV map (host subspaces overlap, so shares of different host heads do not add up to one).
 SINGLE_HEAD_SHARE = 0.5
@@ -87,7 +93,7 @@ def head_events(lorsa, x: torch.Tensor, counted: torch.Tensor):
     b, t, k = fired.nonzero(as_tuple=True)
     heads = out.top_k_indices[b, t, k]
     values = out.top_k_values[b, t, k]
-    v = lorsa.values(x * lorsa.config.input_norm_factor)  # (B, S, Hov)
+    v = lorsa.ov_values(x * lorsa.config.input_norm_factor)  # (B, S, Hov)
     source = torch.empty_like(t)
     for part, rows in lorsa.iter_attention_rows(x, b, heads // lorsa.config.group_size, t):  # rows: (chunk, S)
         source[part] = (rows * v[b[part], :, heads[part]] * values[part].sign()[:, None]).argmax(-1)
@@ -191,15 +197,23 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     if not n_windows:
         raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
     warn_if_short(n_windows * ids.shape[1], max_tokens)
-    tags = tags_from_counts(kinds, fires)
     contexts = _top_contexts(model, lorsa, top, stored, tokenizer, batch_size)
+    rows = _rows(model, lorsa, fires, kinds, contexts, n_tokens, tokenizer)
+    dataset = Dataset.from_list(rows, features=HEAD_FEATURES)
+    dataset.info.description = json.dumps({"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer})
+    return dataset
+
+
+def _rows(model, lorsa, fires, kinds, contexts, n_tokens: int, tokenizer) -> list[dict]:
+    """The table's rows (HEAD_FEATURES) from the first pass's counts and the second pass's contexts."""
+    c = lorsa.config
+    tags = tags_from_counts(kinds, fires)
     dla = logit_attribution(model, lorsa)
     shares = host_correspondence(model, lorsa)
     rows = []
     for i in range(c.n_ov_heads):
         share = shares[i]
-        order = share.argsort(descending=True)
-        rows.append({
+        row = {
             "head": i,
             "qk_head": i // c.group_size,
             "frequency": fires[i].item() / max(n_tokens, 1),
@@ -207,18 +221,16 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
             "tags": tags[i],
             "kind_shares": {t: kinds[i, j].item() / max(fires[i].item(), 1) for j, t in enumerate(TAGS)},
             "top_contexts": contexts[i],
-            "host_heads": order[:3].tolist(),
+            "host_heads": share.argsort(descending=True)[:3].tolist(),
             "host_shares": share.tolist(),
             "spans_several_host_heads": bool(share.max() < SINGLE_HEAD_SHARE),
             **dla[i],
-        })  # fmt: skip
-    if tokenizer is not None:
-        for row in rows:
-            row["promoted_tokens"] = tokenizer.convert_ids_to_tokens(row["promoted"])
-            row["suppressed_tokens"] = tokenizer.convert_ids_to_tokens(row["suppressed"])
-    dataset = Dataset.from_list(rows)
-    dataset.info.description = json.dumps({"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer})
-    return dataset
+        }  # fmt: skip
+        for kind in ("promoted", "suppressed"):
+            ids = row[kind]
+            row[f"{kind}_tokens"] = tokenizer.convert_ids_to_tokens(ids) if tokenizer else list(map(str, ids))
+        rows.append(row)
+    return rows
 
 
 def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: int) -> list[list[dict]]:
@@ -240,7 +252,7 @@ def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: 
         out = lorsa(x)
         acts = torch.zeros(*out.top_k_indices.shape[:2], c.n_ov_heads, device=device)
         acts.scatter_(-1, out.top_k_indices, out.top_k_values.float())  # (B, T, Hov) after top-k
-        v = lorsa.values(x * c.input_norm_factor)  # (B, S, Hov)
+        v = lorsa.ov_values(x * c.input_norm_factor)  # (B, S, Hov)
         events = [(row, h, p) for row, w in enumerate(group) for h, p, _ in by_window[w]]
         b, h, p = (torch.tensor(e, device=device) for e in zip(*events))
         for part, rows in lorsa.iter_attention_rows(x, b, h // c.group_size, p):  # only the rows shown
@@ -285,43 +297,6 @@ def token_strings(tokenizer, tokens: list[int]) -> list[str]:
         return [str(t) for t in tokens]
     texts = [tokenizer.decode(tokens[:i]) for i in range(len(tokens) + 1)]
     return [b[len(a) :] if b.startswith(a) else tokenizer.decode([t]) for a, b, t in zip(texts, texts[1:], tokens)]
-
-
-def save_analysis(dataset: Dataset, lorsa_dir: str | Path) -> Path:
-    path = Path(lorsa_dir, ANALYSIS_DIR)
-    path.mkdir(parents=True, exist_ok=True)
-    dataset.to_parquet(str(path / "heads.parquet"))
-    (path / "meta.json").write_text(dataset.info.description or "{}")
-    return path
-
-
-def load_analysis(lorsa_dir: str | Path, subfolder: str = "") -> Dataset | None:
-    """The saved analysis of a Lorsa (local folder or Hub id), with its meta.json (tokens analysed, top_n) as
-    the dataset's description, or None when there is none."""
-    from .hub import _repo_file
-
-    sub = f"{subfolder}/{ANALYSIS_DIR}" if subfolder else ANALYSIS_DIR
-    try:
-        heads = _repo_file(lorsa_dir, "heads.parquet", sub)
-        meta = _repo_file(lorsa_dir, "meta.json", sub) if heads else None
-    except (OSError, ValueError):  # no analysis published: the caller computes one
-        return None
-    if not heads:
-        return None
-    dataset = Dataset.from_parquet(heads)
-    if meta:
-        dataset.info.description = Path(meta).read_text()
-    return dataset
-
-
-def push_analysis(lorsa_dir: str | Path, repo_id: str, subfolder: str = "", token: str | None = None):
-    """Upload the analysis folder next to a pushed Lorsa, with huggingface_hub."""
-    from huggingface_hub import HfApi
-
-    target = f"{subfolder}/{ANALYSIS_DIR}" if subfolder else ANALYSIS_DIR
-    return HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=str(Path(lorsa_dir, ANALYSIS_DIR)), path_in_repo=target
-    )
 
 
 @dataclass

@@ -55,7 +55,7 @@ def _where(name_or_path, subfolder: str | None) -> str:
     return f"{name_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
 
 
-def _repo_file(name_or_path, filename: str, subfolder: str = "", **kwargs) -> str | None:
+def repo_file(name_or_path, filename: str, subfolder: str = "", **kwargs) -> str | None:
     """A file of a Lorsa folder or Hub repository (through transformers' cache), or None when absent."""
     from transformers.utils import cached_file
 
@@ -68,7 +68,7 @@ def _repo_file(name_or_path, filename: str, subfolder: str = "", **kwargs) -> st
 def read_eval_results(name_or_path, subfolder: str = "") -> dict | None:
     """The evaluation results saved beside a Lorsa (eval_results.json), or None."""
     try:
-        path = _repo_file(name_or_path, EVAL_RESULTS_FILE, subfolder)
+        path = repo_file(name_or_path, EVAL_RESULTS_FILE, subfolder)
     except OSError:
         return None
     return json.loads(Path(path).read_text()) if path else None

@@ -16,7 +16,8 @@ from functools import lru_cache
 import pandas as pd
 import torch
 
-from .analysis import TAGS, analyze, load_analysis, token_strings
+from .analysis import analyze, token_strings
+from .analysis_table import TAGS, load_analysis
 from .hooks import check_lorsa_matches, collect
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,11 @@ class Inspector:
             lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id)
         except (OSError, ValueError) as err:
             raise InspectorError(f"Could not load the Lorsa {lorsa_id!r} with its model: {err}") from err
-        return cls(lorsa, model, tokenizer, load_analysis(lorsa_id, subfolder))
+        try:
+            analysis = load_analysis(lorsa_id, subfolder)
+        except ValueError as err:
+            raise InspectorError(str(err)) from err
+        return cls(lorsa, model, tokenizer, analysis)
 
     @torch.no_grad()
     def _default_corpus(self) -> torch.Tensor:
@@ -96,9 +101,7 @@ class Inspector:
         rows = []
         needle = token.strip().lower()
         for row in self.analysis:
-            promoted = [
-                t.replace("▁", " ").replace("Ġ", " ") for t in row.get("promoted_tokens") or map(str, row["promoted"])
-            ]
+            promoted = [t.replace("▁", " ").replace("Ġ", " ") for t in row["promoted_tokens"]]
             if tag not in ("", "any", None) and tag not in row["tags"]:
                 continue
             if needle and not any(needle == t.strip().lower() for t in promoted):  # whole tokens only
@@ -176,9 +179,11 @@ class Inspector:
 
     def logit_table(self, head) -> pd.DataFrame:
         row = self.head(head)
-        names = row.get("promoted_tokens") or [str(t) for t in row["promoted"]]
-        down = row.get("suppressed_tokens") or [str(t) for t in row["suppressed"]]
-        return pd.DataFrame({"token": [*names, *down], "logit": [*row["promoted_logits"], *row["suppressed_logits"]]})
+        tokens, logits = (
+            [*row["promoted_tokens"], *row["suppressed_tokens"]],
+            [*row["promoted_logits"], *row["suppressed_logits"]],
+        )
+        return pd.DataFrame({"token": tokens, "logit": logits})
 
     def host_table(self, head) -> pd.DataFrame:
         """Per host head, the share of this head's rank-1 OV map that lies inside that host head's OV subspace.

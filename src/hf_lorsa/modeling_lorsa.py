@@ -1,7 +1,8 @@
 """LorsaModel: thousands of sparsely active rank-1 attention heads standing in for one attention layer.
 
 Axes: B batch, T query positions, S key (source) positions, D d_model, Hqk QK heads, dqk QK head width,
-G OV heads per QK head (group size), Hov = Hqk * G OV heads, K active heads per position.
+G OV heads per QK head (group size), Hov = Hqk * G OV heads, K active heads per position, E events (a
+head at a position in a batch row).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import einsum, rearrange
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -178,7 +179,7 @@ class LorsaModel(LorsaPreTrainedModel):
         """z of every OV head at every position (B, T, Hov), through the fused attention path."""
         x = self._check_input(hidden_states, position_ids, attention_mask) * self.config.input_norm_factor
         q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)  # (B, Hqk, T, dqk)
-        v = rearrange(self.values(x), "b t (h g) -> b h t g", h=self.config.n_qk_heads)
+        v = rearrange(self.ov_values(x), "b t (h g) -> b h t g", h=self.config.n_qk_heads)
         if self.config.attn_logit_softcapping is not None:
             # SDPA has no soft-capping: take the explicit path.
             z = self._pattern(q, k, attention_mask) @ v
@@ -189,14 +190,15 @@ class LorsaModel(LorsaPreTrainedModel):
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.config.scaling)
         return rearrange(z, "b h t g -> b t (h g)")
 
-    def values(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-position value of each OV head, x w_v + b_v: (B, T, Hov)."""
+    def ov_values(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-position value of each OV head, x w_v + b_v: (B, T, Hov) (what attention mixes; the heads'
+        activations after attention and top-k are `LorsaOutput.top_k_values`)."""
         return F.linear(x, self.w_v, self.b_v)
 
     def queries_keys(self, x, position_ids=None, attention_mask=None, position_embeddings=None):
         """Queries and keys (B, Hqk, T, dqk) with the host's QK-norm and rotary treatment."""
-        q = torch.einsum("btd,hdk->bhtk", x, self.W_Q) + self.b_Q[:, None]
-        k = torch.einsum("btd,hdk->bhtk", x, self.W_K) + self.b_K[:, None]
+        q = einsum(x, self.W_Q, "B T D, Hqk D dqk -> B Hqk T dqk") + self.b_Q[:, None]
+        k = einsum(x, self.W_K, "B T D, Hqk D dqk -> B Hqk T dqk") + self.b_K[:, None]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary_emb is not None:
@@ -265,7 +267,7 @@ class LorsaModel(LorsaPreTrainedModel):
         for start in range(0, len(batch_index), chunk):
             part = slice(start, start + chunk)
             b, h, t = batch_index[part], qk_heads[part], positions[part]
-            logits = torch.einsum("ed,esd->es", q[b, h, t].float(), k[b, h].float())  # (E, S)
+            logits = einsum(q[b, h, t].float(), k[b, h].float(), "E dqk, E S dqk -> E S")
             yield part, self._softmax(logits, allowed[b if allowed.shape[0] > 1 else 0 * b, t])
 
     def attention_pattern(self, hidden_states, qk_head: int | None = None, position_ids=None, attention_mask=None,
