@@ -83,3 +83,25 @@ def stories_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(STORIES_MODEL)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_config(port: int, process, seconds: int = 240) -> str:
+    """The Gradio app's /config page once it serves, or "" when the process ends or time runs out first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and process.poll() is None:
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
+        except OSError:
+            time.sleep(1)
+    return ""

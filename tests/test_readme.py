@@ -5,16 +5,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SHARED, require_shared
+from conftest import ROOT, SHARED, app_config, free_port, require_shared
 
 
 def test_readme_example_runs(monkeypatch):
@@ -127,13 +124,7 @@ def test_every_readme_command_runs_as_written(project):
     app = subprocess.Popen(commands[6], shell=True, cwd=project, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
-        page, deadline = "", time.time() + 240
-        while time.time() < deadline and app.poll() is None:
-            try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
-                break
-            except OSError:
-                time.sleep(1)
+        page = app_config(port, app)
         assert "Lorsa for layer 2" in page and f"Analysis over {analysis['n_tokens']} tokens" in page
     finally:
         os.killpg(app.pid, signal.SIGTERM)
@@ -146,9 +137,3 @@ def test_every_readme_command_runs_as_written(project):
     result = run(commands[8], project)  # python scripts/bench.py
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["config"] for row in rows] == ["a", "b"] and all(row["tokens_per_s"] > 0 for row in rows)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -4,7 +4,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, STORIES_MODEL, require_shared
+from conftest import ROOT, STORIES_MODEL, app_config, free_port, require_shared
 from hf_lorsa import LorsaModel, collect
 from hf_lorsa.inspector import Inspector, InspectorError, describe
 
@@ -91,12 +90,6 @@ def test_a_lorsa_and_model_that_do_not_belong_together(lorsa_dir, stories_model,
     lorsa.config.host_model_type = "gpt2"
     with pytest.raises(InspectorError, match="does not belong to this model"):
         Inspector(lorsa, stories_model, stories_tokenizer)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -262,13 +255,7 @@ def test_space_folder_installs_and_starts_in_a_fresh_virtualenv(tmp_path, lorsa_
     log = open(tmp_path / "app.log", "w")
     app = subprocess.Popen([str(python), "app.py"], cwd=space, env=env, stdout=log, stderr=log)
     try:
-        deadline, page = time.time() + 240, ""
-        while time.time() < deadline and app.poll() is None:
-            try:
-                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=2).read().decode()
-                break
-            except OSError:
-                time.sleep(1)
+        page = app_config(port, app)
         assert "Lorsa for layer 2" in page, (tmp_path / "app.log").read_text()[-3000:]
     finally:
         app.terminate()
