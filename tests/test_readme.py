@@ -88,7 +88,7 @@ def test_every_readme_command_runs_as_written(project):
         assert any(isinstance(row.get("fvu"), float) for row in logs)  # numbers, not strings
         assert lorsa.config.tokens_trained == int(SMALL_BUDGET) and not list(out.glob("checkpoint-*"))
         assert json.loads((out / "lorsa_run.json").read_text())["status"] == "finished"
-        assert 0 < lorsa.eval_results["fvu"] < 1 and lorsa.eval_results["dataset_split"].startswith("last 0.05")
+        assert 0 < lorsa.eval_results["fvu"] < 1 and lorsa.eval_results["dataset_split"].startswith("last 0.01")
         trained[out.name] = lorsa
     assert [lorsa.config.layer for lorsa in trained.values()] == [2, 3, 2]
     assert list((project / "runs" / "stories-l3" / "runs").rglob("events.out.tfevents.*"))  # default: tensorboard
@@ -101,7 +101,7 @@ def test_every_readme_command_runs_as_written(project):
     text = (lorsa_dir / "eval_results.json").read_text()
     results = json.loads(text)
     assert text.startswith('{\n  "fvu"') and sys.executable not in text
-    assert results["dataset_split"].startswith("last 0.05") and results["n_tokens"] == before["n_tokens"]
+    assert results["dataset_split"].startswith("last 0.01") and results["n_tokens"] == before["n_tokens"]
     assert results["fvu"] == pytest.approx(before["fvu"], rel=1e-4)  # the same held-out text as the run's own
     assert "fewer than --max_tokens 200000" in result.stderr
     assert f"{results['fvu']:.6g}" in (lorsa_dir / "README.md").read_text()

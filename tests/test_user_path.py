@@ -22,16 +22,16 @@ def hf_lorsa(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "hf_lorsa", *args], capture_output=True, text=True, timeout=300)
 
 
-def test_help_lists_the_commands_and_version_prints_it():
+def test_help_lists_the_commands_and_version_prints_it(capsys):
     from importlib.metadata import version
 
-    result = hf_lorsa("--help")
-    assert result.returncode == 0
-    listed = re.findall(r"^  (\w+)\s{2,}\S", result.stdout, re.M)
+    from hf_lorsa.cli import main
+
+    assert main(["--help"]) == 0
+    listed = re.findall(r"^  (\w+)\s{2,}\S", capsys.readouterr().out, re.M)
     assert listed == ["train", "evaluate", "analyze"]
-    assert hf_lorsa("--version").stdout.strip() == f"hf-lorsa {version('hf_lorsa')}"
-    wrong = hf_lorsa("trian")
-    assert wrong.returncode == 2 and "unknown command 'trian'" in wrong.stderr
+    assert hf_lorsa("--version").stdout.strip() == f"hf-lorsa {version('hf_lorsa')}"  # as typed
+    assert main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
 
 
 def test_train_help_shows_the_lorsa_and_data_options_first_with_defaults():
