@@ -61,7 +61,9 @@ def run(command: str, cwd: Path) -> subprocess.CompletedProcess:
     if "train" in command.split(" --")[0] and "--max_tokens" in command:
         command = re.sub(r"--max_tokens \S+", f"--max_tokens {SMALL_BUDGET}", command)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    raw = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, timeout=900)
+    # decoded by hand: text=True would turn carriage returns into newlines and hide progress-bar floods
+    result = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(), raw.stderr.decode())
     assert result.returncode == 0, f"{command}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "\r" not in result.stderr and "Traceback" not in result.stderr  # no progress-bar floods in a log
     return result

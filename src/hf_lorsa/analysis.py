@@ -19,7 +19,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from . import hosts
-from .activations import batches, load_text
+from .activations import batches
 from .analysis_table import (  # noqa: F401 - load_analysis is part of this module's API
     ANALYSIS_DIR,
     HEAD_FEATURES,
@@ -30,15 +30,9 @@ from .analysis_table import (  # noqa: F401 - load_analysis is part of this modu
 )
 from .arguments import check_int
 from .attention_mask import counted_positions
+from .configuration_lorsa import check_positive_ints
 from .hooks import check_lorsa_matches, collect_to_cpu
-from .loading import (
-    LorsaSourceArguments,
-    data_source,
-    load_lorsa_and_host,
-    load_windows,
-    read_lorsa_config,
-    warn_if_short,
-)
+from .loading import LorsaSourceArguments, open_lorsa_source, warn_if_short
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
 N_SOURCES = 5  # source tokens listed for each top activation
@@ -169,9 +163,7 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
             progress: bool = True, strict: bool = True) -> Dataset:  # fmt: skip
     """One row per OV head: frequency, tags, top contexts with z-patterns, logit attribution, host heads."""
     check_lorsa_matches(model, lorsa, strict)
-    for name, value in (("max_tokens", max_tokens), ("top_n", top_n), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    check_positive_ints(max_tokens=max_tokens, top_n=top_n, batch_size=batch_size)
     c = lorsa.config
     skip = c.skip_token_ids or []
     device = next(lorsa.parameters()).device
@@ -180,7 +172,7 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     top = _TopEvents.empty(c.n_ov_heads, top_n)
     stored: dict[int, torch.Tensor] = {}  # token ids of the windows that hold a current top event
     n_tokens, n_windows = 0, 0
-    for ids in tqdm(batches(windows, batch_size, max_tokens), desc="Analysing", disable=not progress):
+    for ids in tqdm(batches(windows, batch_size, max_tokens), desc="Analysing", disable=None if progress else True):
         x = collect_to_cpu(model, c.layer, ids)["hidden_states"].to(device, next(lorsa.parameters()).dtype)
         counted = counted_positions(ids, skip).to(device)
         b, t, heads, values, source = head_events(lorsa, x, counted)
@@ -318,23 +310,18 @@ def main(argv: list[str] | None = None) -> int:
     """`hf-lorsa analyze`: compute the head analysis of a Lorsa and save it beside it."""
     from transformers import HfArgumentParser
 
-    from .arguments import user_errors
+    from .arguments import command_line
 
     parser = HfArgumentParser(
         AnalyzeArguments, prog="hf-lorsa analyze",
         description="Analyse the heads of a Lorsa. Without --dataset, on its training run's held-out data.",
     )  # fmt: skip
-    with user_errors("hf-lorsa analyze"):
+    with command_line("hf-lorsa analyze"):
         (args,) = parser.parse_args_into_dataclasses(argv)
         path = args.output_path(str(Path(args.output, ANALYSIS_DIR)) if args.output else None, ANALYSIS_DIR)
-        source = data_source(args, read_lorsa_config(args))
-        load_text(source.dataset, source.text_column, split=source.split)  # data problems before any model loads
-        lorsa, model, tokenizer = load_lorsa_and_host(
-            args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device
-        )
-        windows = load_windows(source, tokenizer)
-        result = analyze(model, lorsa, windows, args.max_tokens, args.top_n, args.batch_size, tokenizer,
-                         strict=args.strict)  # fmt: skip
+        opened = open_lorsa_source(args)
+        result = analyze(opened.host, opened.lorsa, opened.windows, args.max_tokens, args.top_n, args.batch_size,
+                         opened.tokenizer, strict=args.strict)  # fmt: skip
     if path.exists():
         shutil.rmtree(path)
     save_analysis(result, path.parent)

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+from .configuration_lorsa import is_int
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -33,7 +35,7 @@ def require(condition: bool, message: str) -> None:
 def check_int(name: str, value, minimum: int = 1, optional: bool = False) -> None:
     if optional and value is None:
         return
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    ok = is_int(value) and value >= minimum
     require(ok, f"--{name} must be an integer >= {minimum}, got {value!r}.")
 
 
@@ -53,8 +55,9 @@ def check_model_name(name: str, option: str = "model_name_or_path") -> None:
     if path.exists():
         require(path.is_dir(), f"--{option} {name} is a file; give the model's folder (with config.json).")
         return
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep + os.sep in name
-    require(not looks_local, f"--{option} {name}: no such folder.")
+    from .hub import looks_like_a_path
+
+    require(not looks_like_a_path(name), f"--{option} {name}: no such folder.")
     try:
         validate_repo_id(name)
     except HFValidationError as err:
@@ -320,12 +323,25 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
     )
 
 
+def quiet_when_not_a_terminal() -> None:
+    """No progress bars (carriage-return floods) when the output goes to a file or a pipe."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
 @contextlib.contextmanager
-def user_errors(prog: str):
-    """On the command line, a problem the user can fix ends the command with its message and exit code 2,
-    not a traceback (set HF_LORSA_TRACEBACK=1 to see one)."""
+def command_line(prog: str):
+    """What every hf-lorsa command does at its boundary: progress bars only on a terminal, and a problem the
+    user can fix ends the command with its message and exit code 2, not a traceback (set
+    HF_LORSA_TRACEBACK=1 to see one)."""
     from .trainer import TrainingDiverged
 
+    quiet_when_not_a_terminal()
     try:
         yield
     except (ValueError, OSError, TrainingDiverged) as err:

@@ -18,17 +18,6 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def quiet_when_not_a_terminal() -> None:
-    """No progress bars (carriage-return floods) when the output goes to a file or a pipe."""
-    if sys.stderr.isatty():
-        return
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--version"]:
@@ -45,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     module_name, function = COMMANDS[argv[0]][0].split(":")
     from importlib import import_module
 
-    quiet_when_not_a_terminal()
     return getattr(import_module(module_name), function)(argv[1:]) or 0
 
 

@@ -11,6 +11,17 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 TOPK_RULES = ("abs", "relu")
 
 
+def is_int(value) -> bool:
+    """An integer, and not a bool (True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if not is_int(value) or value <= 0:
+            raise ValueError(f"{name} must be positive: an integer >= 1, got {value!r}.")
+
+
 class LorsaConfig(PreTrainedConfig):
     r"""Configuration of a [`LorsaModel`]: one attention layer decomposed into many rank-1 heads.
 
@@ -100,7 +111,7 @@ class LorsaConfig(PreTrainedConfig):
     def _validate(self) -> None:
         for name in ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"LorsaConfig.{name} must be a positive integer, got {value!r}.")
         if self.n_ov_heads % self.n_qk_heads:
             raise ValueError(

@@ -21,18 +21,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
-from .activations import batches, load_text
+from .activations import batches
 from .attention_mask import counted_positions
+from .configuration_lorsa import check_positive_ints
 from .hooks import check_lorsa_matches, collect, lorsa_output, run_variants
 from .hub import EVAL_RESULTS_FILE
-from .loading import (
-    LorsaSourceArguments,
-    data_source,
-    load_lorsa_and_host,
-    load_windows,
-    read_lorsa_config,
-    warn_if_short,
-)
+from .loading import LorsaSourceArguments, open_lorsa_source, warn_if_short
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +114,8 @@ def evaluate_lorsa(
     the host's attention output is kept in all four runs. `strict=False` accepts a Lorsa made from another
     model of the same shape.
     """
-    if max_tokens is None or max_tokens <= 0:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}.")
+    check_positive_ints(max_tokens=max_tokens, batch_size=batch_size)
     check_lorsa_matches(model, lorsa, strict)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     skip = lorsa.config.skip_token_ids if skip_token_ids is None else skip_token_ids
     chunks = list(batches(windows, batch_size, max_tokens))  # read twice: for the mean, then for the metrics
     if not chunks:
@@ -135,7 +126,7 @@ def evaluate_lorsa(
     try:
         mean = mean_attention_output(model, lorsa, chunks, skip)
         totals = _Totals(lorsa.config.n_ov_heads, lorsa.config.d_model, mean.device)
-        for ids in tqdm(chunks, desc="Evaluating", disable=not progress):
+        for ids in tqdm(chunks, desc="Evaluating", disable=None if progress else True):  # None: only on a terminal
             _evaluate_batch(model, lorsa, ids, skip, mean, totals)
     finally:
         model.train(modes[0]), lorsa.train(modes[1])
@@ -218,20 +209,17 @@ def parser() -> HfArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .arguments import user_errors
+    from .arguments import command_line
 
-    with user_errors("hf-lorsa evaluate"):
+    with command_line("hf-lorsa evaluate"):
         (args,) = parser().parse_args_into_dataclasses(argv)
         output = args.output_path(args.output, EVAL_RESULTS_FILE)
-        source = data_source(args, read_lorsa_config(args))
-        load_text(source.dataset, source.text_column, split=source.split)  # data problems before any model loads
-        lorsa, model, tokenizer = load_lorsa_and_host(
-            args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device
-        )
+        opened = open_lorsa_source(args)
+        lorsa = opened.lorsa
         results = evaluate_lorsa(
-            model, lorsa, load_windows(source, tokenizer), args.max_tokens, args.batch_size, strict=args.strict
+            opened.host, lorsa, opened.windows, args.max_tokens, args.batch_size, strict=args.strict
         ).to_dict()
-    results.update(**source.describe(), model=args.model_name_or_path or lorsa.config.base_model_name_or_path,
+    results.update(**opened.source.describe(), model=args.model_name_or_path or lorsa.config.base_model_name_or_path,
                    lorsa=args.lorsa, subfolder=args.subfolder or None, layer=lorsa.config.layer)  # fmt: skip
     save_results(results, output)
     if args.update_card:

@@ -134,10 +134,7 @@ def capture(model: nn.Module, layer: int, attention_module: str | None = None, s
 def check_lorsa_matches(model: nn.Module, lorsa, strict: bool = True) -> None:
     """Refuse, before any forward pass, a Lorsa made for another model family, width or depth, and (with
     `strict`) one made from another model of the same shape (its recorded fingerprint differs)."""
-    from .modeling_lorsa import LorsaModel
-
-    if not isinstance(lorsa, LorsaModel):
-        raise TypeError(f"Expected a hf_lorsa.LorsaModel, got {type(lorsa).__name__}.")
+    _check_is_lorsa(lorsa)
     cfg = hosts.host_config(model)
     lc = lorsa.config
     if lc.d_model != cfg.hidden_size:
@@ -159,8 +156,17 @@ def check_lorsa_matches(model: nn.Module, lorsa, strict: bool = True) -> None:
         )
 
 
+def _check_is_lorsa(lorsa) -> None:
+    from .modeling_lorsa import LorsaModel
+
+    if not isinstance(lorsa, LorsaModel):
+        raise TypeError(f"Expected a hf_lorsa.LorsaModel, got {type(lorsa).__name__}.")
+
+
 def _check_layer_argument(layer) -> None:
-    if not isinstance(layer, int) or isinstance(layer, bool):
+    from .configuration_lorsa import is_int
+
+    if not is_int(layer):
         raise TypeError(f"layer must be an integer (the index of a decoder layer), got {layer!r}.")
 
 
@@ -175,8 +181,8 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None, strict:
     """
     if attention_module is None:
         check_lorsa_matches(model, lorsa, strict)
-    elif not hasattr(lorsa, "config") or not hasattr(lorsa.config, "n_ov_heads"):
-        raise TypeError(f"Expected a hf_lorsa.LorsaModel, got {type(lorsa).__name__}.")
+    else:
+        _check_is_lorsa(lorsa)
 
     def on_output(record: AttentionRecord, output):
         x = record.hidden_states

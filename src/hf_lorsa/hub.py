@@ -44,8 +44,13 @@ with hf_lorsa.splice(model, lorsa):  # layer {{ layer }}'s attention output repl
 {{ results }}"""
 
 
+def looks_like_a_path(name: str) -> bool:
+    """Written as a local path (./x, /x, ~/x, a/b/c), not as a Hub id (org/name)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
 def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not Path(name).is_absolute() and not name.startswith((".", "~")) and name.count("/") <= 1
+    return bool(name) and not looks_like_a_path(name)
 
 
 REQUIRED_CONFIG_KEYS = ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k")
@@ -74,18 +79,19 @@ def read_eval_results(name_or_path, subfolder: str = "") -> dict | None:
     return json.loads(Path(path).read_text()) if path else None
 
 
-def check_lorsa_config(name_or_path, kwargs: dict) -> None:
-    """Refuse, with a clear message, a folder that holds another kind of model or an incomplete config."""
+def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
+    """The config.json of a Lorsa as a dict, after refusing with a clear message a folder that holds another
+    kind of model or an incomplete config (None when `kwargs` bring their own config)."""
     from .configuration_lorsa import LorsaConfig
 
     subfolder = kwargs.get("subfolder") or ""
     where = _where(name_or_path, subfolder)
     if kwargs.get("config") is not None:
-        return
+        return None
     local = Path(str(name_or_path)).expanduser()
     if local.is_dir() and not (local / subfolder / "config.json").is_file():
         raise OSError(f"Could not load a Lorsa from {where}: it needs config.json and model.safetensors.")
-    if not local.exists() and (str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") > 1):
+    if not local.exists() and looks_like_a_path(str(name_or_path)):
         raise OSError(f"Could not load a Lorsa from {where}: no such folder (it needs config.json and "
                       "model.safetensors).")  # fmt: skip
     try:
@@ -105,6 +111,7 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> None:
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
     if missing:
         raise ValueError(f"The config.json of the Lorsa at {where} lacks {missing}; the checkpoint is incomplete.")
+    return config
 
 
 def check_loading_info(name_or_path, info: dict) -> None:

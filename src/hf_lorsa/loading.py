@@ -102,13 +102,34 @@ class DataSource:
         return described
 
 
-def read_lorsa_config(args: LorsaSourceArguments):
-    """The Lorsa's config alone (no weights): enough to resolve every default."""
+@dataclass
+class Opened:
+    """A Lorsa with its host, the host's tokenizer, and the token windows to read."""
+
+    lorsa: object
+    host: object
+    tokenizer: object
+    windows: object
+    source: DataSource
+
+
+def open_lorsa_source(args: LorsaSourceArguments) -> Opened:
+    """Everything evaluate and analyze read, checked before anything expensive: the Lorsa's config (no weights)
+    resolves the defaults, the text is read (its problems surface before any model loads), then the models."""
     from . import hub
+    from .activations import load_text, pack, split_holdout
     from .configuration_lorsa import LorsaConfig
 
-    hub.check_lorsa_config(args.lorsa, {"subfolder": args.subfolder})
-    return LorsaConfig.from_pretrained(args.lorsa, subfolder=args.subfolder)
+    config = LorsaConfig.from_dict(hub.check_lorsa_config(args.lorsa, {"subfolder": args.subfolder}))
+    source = data_source(args, config)
+    text = load_text(source.dataset, source.text_column, split=source.split)
+    if source.holdout_fraction:
+        text = split_holdout(text, source.holdout_fraction)[1]
+    lorsa, host, tokenizer = load_lorsa_and_host(
+        args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device
+    )
+    windows = pack(text, tokenizer, source.context_length, source.text_column)
+    return Opened(lorsa, host, tokenizer, windows, source)
 
 
 def data_source(args: LorsaSourceArguments, config) -> DataSource:
@@ -130,16 +151,6 @@ def data_source(args: LorsaSourceArguments, config) -> DataSource:
         "This Lorsa's training run held out no data (no --eval_dataset or --holdout_fraction); pass --dataset.",
     )
     return DataSource(run["dataset"], column, args.split or "validation", fraction, context)
-
-
-def load_windows(source: DataSource, tokenizer):
-    """Token windows of the source (text loaded and checked, documents packed)."""
-    from .activations import load_text, pack, split_holdout
-
-    dataset = load_text(source.dataset, source.text_column, split=source.split)
-    if source.holdout_fraction:
-        dataset = split_holdout(dataset, source.holdout_fraction)[1]
-    return pack(dataset, tokenizer, source.context_length, source.text_column)
 
 
 def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str | None = None,

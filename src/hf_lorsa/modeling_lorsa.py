@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from . import hub
 from .attention_mask import attention_bias, needs_mask, positions_from_mask
-from .configuration_lorsa import LorsaConfig
+from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 
 
@@ -213,7 +213,7 @@ class LorsaModel(LorsaPreTrainedModel):
 
     def select_top_k(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the k heads with the largest score at each position (LORSA.md: |z| * ||w_o|| or ReLU)."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= self.config.n_ov_heads:
+        if not is_int(k) or not 0 < k <= self.config.n_ov_heads:
             raise ValueError(f"top_k must be in [1, n_ov_heads={self.config.n_ov_heads}], got {k}.")
         act = z.relu() if self.config.topk_rule == "relu" else z
         scores = (act.abs() if self.config.topk_rule == "abs" else act) * self.w_o.detach().norm(dim=-1).to(z.dtype)
@@ -274,9 +274,7 @@ class LorsaModel(LorsaPreTrainedModel):
                           position_embeddings=None):  # fmt: skip
         """Attention pattern softmax(QK^T * scale) with masks: of QK head `qk_head` (B, T, S), or of every QK
         head (B, Hqk, T, S) when `qk_head` is None. OV head i reads QK head i // config.group_size."""
-        if qk_head is not None and (
-            isinstance(qk_head, bool) or not isinstance(qk_head, int) or not 0 <= qk_head < self.config.n_qk_heads
-        ):
+        if qk_head is not None and not (is_int(qk_head) and 0 <= qk_head < self.config.n_qk_heads):
             raise ValueError(f"qk_head must be an integer in [0, {self.config.n_qk_heads}), got {qk_head!r}.")
         x = self._check_input(hidden_states, position_ids, attention_mask) * self.config.input_norm_factor
         q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)
@@ -290,7 +288,7 @@ class LorsaModel(LorsaPreTrainedModel):
 
         Summed over S it equals that head's pre-activation z.
         """
-        if isinstance(ov_head, bool) or not isinstance(ov_head, int) or not 0 <= ov_head < self.config.n_ov_heads:
+        if not (is_int(ov_head) and 0 <= ov_head < self.config.n_ov_heads):
             raise ValueError(f"ov_head must be an integer in [0, {self.config.n_ov_heads}), got {ov_head!r}.")
         pattern = self.attention_pattern(
             hidden_states, ov_head // self.config.group_size, position_ids=position_ids,

@@ -34,11 +34,11 @@ from .arguments import (
     LorsaTrainingArguments,
     UsageError,
     check_against_host,
+    command_line,
     parse,
     parse_dict,
     run_signature,
     tokens_per_step,
-    user_errors,
 )
 from .configuration_lorsa import LorsaConfig
 from .modeling_lorsa import LorsaModel
@@ -198,7 +198,7 @@ def resume_checkpoint(args: TrainingArguments, signature: dict) -> str | None:
 def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict) -> LorsaModel:
     """Fold normalisation and decoder norms into the weights, record provenance, evaluate, save, and remove
     the intermediate checkpoints (unless --keep_checkpoints)."""
-    trainer.check_finite()
+    trainer.check_finite(weights=True)
     lorsa = copy.deepcopy(trainer.lorsa).float().eval()
     lorsa.fold_norm_factors()
     lorsa.normalize_decoder()
@@ -237,7 +237,6 @@ def evaluated_data(data_args: DataArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import quiet_when_not_a_terminal
     from .launch import relaunch_on_cpu
 
     # the processes started for `accelerate launch --cpu --num_processes N` rerun this very command line
@@ -245,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    quiet_when_not_a_terminal()
-    with user_errors("hf-lorsa train"):
+    with command_line("hf-lorsa train"):
         model_args, data_args, args = parse(argv)
         lorsa = train(model_args, data_args, args)
     if lorsa.eval_results and args.should_save:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from .attention_mask import counted_positions
 from .hooks import collect
@@ -147,14 +148,15 @@ class LorsaTrainer(Trainer):
             self.check_finite()
         super().log(logs, start_time)
 
-    def check_finite(self) -> None:
-        """Stop with a message when the loss or the weights stopped being finite; the checkpoints saved so
-        far were checked the same way, so the last one is good."""
-        weights_ok = all(bool(torch.isfinite(p).all()) for p in self.lorsa.parameters())
-        if bool(self._finite) and weights_ok:
+    def check_finite(self, weights: bool = False) -> None:
+        """Stop with a message when the loss (and, with `weights`, the weights) stopped being finite. Every
+        checkpoint is checked with its weights before it is written, so the last one is good."""
+        finite = bool(self._finite)
+        if weights and finite:
+            finite = all(bool(torch.isfinite(p).all()) for p in self.lorsa.parameters())
+        if finite:
             return
-        good = [c for c in Path(self.args.output_dir).glob("checkpoint-*") if c.is_dir()]
-        last = max(good, key=lambda c: int(c.name.split("-")[-1]), default=None)
+        last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
         raise TrainingDiverged(
             f"Training diverged: the loss became non-finite by step {self.state.global_step}; stopped. "
             + (f"The last good checkpoint is {last}. " if last else "No checkpoint was saved before that. ")
@@ -162,7 +164,7 @@ class LorsaTrainer(Trainer):
         )
 
     def _save_checkpoint(self, model, trial) -> None:
-        self.check_finite()  # a diverged run never writes a checkpoint
+        self.check_finite(weights=True)  # a diverged run never writes a checkpoint
         super()._save_checkpoint(model, trial)
 
     def tokens_seen(self) -> int:
