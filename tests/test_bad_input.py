@@ -302,6 +302,21 @@ def test_another_model_of_the_same_shape_is_refused_unless_asked():
         mine(ids)
 
 
+def test_a_model_with_the_same_weight_norms_is_refused_too():
+    """At realistic sizes two models of one shape have nearly equal weight norms (a random Llama-3.2-1B-shaped
+    host and another one differed by at most 0.15%): the fingerprint compares weights, not only norms."""
+    import copy
+
+    mine = build_host("llama")
+    lorsa = LorsaModel.from_host(mine, 1, n_ov_heads=32, top_k=4)
+    shuffled = copy.deepcopy(mine)
+    q_proj = shuffled.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        q_proj.copy_(q_proj.flatten()[torch.randperm(q_proj.numel())].view_as(q_proj))  # same norm, other weights
+    with pytest.raises(ValueError, match="made from another model than this one"), splice(shuffled, lorsa):
+        pass
+
+
 def test_a_host_of_the_same_width_with_another_head_size():
     import transformers
 

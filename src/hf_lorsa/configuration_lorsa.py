@@ -48,8 +48,9 @@ class LorsaConfig(PreTrainedConfig):
         input_norm_factor (`float`): the attention input is multiplied by this before use.
         output_norm_factor (`float`): the reconstruction is divided by this. Both are 1 once folded.
         base_model_name_or_path (`str`, *optional*): Hub id or path of the host model.
-        host_fingerprint (`dict`, *optional*): norms of the host layer's attention weights, compared by `splice`
-            and evaluation so that a Lorsa is not silently used with another model of the same shape.
+        host_fingerprint (`dict`, *optional*): the RMS and a few values of each of the host layer's attention
+            weights, compared by `splice` and evaluation so that a Lorsa is not silently used with another model
+            of the same shape.
         host_model_type (`str`, *optional*): `model_type` of the host (e.g. `"llama"`).
         layer (`int`, *optional*): index of the host layer this Lorsa replaces.
         attn_input_module (`str`, *optional*): module path whose input is the attention input.

@@ -235,18 +235,35 @@ def position_settings(model: nn.Module, layer: int) -> dict:
     }
 
 
+FINGERPRINT_SAMPLES = 16  # weights read at fixed positions of each matrix
+
+
 @torch.no_grad()
-def fingerprint(model: nn.Module, layer: int) -> dict[str, float]:
-    """The norm of each weight of layer `layer`'s attention (LoRA adapters left out): cheap to compute, the
-    same in any dtype to within rounding, and different for another model of the same shape."""
+def fingerprint(model: nn.Module, layer: int) -> dict[str, list[float]]:
+    """Per weight of layer `layer`'s attention (LoRA adapters left out): its RMS, then its values at
+    FINGERPRINT_SAMPLES fixed positions. The same in any dtype to within rounding, and different for another
+    model of the same shape: at realistic sizes two random or related models have nearly equal norms, but not
+    equal weights."""
     attn = get_module(unwrap(model), attention_path(model, layer))
     prints = {}
     for name, param in attn.named_parameters():
         if "lora_" in name:
             continue
-        prints[name.replace(".base_layer", "")] = round(float(param.detach().float().norm()), 6)
+        flat = param.detach().flatten()
+        positions = torch.randint(flat.numel(), (FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
+        rms = flat.float().pow(2).mean().sqrt()
+        values = [rms, *flat[positions.to(flat.device)].float()]
+        prints[name.replace(".base_layer", "")] = [float(f"{float(v):.7g}") for v in values]
     return prints
 
 
-def same_fingerprint(a: dict[str, float], b: dict[str, float], rtol: float = 1e-2) -> bool:
-    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= rtol * max(abs(a[k]), 1e-12) for k in a)
+def same_fingerprint(a: dict[str, list[float]], b: dict[str, list[float]], rtol: float = 1e-2) -> bool:
+    """Equal up to rounding: each value within rtol of its own size plus rtol of its weight's RMS (bf16 rounds
+    by at most 2^-8 of a value)."""
+    if a.keys() != b.keys():
+        return False
+    for name in a:
+        rms = abs(a[name][0])
+        if len(a[name]) != len(b[name]) or any(abs(x - y) > rtol * (abs(x) + rms) for x, y in zip(a[name], b[name])):
+            return False
+    return True
