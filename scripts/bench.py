@@ -2,6 +2,7 @@
 
 python scripts/bench.py                 # configs a and b on the CPU (c too on CUDA)
 python scripts/bench.py --configs c --device cuda
+python scripts/bench.py --configs c --device cuda --top_k 32768   # K = n_ov (the start of K annealing): memory
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(name: str, device: torch.device, steps: int, warmup: int) -> dict:
+def bench(name: str, device: torch.device, steps: int, warmup: int, top_k: int | None = None) -> dict:
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
+    if top_k is not None:
+        spec["top_k"] = min(top_k, spec["n_ov_heads"])
     config = LorsaConfig(
         **spec, max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
     )
@@ -58,6 +61,7 @@ def bench(name: str, device: torch.device, steps: int, warmup: int) -> dict:
         "config": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
+        "top_k": config.top_k,
         "tokens_per_step": batch * context,
         "median_step_s": round(median, 5),
         "tokens_per_s": round(batch * context / median, 1),
@@ -73,11 +77,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top_k", type=int, default=None, help="K instead of each config's (at most n_ov)")
     args = parser.parse_args()
     device = torch.device(args.device)
     names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
     for name in names:
-        print(json.dumps(bench(name, device, args.steps, args.warmup)), flush=True)
+        print(json.dumps(bench(name, device, args.steps, args.warmup, args.top_k)), flush=True)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ from .attention_mask import attention_bias, needs_mask, positions_from_mask
 from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 
+# The decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO: where
+# the two cost the same on the 2-core CPU (scripts/bench_decode.py; BENCHMARKS.md), and well before the
+# gather's O(N * K * D) backward memory matters.
+DENSE_DECODE_RATIO = 32
+
 
 @dataclass
 class LorsaOutput(ModelOutput):
@@ -221,17 +226,20 @@ class LorsaModel(LorsaPreTrainedModel):
         return act.gather(-1, indices), indices
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """sum_k values_k w_o[indices_k] + b_D, gathering only the K active rows of w_o: (B, T, D).
+        """sum_k values_k w_o[indices_k] + b_D: (B, T, D).
 
-        In the weights' dtype: CUDA has no bf16 backward for embedding_bag's per-sample weights.
+        Few active heads (K < n_ov / DENSE_DECODE_RATIO): gathers only the K rows of w_o per position. Many
+        (K annealed from n_ov, AuxK): one dense (N, Hov) @ (Hov, D) product, whose memory is O(N * Hov)
+        whatever K is, where the gather's backward would need O(N * K * D). In the weights' dtype: CUDA
+        has no bf16 backward for embedding_bag's per-sample weights.
         """
-        batch_shape = values.shape[:-1]
-        flat = F.embedding_bag(
-            indices.reshape(-1, indices.shape[-1]),
-            self.w_o,
-            per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.w_o.dtype),
-            mode="sum",
-        )
+        batch_shape, k = values.shape[:-1], values.shape[-1]
+        values, indices = values.reshape(-1, k).to(self.w_o.dtype), indices.reshape(-1, k)
+        if k * DENSE_DECODE_RATIO >= self.config.n_ov_heads:
+            dense = values.new_zeros(values.shape[0], self.config.n_ov_heads).scatter(-1, indices, values)
+            flat = dense @ self.w_o
+        else:
+            flat = F.embedding_bag(indices, self.w_o, per_sample_weights=values, mode="sum")
         out = flat.view(*batch_shape, -1) + self.b_D
         return out / self.config.output_norm_factor
 
