@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 STORIES_MODEL = SHARED / "models" / "stories260K"
 STORIES_DATA = SHARED / "data" / "stories260K-samples.jsonl"
+SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct-q4"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # Sequences in the tests are 24 tokens long, longer than every sliding window below.
 COMMON = dict(
@@ -61,11 +63,12 @@ def token_batch(vocab: int = 97, batch: int = 2, length: int = 24, seed: int = 0
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def require_shared() -> None:
+def require_shared(*paths: Path) -> None:
     """Skip when ../shared is absent (a user's clone); CI sets HF_LORSA_REQUIRE_SHARED so it fails instead."""
-    if STORIES_MODEL.exists() and STORIES_DATA.exists():
+    needed = (STORIES_MODEL, STORIES_DATA, *paths)
+    if all(p.exists() for p in needed):
         return
-    message = f"needs the shared stories260K model and data at {SHARED}"
+    message = f"needs the shared files {[str(p) for p in needed if not p.exists()]}"
     if os.environ.get("HF_LORSA_REQUIRE_SHARED"):
         pytest.fail(message)
     pytest.skip(message)

@@ -161,3 +161,31 @@ def test_a_config_builds_without_arguments_and_saves(tmp_path):
     assert torch.equal(model(x).reconstruction, reloaded(x).reconstruction)
     with pytest.raises(ValueError, match="multiple of n_qk_heads"):
         LorsaConfig(n_ov_heads=60)
+
+
+def test_a_gguf_host_trains_and_reopens_from_its_recorded_file(tmp_path):
+    """SmolLM2 ships as a 4-bit GGUF file whose tokenizer adds no BOS: documents are separated by its EOS, the
+    file is recorded, and evaluate/analyze/the Space reopen the host from it without being told."""
+    from conftest import SMOLLM2, SMOLLM2_GGUF, STORIES_DATA
+
+    require_shared(SMOLLM2 / SMOLLM2_GGUF)
+    out = tmp_path / "smol-l0"
+    run = hf_lorsa(
+        "train", "--model_name_or_path", str(SMOLLM2), "--gguf_file", SMOLLM2_GGUF, "--layer", "0",
+        "--dataset", str(STORIES_DATA), "--expansion_factor", "1", "--top_k", "8", "--context_length", "64",
+        "--max_tokens", "1024", "--holdout_fraction", "0.002", "--eval_tokens", "256", "--output_dir", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    config = LorsaConfig.from_pretrained(out)
+    assert (config.base_model_gguf_file, config.document_separator, config.skip_token_ids) == (SMOLLM2_GGUF, 2, [1, 2])
+    assert config.host_model_type == "llama" and config.n_ov_heads == 576
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 0 < results["fvu"] < 1.5
+
+    from hf_lorsa.loading import load_lorsa_and_host
+
+    lorsa, host, tokenizer = load_lorsa_and_host(str(out))  # no --model_name_or_path, no --gguf_file
+    assert tokenizer("Once upon a time").input_ids[:1] != [tokenizer.bos_token_id]
+    assert host.config.num_hidden_layers == 30 and torch.equal(lorsa.w_o, LorsaModel.from_pretrained(out).w_o)
+    with pytest.raises(UsageError, match="no such file"):
+        load_lorsa_and_host(str(out), model_name_or_path=str(SMOLLM2), gguf_file="missing.gguf")

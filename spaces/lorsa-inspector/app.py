@@ -2,7 +2,7 @@
 
     python spaces/lorsa-inspector/app.py --lorsa PATH_OR_ID [--model PATH_OR_ID]
 
-Defaults come from LORSA_ID / LORSA_SUBFOLDER / LORSA_MODEL; GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
+Defaults come from LORSA_ID / LORSA_SUBFOLDER / LORSA_MODEL / LORSA_GGUF_FILE; GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
 are honoured. All logic lives in hf_lorsa.inspector; this file is UI only.
 """
 
@@ -49,9 +49,9 @@ def guarded(n_outputs: int):
     return wrap
 
 
-def build(lorsa_id: str, model_id: str | None, subfolder: str = "") -> gr.Blocks:
+def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None) -> gr.Blocks:
     def inspector():
-        return cached_inspector(lorsa_id, model_id, subfolder)
+        return cached_inspector(lorsa_id, model_id, subfolder, gguf_file)
 
     try:
         header = describe(inspector())
@@ -156,7 +156,7 @@ def check_port() -> None:
 
 @dataclass
 class SpaceArguments:
-    """Which Lorsa to inspect; on a Space, the variables LORSA_ID, LORSA_SUBFOLDER and LORSA_MODEL."""
+    """Which Lorsa to inspect; on a Space, the variables LORSA_ID, LORSA_SUBFOLDER, LORSA_MODEL, LORSA_GGUF_FILE."""
 
     lorsa: str | None = field(
         default_factory=lambda: os.environ.get("LORSA_ID"), metadata={"help": "Lorsa folder or Hub id (LORSA_ID)"}
@@ -168,6 +168,10 @@ class SpaceArguments:
         default_factory=lambda: os.environ.get("LORSA_MODEL"),
         metadata={"help": "host model (LORSA_MODEL; None: the Lorsa's base model)"},
     )
+    gguf_file: str | None = field(
+        default_factory=lambda: os.environ.get("LORSA_GGUF_FILE"),
+        metadata={"help": "GGUF file of the host model (LORSA_GGUF_FILE; None: the Lorsa's recorded one)"},
+    )
 
 
 def main() -> None:
@@ -176,7 +180,7 @@ def main() -> None:
     if not args.lorsa:
         parser.error("give --lorsa or set LORSA_ID")
     check_port()
-    build(args.lorsa, args.model, args.subfolder).queue().launch(css=CSS)
+    build(args.lorsa, args.model, args.subfolder, args.gguf_file).queue().launch(css=CSS)
 
 
 if __name__ == "__main__":

@@ -91,9 +91,11 @@ def split_holdout(dataset, fraction: float):
     return dataset.select(range(len(dataset) - n_eval)), dataset.select(range(len(dataset) - n_eval, len(dataset)))
 
 
-def pack(dataset, tokenizer, context_length: int, text_column: str = "text", batch_size: int = 1000):
-    """Tokenize documents the way the model expects (BOS at each start when its tokenizer adds one) and cut
-    the concatenated stream into windows of exactly `context_length` tokens (a last partial one is dropped).
+def pack(dataset, tokenizer, context_length: int, text_column: str = "text", separator: int | None = None,
+         batch_size: int = 1000):  # fmt: skip
+    """Tokenize documents and cut the concatenated stream into windows of exactly `context_length` tokens (a
+    last partial one is dropped). Each document starts with `separator` (`document_separator`), or, when it is
+    None, with what the tokenizer adds itself (its BOS).
     """
 
     def tokenize_and_cut(batch, indices):
@@ -101,7 +103,9 @@ def pack(dataset, tokenizer, context_length: int, text_column: str = "text", bat
             if not isinstance(text, str):
                 raise ValueError(f"Row {index} of the dataset has {text!r} in column {text_column!r}, not text.")
         stream = []
-        for ids in tokenizer(batch[text_column], add_special_tokens=True).input_ids:
+        for ids in tokenizer(batch[text_column], add_special_tokens=separator is None).input_ids:
+            if separator is not None:
+                stream.append(separator)
             stream.extend(ids)
         n = len(stream) // context_length
         return {"input_ids": [stream[i * context_length : (i + 1) * context_length] for i in range(n)]}
@@ -113,9 +117,34 @@ def pack(dataset, tokenizer, context_length: int, text_column: str = "text", bat
     )  # fmt: skip
 
 
-def skip_tokens(tokenizer) -> list[int]:
-    """Tokens whose positions are excluded from training and evaluation: BOS and padding."""
-    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id) if t is not None})
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts every text with its BOS token (Llama, Gemma; not GPT-2, Qwen, SmolLM2)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True).input_ids[:1] == [bos]
+
+
+def document_separator(tokenizer, option: str | None = None) -> int | None:
+    """The token that starts each document, following the host's convention: None when its tokenizer adds a
+    BOS itself, else its EOS (the end-of-text token GPT-2, Qwen and SmolLM2 put between documents), or the
+    token `option` names (a token string or an id: `--document_separator`)."""
+    if option is not None:
+        vocab = tokenizer.get_vocab()
+        if option in vocab:
+            return vocab[option]
+        if option.strip().isdigit() and int(option) < len(tokenizer):
+            return int(option)
+        raise ValueError(
+            f"--document_separator {option!r} is neither a token of this tokenizer nor a token id below "
+            f"{len(tokenizer)}; give e.g. {tokenizer.eos_token!r} or its id."
+        )
+    if adds_bos(tokenizer):
+        return None
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+
+
+def skip_tokens(tokenizer, separator: int | None = None) -> list[int]:
+    """Tokens whose positions are excluded from training and evaluation: BOS, the document separator, padding."""
+    return sorted({t for t in (tokenizer.bos_token_id, tokenizer.pad_token_id, separator) if t is not None})
 
 
 def norm_factors(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -139,6 +168,7 @@ class CacheKey:
     dtype: str
     n_windows: int
     seed: int
+    document_separator: int | None = None
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True).encode()).hexdigest()[:16]
@@ -211,8 +241,9 @@ def batches(windows, size: int, max_tokens: int | None = None) -> Iterator[torch
         yield torch.stack(rows)
 
 
-def estimate_norm_factors(host, layer: int, windows, batch_size: int, n_batches: int, skip: list[int]):
-    """The two normalisation factors (input, output) of LORSA.md, from the first `n_batches` batches."""
+def activation_sample(host, layer: int, windows, batch_size: int, n_batches: int, skip: list[int]):
+    """(x, y, counted) of the first `n_batches` batches, on the CPU: what the normalisation factors and the
+    initial calibration are estimated from."""
     xs, ys, masks = [], [], []
     for i, ids in enumerate(batches(windows, batch_size)):
         if i == n_batches:
@@ -223,7 +254,12 @@ def estimate_norm_factors(host, layer: int, windows, batch_size: int, n_batches:
         masks.append(counted_positions(ids, skip))
     if not xs:
         raise ValueError("The dataset gave no full window; use more text or a shorter --context_length.")
-    return norm_factors(torch.cat(xs), torch.cat(ys), torch.cat(masks))
+    return torch.cat(xs), torch.cat(ys), torch.cat(masks)
+
+
+def estimate_norm_factors(host, layer: int, windows, batch_size: int, n_batches: int, skip: list[int]):
+    """The two normalisation factors (input, output) of LORSA.md, from the first `n_batches` batches."""
+    return norm_factors(*activation_sample(host, layer, windows, batch_size, n_batches, skip))
 
 
 def cached_activations(directory, key: CacheKey, host, windows, batch_size: int, main_process_first) -> ActivationCache:

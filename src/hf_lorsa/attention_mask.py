@@ -34,9 +34,13 @@ def attention_bias(
 
 
 def counted_positions(input_ids: torch.Tensor, skip_token_ids: list[int] | None) -> torch.Tensor:
-    """True at positions that count: not BOS/pad (the tokens in `skip_token_ids`)."""
+    """True at positions that count: not BOS, document separator or pad (the tokens in `skip_token_ids`), and
+    not the first position of a sequence, which attends only to itself and becomes the attention sink of a
+    window that starts mid-document (training, evaluation and splicing all leave it to the host)."""
     skip = torch.tensor(skip_token_ids or [], dtype=input_ids.dtype, device=input_ids.device)
-    return ~torch.isin(input_ids, skip)
+    counted = ~torch.isin(input_ids, skip)
+    counted[..., 0] = False
+    return counted
 
 
 def positions_from_mask(

@@ -57,6 +57,10 @@ class LorsaConfig(PreTrainedConfig):
         attn_output_module (`str`, *optional*): module path whose output is the attention output.
         skip_token_ids (`list[int]`, *optional*): tokens (BOS, padding) whose positions the Lorsa was not
             trained on; `splice` keeps the host's attention output there.
+        document_separator (`int`, *optional*): the token put before each document of the training text (the
+            host's EOS when its tokenizer adds no BOS); `None`: the tokenizer's own BOS.
+        base_model_gguf_file (`str`, *optional*): the GGUF file in `base_model_name_or_path` the host was
+            loaded from, if any.
         dataset_name (`str`, *optional*): the data the Lorsa was trained on.
         tokens_trained (`int`, *optional*): training tokens seen.
         training_args (`dict`, *optional*): the arguments of the training run.
@@ -89,6 +93,8 @@ class LorsaConfig(PreTrainedConfig):
     attn_input_module: str | None = None
     attn_output_module: str | None = None
     skip_token_ids: list[int] | None = None
+    document_separator: int | None = None
+    base_model_gguf_file: str | None = None
     dataset_name: str | None = None
     tokens_trained: int | None = None
     training_args: dict | None = None

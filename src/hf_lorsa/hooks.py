@@ -175,8 +175,9 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None, strict:
     """Replace the output of layer `lorsa.config.layer`'s attention by the Lorsa reconstruction.
 
     The Lorsa reads that layer's attention input with the host's own positions (rotary cos/sin) and
-    padding mask. At positions holding one of `lorsa.config.skip_token_ids` (BOS, padding: tokens it was
-    not trained on) the host's own output is kept. Logits are bit-identical to the clean model again once
+    padding mask. Where it was not trained (each sequence's first position, and tokens of
+    `lorsa.config.skip_token_ids`: BOS, document separator, padding) the host's own output is kept when the
+    host was called with `input_ids`. Logits are bit-identical to the clean model again once
     the block exits. `strict=False` accepts a Lorsa made from another model of the same shape.
     """
     if attention_module is None:
@@ -187,7 +188,7 @@ def splice(model: nn.Module, lorsa, attention_module: str | None = None, strict:
     def on_output(record: AttentionRecord, output):
         x = record.hidden_states
         out = lorsa_output(lorsa, record).reconstruction.to(x.device, x.dtype)
-        if lorsa.config.skip_token_ids and record.input_ids is not None:
+        if record.input_ids is not None:
             counted = counted_positions(record.input_ids, lorsa.config.skip_token_ids).to(x.device)
             out = torch.where(counted[..., None], out, _first(output))
         return (out, *output[1:]) if isinstance(output, tuple) else out

@@ -73,11 +73,11 @@ class Inspector:
         self.rows = {row["head"]: row for row in analysis}
 
     @classmethod
-    def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "") -> Inspector:
+    def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "", gguf_file: str | None = None):
         from .loading import load_lorsa_and_host
 
         try:
-            lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id)
+            lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id, gguf_file=gguf_file)
         except (OSError, ValueError) as err:
             raise InspectorError(f"Could not load the Lorsa {lorsa_id!r} with its model: {err}") from err
         try:
@@ -287,15 +287,15 @@ def heatmap_html(values: torch.Tensor, labels: list[str], title: str) -> str:
 _LOADING = threading.Lock()
 
 
-def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "") -> Inspector:
+def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None):
     """Inspectors are shared between sessions: loading is the slow part (and happens once)."""
     with _LOADING:
-        return _load_inspector(lorsa_id, model_id or None, subfolder)
+        return _load_inspector(lorsa_id, model_id or None, subfolder, gguf_file or None)
 
 
 @lru_cache(maxsize=4)
-def _load_inspector(lorsa_id: str, model_id: str | None, subfolder: str) -> Inspector:
-    return Inspector.load(lorsa_id, model_id, subfolder)
+def _load_inspector(lorsa_id: str, model_id: str | None, subfolder: str, gguf_file: str | None) -> Inspector:
+    return Inspector.load(lorsa_id, model_id, subfolder, gguf_file)
 
 
 def describe(inspector: Inspector) -> str:

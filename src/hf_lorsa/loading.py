@@ -26,6 +26,9 @@ class LorsaSourceArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "host model (None: the Lorsa's recorded base model)"}
     )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file of the host in --model_name_or_path (None: the recorded one)"}
+    )
     dataset: str | None = field(
         default=None,
         metadata={"help": "Hub dataset or local .jsonl/.txt/.parquet files (None: the training run's held-out data)"},
@@ -126,9 +129,9 @@ def open_lorsa_source(args: LorsaSourceArguments) -> Opened:
     if source.holdout_fraction:
         text = split_holdout(text, source.holdout_fraction)[1]
     lorsa, host, tokenizer = load_lorsa_and_host(
-        args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device
+        args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device, args.gguf_file
     )
-    windows = pack(text, tokenizer, source.context_length, source.text_column)
+    windows = pack(text, tokenizer, source.context_length, source.text_column, lorsa.config.document_separator)
     return Opened(lorsa, host, tokenizer, windows, source)
 
 
@@ -154,10 +157,9 @@ def data_source(args: LorsaSourceArguments, config) -> DataSource:
 
 
 def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str | None = None,
-                        torch_dtype: str = "float32", device: str = "cpu"):  # fmt: skip
-    """The Lorsa, its host model (default: the recorded base model) and the host's tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+                        torch_dtype: str = "float32", device: str = "cpu", gguf_file: str | None = None):  # fmt: skip
+    """The Lorsa, its host model (default: the recorded base model, from its recorded GGUF file if any) and the
+    host's tokenizer."""
     from .modeling_lorsa import LorsaModel
 
     model = LorsaModel.from_pretrained(lorsa, subfolder=subfolder)
@@ -165,9 +167,48 @@ def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str
     require(bool(host_name), "This Lorsa records no base model; pass --model_name_or_path.")
     if not model_name_or_path:
         check_model_name(host_name, option="model_name_or_path (the Lorsa's recorded base model)")
-    tokenizer = AutoTokenizer.from_pretrained(host_name)
-    host = AutoModelForCausalLM.from_pretrained(host_name, dtype=getattr(torch, torch_dtype)).to(device)
+        gguf_file = gguf_file or model.config.base_model_gguf_file
+    check_gguf_file(host_name, gguf_file)
+    tokenizer = open_tokenizer(host_name, gguf_file)
+    host = open_host(host_name, gguf_file, torch_dtype).to(device)
     return model.to(device).eval(), host.eval(), tokenizer
+
+
+def check_gguf_file(model_name_or_path: str, gguf_file: str | None) -> None:
+    """A GGUF host needs the `gguf` package, and a local folder must hold the file."""
+    if gguf_file is None:
+        return
+    import importlib.util
+
+    require(
+        importlib.util.find_spec("gguf") is not None,
+        f"--gguf_file {gguf_file}: reading GGUF files needs the gguf package: pip install 'hf_lorsa[gguf]'.",
+    )
+    folder = Path(model_name_or_path).expanduser()
+    if folder.is_dir():
+        require((folder / gguf_file).is_file(), f"--gguf_file {gguf_file}: no such file in {folder}.")
+
+
+def open_tokenizer(model_name_or_path: str, gguf_file: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype: str = "float32",
+              device_map: str | None = None, trust_remote_code: bool = False):  # fmt: skip
+    """The host causal LM, frozen, in eval mode; from a GGUF file through transformers' own GGUF support
+    (dequantised to `torch_dtype`) when `gguf_file` is given."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    host = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=getattr(torch, torch_dtype), device_map=device_map,
+        trust_remote_code=trust_remote_code, **kwargs,
+    )  # fmt: skip
+    host.requires_grad_(False)
+    return host.eval()
 
 
 def warn_if_short(read: int, asked: int) -> None:
