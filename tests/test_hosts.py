@@ -139,7 +139,7 @@ def test_more_heads_and_sparsity_give_a_starting_point():
     lorsa = LorsaModel.from_host(model, 1, n_ov_heads=256, top_k=256)
     assert lorsa.config.n_qk_heads == 32  # n_ov / head_dim
     fvu = ((lorsa(x).reconstruction - y) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum()
-    assert fvu < 0.1  # exact pieces plus small extra heads: close to the host from the start
+    assert fvu < 0.5  # heads inside their host head's OV subspace, all of one norm: a starting point
     sparse = LorsaModel.from_host(model, 1, n_ov_heads=256, top_k=8)
     sparse_fvu = ((sparse(x).reconstruction - y) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum()
     assert fvu < sparse_fvu < 1.0

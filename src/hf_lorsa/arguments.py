@@ -84,11 +84,16 @@ class LorsaArguments:
 
     model_name_or_path: str = field(metadata={"help": "host causal LM: Hub id or local path (required)"})
     layer: int = field(metadata={"help": "index of the layer whose attention is replaced (required)"})
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "host GGUF file in --model_name_or_path (pip install 'hf_lorsa[gguf]')"}
+    )
     expansion_factor: int | None = field(default=8, metadata={"help": "n_ov_heads = expansion_factor * d_model"})
     n_ov_heads: int | None = field(default=None, metadata={"help": "dictionary size (overrides expansion_factor)"})
     n_qk_heads: int | None = field(default=None, metadata={"help": "QK heads (None: n_ov_heads / head_dim)"})
     top_k: int = field(default=16, metadata={"help": "active OV heads per position"})
-    topk_rule: str = field(default="abs", metadata={"help": "rank heads by |z| ('abs') or ReLU(z) ('relu')"})
+    topk_rule: str = field(
+        default="relu", metadata={"help": "rank heads by ReLU(z) ('relu', the authors' rule) or |z| ('abs')"}
+    )
     init: str = field(default="host", metadata={"help": "'host' (from the layer's weights) or 'random'"})
     k_anneal_start: int | None = field(default=None, metadata={"help": "K at step 0 (None: n_ov_heads)"})
     k_anneal_fraction: float = field(default=0.05, metadata={"help": "fraction of training spent annealing K"})
@@ -96,7 +101,11 @@ class LorsaArguments:
     aux_k_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss (0 turns it off)"})
     dead_tokens: int | None = field(
         default=None,
-        metadata={"help": "heads silent for this many tokens are dead for AuxK (None: 5%% of the budget, 100K to 10M)"},
+        metadata={"help": "heads silent for this many tokens are dead (None: see hf_lorsa.recipe.default_dead_tokens)"},
+    )
+    revive_dead_heads: bool = field(
+        default=True,
+        metadata={"help": "raise the value bias of dead heads until they fire again (every dead_tokens / 3 tokens)"},
     )
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
     device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})
@@ -131,6 +140,10 @@ class DataArguments:
 
     dataset: str = field(metadata={"help": "Hub dataset (streamed) or local .jsonl/.txt/.parquet files (required)"})
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
+    document_separator: str | None = field(
+        default=None,
+        metadata={"help": "token (or id) before each document (None: the tokenizer's BOS if it adds one, else EOS)"},
+    )
     dataset_split: str = field(default="train", metadata={"help": "split of a Hub dataset"})
     streaming: bool = field(default=False, metadata={"help": "stream local files too (Hub data is always streamed)"})
     eval_dataset: str | None = field(
@@ -174,7 +187,10 @@ class LorsaTrainingArguments(TrainingArguments):
     keep_checkpoints: bool = field(
         default=False, metadata={"help": "keep the checkpoint-* folders once the final Lorsa is saved"}
     )
-    learning_rate: float = field(default=4e-3)
+    learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "peak learning rate (None: 4e-3 * sqrt(64 / d_model), see hf_lorsa.recipe)"},
+    )
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.02)
     max_grad_norm: float = field(default=1.0)
@@ -197,7 +213,8 @@ class LorsaTrainingArguments(TrainingArguments):
         for name, instead in NOT_USED.items():
             require(getattr(self, name) is None, f"--{name} is not used by hf-lorsa train: {instead}.")
         self.num_train_epochs, self.per_device_train_batch_size, self.per_device_eval_batch_size = 1.0, 1, 1
-        check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
+        if self.learning_rate is not None:
+            check_float("learning_rate", self.learning_rate, 0.0, 1.0, low_open=True)
         check_int("max_steps", self.max_steps, minimum=-1)
         require(self.max_steps != 0, "--max_steps must be positive (or -1: no cap besides --max_tokens).")
         check_float("max_grad_norm", self.max_grad_norm, 0.0, 1e9)
@@ -284,9 +301,13 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
     """Sizes checked against the host's config (no weights loaded) and the budget."""
     from transformers import AutoConfig
 
+    from .loading import check_gguf_file
+
+    check_gguf_file(model_args.model_name_or_path, model_args.gguf_file)
+    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
     try:
         host_config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **gguf
         )
     except (OSError, ValueError) as err:
         raise UsageError(

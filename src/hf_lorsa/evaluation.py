@@ -41,7 +41,8 @@ class EvaluationResult:
         fvu: sum ||y_hat - y||^2 / sum ||y - mean(y)||^2; explained_variance = 1 - fvu; mse per dimension.
         l0: mean number of active heads per position.
         dead_heads: heads that never fired on the evaluation text; heads_below_1e5 / heads_below_1e6: heads
-            firing on fewer than that fraction of positions; dense_heads: on more than 10%.
+            firing on fewer than that fraction of positions; dense_heads: on more than 10%; max_frequency: the
+            largest fraction of positions any one head fires on.
         loss_*: next-token cross-entropy of the clean model, with the Lorsa spliced in, and with the attention
             output zero- or mean-ablated; loss_recovered_* = (ablated - spliced) / (ablated - clean).
         kl_spliced: mean KL(clean || spliced) of the next-token distributions.
@@ -55,6 +56,7 @@ class EvaluationResult:
     heads_below_1e5: int
     heads_below_1e6: int
     dense_heads: int
+    max_frequency: float
     loss_clean: float
     loss_spliced: float
     loss_zero_ablated: float
@@ -183,7 +185,7 @@ def _summarise(t: _Totals, lorsa) -> EvaluationResult:
     return EvaluationResult(
         fvu=fvu, explained_variance=1.0 - fvu, mse=(t.sse / (t.n * lorsa.config.d_model)).item(),
         l0=(t.active / t.n).item(), dead_heads=int((t.fires == 0).sum()), heads_below_1e5=int((freq < 1e-5).sum()),
-        heads_below_1e6=int((freq < 1e-6).sum()), dense_heads=int((freq > 0.1).sum()), loss_clean=loss["clean"],
+        heads_below_1e6=int((freq < 1e-6).sum()), dense_heads=int((freq > 0.1).sum()), max_frequency=float(freq.max()), loss_clean=loss["clean"],
         loss_spliced=loss["spliced"], loss_zero_ablated=loss["zero_ablated"], loss_mean_ablated=loss["mean_ablated"],
         loss_recovered_zero=recovered("zero_ablated"), loss_recovered_mean=recovered("mean_ablated"),
         kl_spliced=t.kl / t.n_pred, n_tokens=t.n,

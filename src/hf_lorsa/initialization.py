@@ -1,11 +1,22 @@
 """Initialise a Lorsa from its host's attention layer (LORSA.md, "Initialisation from the host layer").
 
-QK head j copies host head j * H // Hqk (its key/value group for GQA). The OV heads of a group become
-rank-1 pieces of their host head's OV circuit W_v^h W_o^h = U S V^T: w_v = S_i U_i, w_o = V_i, so that
-with Hov = H * dh and top_k = Hov the Lorsa reproduces the host layer. Heads beyond a host head's dh
-pieces start as small random directions inside that head's subspace.
+QK head j copies host head j * H // Hqk (its key/value group for GQA). The OV heads that read a host
+head's pattern start inside that head's OV circuit W_v^h W_o^h = U S V^T:
 
-Axes: D d_model, H host heads, dh head width, Hqk QK heads, Hov OV heads.
+- replica sizes (every host head gets exactly dh OV heads): the exact rank-1 pieces w_v = S_i U_i,
+  w_o = V_i, so that with top_k = Hov the Lorsa reproduces the host layer;
+- any other size (the dictionaries people train): every OV head is a random direction of the head's value
+  subspace, w_v = U r, with w_o the head's OV map applied to it, normalised (the authors'
+  `init_W_V_with_active_subspace_per_head`). All heads start alike: every w_v has norm about 1 and every
+  w_o the same norm, so no head (one along a weak singular direction, say) starts out of the competition
+  for the top K. The directions of a host head form a tight frame of its subspace; with ReLU ranking they come
+  in antipodal pairs (w, -w), so that negative pre-activations are covered too.
+
+`calibrate` then uses a batch of activations: it centres every head's pre-activation (the authors'
+`init_encoder_bias_with_mean_hidden_pre`, so that each head is above and below its threshold about equally
+often) and fits one output scale by least squares at the first step's K (their decoder-norm search).
+
+Axes: N positions, D d_model, H host heads, dh head width, Hqk QK heads, Hov OV heads.
 """
 
 from __future__ import annotations
@@ -14,8 +25,6 @@ import torch
 from torch import nn
 
 from . import hosts
-
-EXTRA_HEAD_SCALE = 0.1  # extra heads start at this fraction of their host head's mean singular value
 
 
 def ov_pieces(W_v: torch.Tensor, b_v: torch.Tensor, W_o: torch.Tensor):
@@ -32,6 +41,26 @@ def ov_pieces(W_v: torch.Tensor, b_v: torch.Tensor, W_o: torch.Tensor):
     return U, S, V, coords, bias_out - V @ coords
 
 
+def random_frame(n: int, dh: int, generator: torch.Generator) -> torch.Tensor:
+    """n random directions r_i of R^dh (n, dh) with sum_i r_i r_i^T = (n / dh) I when n >= dh (a tight frame: the
+    polar factor of a Gaussian matrix, rows of norm about 1); fewer than dh are unit Gaussian directions."""
+    r = torch.randn(n, dh, generator=generator)
+    if n < dh:
+        return r / r.norm(dim=-1, keepdim=True)
+    P, _, Qh = torch.linalg.svd(r, full_matrices=False)
+    return P @ Qh * (n / dh) ** 0.5
+
+
+def head_directions(n: int, dh: int, generator: torch.Generator, antipodal: bool) -> torch.Tensor:
+    """(n, dh) directions for n OV heads: a random frame, or with `antipodal` (ReLU ranking) a frame of n / 2
+    directions each taken with both signs, consecutive, so that ReLU(z) w_o + ReLU(-z) (-w_o) = z w_o: with all
+    heads active the pair acts like one linear piece, as the host head does."""
+    if not antipodal or n < 2:
+        return random_frame(n, dh, generator)
+    half = random_frame((n + 1) // 2, dh, generator)
+    return torch.stack((half, -half), dim=1).flatten(0, 1)[:n]
+
+
 @torch.no_grad()
 def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: int = 0) -> None:
     """Fill `lorsa` (a LorsaModel whose config came from `LorsaConfig.from_host(model, layer, ...)`) with
@@ -40,9 +69,9 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
     config = lorsa.config
     host = hosts.read_attention(model, layer)
     generator = torch.Generator().manual_seed(seed)
-    H, G = host.n_heads, config.group_size
+    H = host.n_heads
     host_of_qk = [j * H // config.n_qk_heads for j in range(config.n_qk_heads)]
-    host_of_ov = torch.tensor(host_of_qk)[torch.arange(config.n_ov_heads) // G]
+    host_of_ov = torch.tensor(host_of_qk)[torch.arange(config.n_ov_heads) // config.group_size]
 
     for j, h in enumerate(host_of_qk):
         kv = host.kv_head(h)
@@ -53,23 +82,55 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
         lorsa.k_norm.weight.copy_(host.k_norm)
 
     b_D = host.b_o.clone()
-    for h in range(H):
-        heads = (host_of_ov == h).nonzero().flatten().tolist()
+    heads_of = [(host_of_ov == h).nonzero().flatten().tolist() for h in range(H)]
+    replica = all(len(heads) == host.W_v.shape[-1] for heads in heads_of)
+    for h, heads in enumerate(heads_of):
         if not heads:
             continue
         U, S, V, coords, rest = ov_pieces(host.W_v[host.kv_head(h)], host.b_v[host.kv_head(h)], host.W_o[h])
-        b_D += rest
-        exact, extra = heads[: S.numel()], heads[S.numel() :]
-        n = len(exact)
-        lorsa.w_v[exact] = (U[:, :n] * S[:n]).T
-        lorsa.w_o[exact] = V[:, :n].T
-        lorsa.b_v[exact] = coords[:n]
-        b_D += V[:, n:] @ coords[n:]  # pieces without a head keep their bias contribution
-        if extra:
-            mix_v = torch.randn(S.numel(), len(extra), generator=generator) / S.numel() ** 0.5
-            mix_o = torch.randn(S.numel(), len(extra), generator=generator)
-            w_o = (V @ mix_o).T
-            lorsa.w_v[extra] = (U @ mix_v).T * S.mean() * EXTRA_HEAD_SCALE
-            lorsa.w_o[extra] = w_o / w_o.norm(dim=-1, keepdim=True)
-            lorsa.b_v[extra] = 0.0
+        if replica:  # exact pieces, value bias along each piece
+            lorsa.w_v[heads] = (U * S).T
+            lorsa.w_o[heads] = V.T
+            lorsa.b_v[heads] = coords
+            b_D += rest
+        else:  # random directions of the value subspace; the value bias is a constant output (rows sum to 1)
+            r = head_directions(len(heads), S.numel(), generator, antipodal=config.topk_rule == "relu")
+            out = (r * S) @ V.T  # (n, D): the OV map of each w_v = U r
+            lorsa.w_v[heads] = r @ U.T
+            # heads of norm about S.mean() * dh / n (per sign): together (top_k = Hov) about the size of the host head
+            directions = len(heads) / (2 if config.topk_rule == "relu" else 1)
+            lorsa.w_o[heads] = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12) * S.mean() * S.numel() / directions
+            lorsa.b_v[heads] = 0.0
+            b_D += rest + V @ coords
     lorsa.b_D.copy_(b_D)
+
+
+@torch.no_grad()
+def calibrate(lorsa: nn.Module, x: torch.Tensor, y: torch.Tensor, counted: torch.Tensor, top_k: int) -> dict:
+    """Centre each OV head's pre-activation over the counted positions of (x, y), then fit one scale of the
+    output directions and the output bias by least squares at `top_k` (the first training step's K).
+    Returns the FVU before and after, for the log.
+
+    x, y: attention input and output (B, T, D) in raw units; counted: (B, T) positions that are trained on.
+    """
+    target = y[counted].float()
+
+    def fvu(prediction):
+        return float((prediction - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
+
+    def heads_only():  # the reconstruction without b_D, in raw units
+        out = lorsa(x, top_k=top_k).reconstruction[counted].float()
+        return out - lorsa.b_D.float() / lorsa.config.output_norm_factor
+
+    before = fvu(lorsa(x, top_k=top_k).reconstruction[counted].float())
+    lorsa.b_v.sub_(lorsa.pre_activations(x)[counted].float().mean(0).to(lorsa.b_v.dtype))
+    heads = heads_only()
+    centred = heads - heads.mean(0)
+    scale = float((centred * (target - target.mean(0))).sum() / centred.pow(2).sum().clamp_min(1e-12))
+    if scale > 0:
+        lorsa.w_o.mul_(scale)
+    else:
+        scale = 1.0
+    bias = target.mean(0) - scale * heads.mean(0)
+    lorsa.b_D.copy_((bias * lorsa.config.output_norm_factor).to(lorsa.b_D.dtype))
+    return {"fvu_at_init": before, "fvu_calibrated": fvu(lorsa(x, top_k=top_k).reconstruction[counted].float())}

@@ -15,15 +15,17 @@ from pathlib import Path
 
 import torch
 from datasets import IterableDataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import output_folder
 from .activations import (
     CacheKey,
+    activation_sample,
     cached_activations,
-    estimate_norm_factors,
+    document_separator,
     load_text,
+    norm_factors,
     pack,
     skip_tokens,
     split_holdout,
@@ -41,11 +43,22 @@ from .arguments import (
     tokens_per_step,
 )
 from .configuration_lorsa import LorsaConfig
+from .initialization import calibrate
+from .loading import open_host, open_tokenizer
 from .modeling_lorsa import LorsaModel
 from .output_folder import RUN_FILE
-from .trainer import LorsaTrainer, default_aux_k, default_dead_tokens, steps_for_budget
+from .recipe import (
+    default_aux_k,
+    default_dead_tokens,
+    default_learning_rate,
+    revive_every,
+    scheduler_kwargs,
+    steps_for_budget,
+)
+from .trainer import LorsaTrainer
 
 logger = logging.getLogger(__name__)
+CALIBRATION_TOKENS = 8192  # positions of the activation sample the initial calibration uses
 __all__ = ["RUN_FILE", "parse", "run_signature", "tokens_per_step", "train", "train_lorsa"]
 
 
@@ -70,24 +83,21 @@ def train(
         )  # fmt: skip
         return LorsaModel.from_pretrained(args.output_dir)
     resume = resume_checkpoint(args, signature)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-    )
-    windows, eval_windows = load_windows(data_args, tokenizer, args.seed)
+    tokenizer = open_tokenizer(model_args.model_name_or_path, model_args.gguf_file, model_args.trust_remote_code)
+    separator = document_separator(tokenizer, data_args.document_separator)
+    windows, eval_windows = load_windows(data_args, tokenizer, separator, args.seed)
 
     host = load_host(model_args, args.device)
-    skip = skip_tokens(tokenizer)
-    lorsa = build_lorsa(model_args, host, skip)
+    skip = skip_tokens(tokenizer, separator)
+    lorsa = build_lorsa(model_args, host, skip, separator)
     if resume:  # the checkpoint's weights are in its own normalisation
         saved = LorsaConfig.from_pretrained(resume)
         lorsa.set_norm_factors(saved.input_norm_factor, saved.output_norm_factor)
     else:
-        lorsa.set_norm_factors(
-            *estimate_norm_factors(host, model_args.layer, windows, data_args.batch_size, data_args.norm_batches, skip)
-        )
+        normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, args.device)
     train_data = windows
     if data_args.activation_cache:
-        train_data = activation_cache(host, model_args, data_args, args, windows)
+        train_data = activation_cache(host, model_args, data_args, args, windows, separator)
 
     trainer = build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_windows, signature, callbacks)
     if resume:
@@ -95,6 +105,19 @@ def train(
         logger.info("Resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, model_args, data_args, args, eval_windows, signature)
+
+
+def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, device) -> None:
+    """Normalisation factors from the first batches; with host initialisation, the same sample calibrates the
+    initial heads (`initialization.calibrate`)."""
+    sample = activation_sample(host, model_args.layer, windows, data_args.batch_size, data_args.norm_batches, skip)
+    lorsa.set_norm_factors(*norm_factors(*sample))
+    if model_args.init == "host":
+        rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
+        x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
+        counted = sample[2][:rows].to(device)
+        k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
+        logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
 
 
 def claim_output_folder(args: TrainingArguments, signature: dict) -> output_folder.OutputFolder:
@@ -107,16 +130,18 @@ def claim_output_folder(args: TrainingArguments, signature: dict) -> output_fold
     return folder
 
 
-def load_windows(data_args: DataArguments, tokenizer, seed: int):
+def load_windows(data_args: DataArguments, tokenizer, separator: int | None, seed: int):
     """Training windows (shuffled when streamed) and held-out windows (or None)."""
     dataset = load_text(data_args.dataset, data_args.text_column, data_args.dataset_split, data_args.streaming or None)
     train_text, eval_text = split_holdout(dataset, data_args.holdout_fraction)
     if data_args.eval_dataset:
         eval_text = load_text(data_args.eval_dataset, data_args.text_column, split=data_args.eval_split)
-    windows = pack(train_text, tokenizer, data_args.context_length, data_args.text_column)
+    windows = pack(train_text, tokenizer, data_args.context_length, data_args.text_column, separator)
     if isinstance(windows, IterableDataset):
         windows = windows.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer)
-    eval_windows = pack(eval_text, tokenizer, data_args.context_length, data_args.text_column) if eval_text else None
+    eval_windows = (
+        pack(eval_text, tokenizer, data_args.context_length, data_args.text_column, separator) if eval_text else None
+    )
     return windows, eval_windows
 
 
@@ -124,17 +149,14 @@ def load_host(model_args: LorsaArguments, device: torch.device):
     dtype = model_args.torch_dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    host = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path, dtype=getattr(torch, dtype), device_map=model_args.device_map,
-        trust_remote_code=model_args.trust_remote_code,
+    host = open_host(
+        model_args.model_name_or_path, model_args.gguf_file, dtype, model_args.device_map,
+        model_args.trust_remote_code,
     )  # fmt: skip
-    if model_args.device_map is None:
-        host = host.to(device)
-    host.requires_grad_(False)
-    return host.eval()
+    return host.to(device) if model_args.device_map is None else host
 
 
-def build_lorsa(model_args: LorsaArguments, host, skip: list[int]) -> LorsaModel:
+def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: int | None) -> LorsaModel:
     sizes = dict(n_qk_heads=model_args.n_qk_heads, n_ov_heads=model_args.n_ov_heads, top_k=model_args.top_k)
     sizes["expansion_factor"] = None if model_args.n_ov_heads else model_args.expansion_factor
     if model_args.init == "host":
@@ -142,16 +164,19 @@ def build_lorsa(model_args: LorsaArguments, host, skip: list[int]) -> LorsaModel
     else:
         lorsa = LorsaModel(LorsaConfig.from_host(host, model_args.layer, topk_rule=model_args.topk_rule, **sizes))
     lorsa.config.base_model_name_or_path = model_args.model_name_or_path
+    lorsa.config.base_model_gguf_file = model_args.gguf_file
     lorsa.config.skip_token_ids = skip
+    lorsa.config.document_separator = separator
     return lorsa.float()
 
 
-def activation_cache(host, model_args, data_args, args, windows):
+def activation_cache(host, model_args, data_args, args, windows, separator: int | None):
     n_windows = len(windows) if hasattr(windows, "__len__") else data_args.max_tokens // data_args.context_length
     key = CacheKey(
         model=model_args.model_name_or_path, layer=model_args.layer, dataset=data_args.dataset,
         text_column=data_args.text_column, context_length=data_args.context_length,
         dtype=str(next(host.parameters()).dtype), n_windows=n_windows, seed=args.seed,
+        document_separator=separator,
     )  # fmt: skip
     return cached_activations(
         data_args.activation_cache, key, host, windows, data_args.batch_size, args.main_process_first
@@ -163,12 +188,18 @@ def build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_win
     steps = steps_for_budget(data_args.max_tokens, per_step)
     args.max_steps = min(steps, args.max_steps) if args.max_steps > 0 else steps
     args.per_device_train_batch_size = args.per_device_eval_batch_size = data_args.batch_size
+    c = lorsa.config
+    dead_tokens = model_args.dead_tokens or default_dead_tokens(data_args.max_tokens, c.n_ov_heads, c.top_k)
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate(c.d_model)
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    args.lr_scheduler_kwargs = scheduler_kwargs(scheduler, args.lr_scheduler_kwargs, args.max_steps)
     return LorsaTrainer(
         model=lorsa, args=args, train_dataset=train_data, eval_dataset=eval_windows, data_collator=collate,
         callbacks=callbacks, host=host, k_start=model_args.k_anneal_start or lorsa.config.n_ov_heads,
         k_anneal_fraction=model_args.k_anneal_fraction,
-        aux_k=model_args.aux_k or default_aux_k(lorsa.config.d_model, lorsa.config.n_ov_heads),
-        aux_k_coef=model_args.aux_k_coef, dead_tokens=model_args.dead_tokens or default_dead_tokens(data_args.max_tokens),
+        aux_k=model_args.aux_k or default_aux_k(c.d_model, c.n_ov_heads), aux_k_coef=model_args.aux_k_coef,
+        dead_tokens=dead_tokens, revive_every=revive_every(dead_tokens, per_step) if model_args.revive_dead_heads else 0,
         tokens_per_step=per_step, eval_tokens=data_args.eval_tokens, run_signature=signature,
     )  # fmt: skip
 

@@ -44,12 +44,13 @@ class LorsaTrainer(Trainer):
     """
 
     def __init__(self, *args, host, k_start: int, k_anneal_fraction: float, aux_k: int, aux_k_coef: float,
-                 dead_tokens: int, tokens_per_step: int, eval_tokens: int = 100_000, run_signature: dict | None = None,
-                 **kwargs):  # fmt: skip
+                 dead_tokens: int, tokens_per_step: int, revive_every: int = 0, eval_tokens: int = 100_000,
+                 run_signature: dict | None = None, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.host = host
         self.k_start, self.k_anneal_fraction = k_start, k_anneal_fraction
         self.aux_k, self.aux_k_coef, self.dead_tokens = aux_k, aux_k_coef, dead_tokens
+        self.revive_every = revive_every  # steps between revivals of dead heads (0: never)
         self.tokens_per_step = tokens_per_step  # all processes together (hf_lorsa.arguments.tokens_per_step)
         self.eval_tokens = eval_tokens
         self.run_signature = run_signature  # written into every checkpoint, checked on resume
@@ -57,6 +58,7 @@ class LorsaTrainer(Trainer):
         self.tokens_since_fired = torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long)
         self._metrics: dict[str, list[float]] = {}
         self._finite = torch.ones((), dtype=torch.bool)  # stays on the device: checked at logs and saves
+        self._pending_revival = None
         self.add_callback(TrainerStateCallback(self))
         # logs as JSON lines of numbers (transformers prints floats as strings)
         self.remove_callback(PrinterCallback)
@@ -89,8 +91,10 @@ class LorsaTrainer(Trainer):
         lorsa = self.lorsa
         x, y, counted = self.activations(inputs)
         k = self.current_k()
-        use_aux = self.aux_k_coef > 0 and bool((self.tokens_since_fired > self.dead_tokens).any())
-        out = model(x, top_k=k, output_pre_activations=use_aux)
+        any_dead = bool((self.tokens_since_fired > self.dead_tokens).any())
+        use_aux = self.aux_k_coef > 0 and any_dead
+        revive = self.revive_every > 0 and any_dead and self.state.global_step % self.revive_every == 0
+        out = model(x, top_k=k, output_pre_activations=use_aux or revive)
         scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
         error = (out.reconstruction.float() - y)[counted] * scale  # (N, D)
         target = y[counted] * scale
@@ -101,6 +105,8 @@ class LorsaTrainer(Trainer):
             aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale)
             loss = loss + self.aux_k_coef * aux
             self._record("aux_loss", aux)
+        if revive:
+            self._pending_revival = self.revival(lorsa, out.pre_activations[counted].detach(), k)
         self._update_fired(out.top_k_indices[counted], out.top_k_values[counted])
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum()
@@ -122,6 +128,34 @@ class LorsaTrainer(Trainer):
         scale = lorsa.config.output_norm_factor
         total = (residual * scale - (residual * scale).mean(0)).pow(2).sum().clamp_min(1e-8)
         return ((decoded - residual) * scale).pow(2).sum() / total
+
+    @torch.no_grad()
+    def revival(self, lorsa, z: torch.Tensor, k: int):
+        """(dead heads, b_v increments) that bring each dead head into the top k on a K / n_ov fraction of these
+        positions (the average head's rate): it fires again, so the reconstruction loss trains it, and it keeps
+        firing if it helps. Applied after the optimiser step (`apply_revival`); counted as `revived` in the log.
+
+        z: (N, Hov) pre-activations of this batch's counted positions, in the Lorsa's normalised units (b_v adds
+        to z as it is, since attention rows sum to 1)."""
+        dead = (self.tokens_since_fired.to(z.device) > self.dead_tokens).nonzero().flatten()
+        if dead.numel() == 0:
+            return None
+        norms = lorsa.w_o.detach().norm(dim=-1)
+        scores = z.relu() * norms
+        kth = scores.topk(k, dim=-1).values[:, -1:]  # (N, 1) the score to beat at each position
+        deficit = kth / norms[dead].clamp_min(1e-12) - z[:, dead]  # (N, n_dead) how far each dead head is below
+        q = min(1.0, lorsa.config.top_k / lorsa.config.n_ov_heads)
+        return dead, deficit.float().quantile(q, dim=0).clamp_min(0)
+
+    @torch.no_grad()
+    def apply_revival(self) -> None:
+        pending, self._pending_revival = self._pending_revival, None
+        if pending is None:
+            return
+        dead, bump = pending
+        self.lorsa.b_v[dead] += bump.to(self.lorsa.b_v.dtype)
+        self.tokens_since_fired[dead.to(self.tokens_since_fired.device)] = 0
+        self._record("revived", dead.numel())
 
     @torch.no_grad()
     def _update_fired(self, indices: torch.Tensor, values: torch.Tensor) -> None:
@@ -205,25 +239,15 @@ class TrainerStateCallback(TrainerCallback):
     def __init__(self, trainer: LorsaTrainer):
         self.trainer = trainer
 
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.apply_revival()
+
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
             return
         checkpoint = Path(args.output_dir, f"checkpoint-{state.global_step}")
         if checkpoint.is_dir():
             self.trainer.save_extra_state(checkpoint)
-
-
-def default_dead_tokens(max_tokens: int) -> int:
-    """Heads silent for this many tokens count as dead: 5% of the budget, between 100k and 10M tokens."""
-    return int(min(10_000_000, max(100_000, 0.05 * max_tokens)))
-
-
-def default_aux_k(d_model: int, n_ov_heads: int) -> int:
-    return min(n_ov_heads, max(1, d_model // 2))
-
-
-def steps_for_budget(max_tokens: int, tokens_per_step: int) -> int:
-    return max(1, math.floor(max_tokens / tokens_per_step))
 
 
 def json_line(logs: dict) -> str:

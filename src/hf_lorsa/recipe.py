@@ -1,0 +1,53 @@
+"""The training recipe's defaults, derived from the sizes so that one command trains at any width.
+
+Every rule here is what `hf-lorsa train` uses when the option is not given (README, "Defaults and how they
+scale"); BENCHMARKS.md ("Recipe at scale") records what they give from d_model 64 to 2048.
+"""
+
+from __future__ import annotations
+
+import math
+
+BASE_LEARNING_RATE = 4e-3  # at d_model 64 (stories260K), where it was tuned
+BASE_D_MODEL = 64
+
+
+def default_learning_rate(d_model: int) -> float:
+    """4e-3 * sqrt(64 / d_model). Inputs and outputs are normalised to norm sqrt(d_model) and w_o rows have unit
+    norm, so an Adam step of size lr per coordinate moves a row by about lr * sqrt(d_model) relative to its
+    norm: this rule keeps that relative step the same at every width (4e-3 diverges at d_model 2048)."""
+    return BASE_LEARNING_RATE * math.sqrt(BASE_D_MODEL / d_model)
+
+
+def default_aux_k(d_model: int, n_ov_heads: int) -> int:
+    """Dead heads that AuxK lets reconstruct the residual: d_model / 2 (Gao et al., 2024), at most all heads."""
+    return min(n_ov_heads, max(1, d_model // 2))
+
+
+def default_dead_tokens(max_tokens: int, n_ov_heads: int, top_k: int) -> int:
+    """Heads silent for this many tokens count as dead (for AuxK and revival): 5% of the budget, but at least 100
+    times the interval at which an average head fires (n_ov / K tokens) and 100K tokens, at most 10M."""
+    return int(min(10_000_000, max(100_000, 100 * n_ov_heads // top_k, 0.05 * max_tokens)))
+
+
+def revive_every(dead_tokens: int, tokens_per_step: int) -> int:
+    """Steps between revivals of dead heads: three per dead-head window, so no head stays dead for long."""
+    return max(1, dead_tokens // (3 * tokens_per_step))
+
+
+DECAY_FRACTION = 0.2  # the learning rate holds, then falls linearly to 0 over the last 20% of steps
+
+
+def scheduler_kwargs(scheduler: str, kwargs: dict | None, max_steps: int) -> dict | None:
+    """The default schedule, warmup-stable-decay (the authors': warm up, hold, cool down linearly), needs its decay
+    length in steps: DECAY_FRACTION of the run unless given (`--lr_scheduler_kwargs`)."""
+    if scheduler != "warmup_stable_decay":
+        return kwargs
+    kwargs = dict(kwargs or {})
+    kwargs.setdefault("num_decay_steps", max(1, round(DECAY_FRACTION * max_steps)))
+    kwargs.setdefault("decay_type", "linear")
+    return kwargs
+
+
+def steps_for_budget(max_tokens: int, tokens_per_step: int) -> int:
+    return max(1, math.floor(max_tokens / tokens_per_step))
