@@ -189,16 +189,3 @@ def test_revival_brings_a_dead_head_back_into_the_top_k():
         rate = (fired == head).any(-1).float().mean()
         assert 0.03 <= rate <= 0.25, (head, rate)  # about the average head's rate, K / n_ov = 1/16
 
-
-def test_relu_heads_start_in_antipodal_pairs_that_cover_the_host_head():
-    model = build_host("llama")
-    with capture(model, 1) as cap:
-        model(token_batch())
-    x, y = cap.last.hidden_states, cap.last.attention_output
-    lorsa = LorsaModel.from_host(model, 1, n_ov_heads=256, top_k=256, topk_rule="relu")
-    assert torch.equal(lorsa.w_v[0::2], -lorsa.w_v[1::2]) and torch.equal(lorsa.w_o[0::2], -lorsa.w_o[1::2])
-    norms = lorsa.w_o.norm(dim=-1)
-    assert norms.std() / norms.mean() < 0.5  # one norm per host head: none starts out of the competition
-    with torch.no_grad():
-        fvu = ((lorsa(x).reconstruction - y) ** 2).sum() / ((y - y.mean((0, 1))) ** 2).sum()
-    assert fvu < 0.1  # with every head active, ReLU(z) w + ReLU(-z) (-w) = z w: close to the host layer

@@ -9,8 +9,7 @@ head's pattern start inside that head's OV circuit W_v^h W_o^h = U S V^T:
   subspace, w_v = U r, with w_o the head's OV map applied to it, normalised (the authors'
   `init_W_V_with_active_subspace_per_head`). All heads start alike: every w_v has norm about 1 and every
   w_o the same norm, so no head (one along a weak singular direction, say) starts out of the competition
-  for the top K. The directions of a host head form a tight frame of its subspace; with ReLU ranking they come
-  in antipodal pairs (w, -w), so that negative pre-activations are covered too.
+  for the top K. The directions of a host head form a tight frame of its subspace.
 
 `calibrate` then uses a batch of activations: it centres every head's pre-activation (the authors'
 `init_encoder_bias_with_mean_hidden_pre`, so that each head is above and below its threshold about equally
@@ -51,16 +50,6 @@ def random_frame(n: int, dh: int, generator: torch.Generator) -> torch.Tensor:
     return P @ Qh * (n / dh) ** 0.5
 
 
-def head_directions(n: int, dh: int, generator: torch.Generator, antipodal: bool) -> torch.Tensor:
-    """(n, dh) directions for n OV heads: a random frame, or with `antipodal` (ReLU ranking) a frame of n / 2
-    directions each taken with both signs, consecutive, so that ReLU(z) w_o + ReLU(-z) (-w_o) = z w_o: with all
-    heads active the pair acts like one linear piece, as the host head does."""
-    if not antipodal or n < 2:
-        return random_frame(n, dh, generator)
-    half = random_frame((n + 1) // 2, dh, generator)
-    return torch.stack((half, -half), dim=1).flatten(0, 1)[:n]
-
-
 @torch.no_grad()
 def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: int = 0) -> None:
     """Fill `lorsa` (a LorsaModel whose config came from `LorsaConfig.from_host(model, layer, ...)`) with
@@ -94,12 +83,11 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
             lorsa.b_v[heads] = coords
             b_D += rest
         else:  # random directions of the value subspace; the value bias is a constant output (rows sum to 1)
-            r = head_directions(len(heads), S.numel(), generator, antipodal=config.topk_rule == "relu")
+            r = random_frame(len(heads), S.numel(), generator)
             out = (r * S) @ V.T  # (n, D): the OV map of each w_v = U r
             lorsa.w_v[heads] = r @ U.T
-            # heads of norm about S.mean() * dh / n (per sign): together (top_k = Hov) about the size of the host head
-            directions = len(heads) / (2 if config.topk_rule == "relu" else 1)
-            lorsa.w_o[heads] = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12) * S.mean() * S.numel() / directions
+            # n heads of norm about S.mean() * dh / n: together (top_k = Hov) about the size of the host head
+            lorsa.w_o[heads] = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12) * S.mean() * S.numel() / len(heads)
             lorsa.b_v[heads] = 0.0
             b_D += rest + V @ coords
     lorsa.b_D.copy_(b_D)
