@@ -100,7 +100,7 @@ def test_every_number_matches_an_independent_computation(family):
         ablated = results[f"loss_{ablation}_ablated"]
         ratio = (ablated - results["loss_spliced"]) / (ablated - results["loss_clean"])
         assert results[f"loss_recovered_{ablation}"] == pytest.approx(ratio, rel=1e-9)
-    assert results["explained_variance"] == pytest.approx(1 - expected["fvu"], abs=1e-6)
+    assert results["explained_variance"] == pytest.approx(1 - expected["fvu"], rel=1e-5, abs=1e-6)
 
 
 def test_exact_init_is_perfect_and_a_silent_lorsa_is_the_zero_ablation():

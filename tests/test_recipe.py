@@ -159,7 +159,9 @@ def test_the_default_command_trains_at_realistic_width_without_divergence(wide_h
     trained = lorsa.eval_results
     # random weights on random words: attention with little structure, so 150 steps remove a sixth of the error
     assert trained["fvu"] < 0.9 * fvu_start, (trained["fvu"], fvu_start)
-    assert trained["dead_heads"] <= 0.05 * lorsa.config.n_ov_heads and trained["max_frequency"] <= 0.5, trained
+    assert trained["max_frequency"] <= 0.5, trained
+    # no bound on dead heads here: 38K tokens are less than the 100K-token dead window, so neither AuxK nor revival
+    # acts in this run (BENCHMARKS.md, "Recipe at scale", for runs long enough)
 
 
 def test_revival_brings_a_dead_head_back_into_the_top_k():
@@ -188,4 +190,3 @@ def test_revival_brings_a_dead_head_back_into_the_top_k():
     for head in (3, 40):
         rate = (fired == head).any(-1).float().mean()
         assert 0.03 <= rate <= 0.25, (head, rate)  # about the average head's rate, K / n_ov = 1/16
-
