@@ -94,6 +94,11 @@ def test_calibration_centres_every_head_and_fits_the_output():
     z = lorsa.pre_activations(x)[counted]
     assert z.mean(0).abs().max() < 1e-5  # every head above and below zero alike
     assert report["fvu_calibrated"] <= report["fvu_at_init"] + 1e-6
+    with torch.no_grad():
+        after = lorsa(x, top_k=128).reconstruction[counted]
+    target = y[counted]
+    recomputed = float(((after - target) ** 2).sum() / ((target - target.mean(0)) ** 2).sum())
+    assert report["fvu_calibrated"] == pytest.approx(recomputed, rel=1e-4)
     # the least-squares fit: scaling the output directions further does not help
     out = lorsa(x, top_k=128).reconstruction[counted]
     base = lorsa.b_D / lorsa.config.output_norm_factor
@@ -181,7 +186,7 @@ def test_revival_brings_a_dead_head_back_into_the_top_k():
     assert not torch.isin(out.top_k_indices, torch.tensor([3, 40])).any()
     silent = torch.zeros(64, dtype=torch.long)
     silent[[3, 40]] = 10**6
-    trainer = SimpleNamespace(tokens_since_fired=silent, dead_tokens=1000)
+    trainer = SimpleNamespace(silent_heads=lambda: silent > 1000)
     dead, bump = LorsaTrainer.revival(trainer, lorsa, out.pre_activations.flatten(0, 1), 4)
     assert dead.tolist() == [3, 40] and (bump > 99).all()
     with torch.no_grad():

@@ -257,11 +257,6 @@ def activation_sample(host, layer: int, windows, batch_size: int, n_batches: int
     return torch.cat(xs), torch.cat(ys), torch.cat(masks)
 
 
-def estimate_norm_factors(host, layer: int, windows, batch_size: int, n_batches: int, skip: list[int]):
-    """The two normalisation factors (input, output) of LORSA.md, from the first `n_batches` batches."""
-    return norm_factors(*activation_sample(host, layer, windows, batch_size, n_batches, skip))
-
-
 def cached_activations(directory, key: CacheKey, host, windows, batch_size: int, main_process_first) -> ActivationCache:
     """The activation cache in `directory`: reused when it was made for `key`, else built once (by the main
     process, inside `main_process_first`) from the first `key.n_windows` windows."""

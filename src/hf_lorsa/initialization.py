@@ -121,4 +121,5 @@ def calibrate(lorsa: nn.Module, x: torch.Tensor, y: torch.Tensor, counted: torch
         scale = 1.0
     bias = target.mean(0) - scale * heads.mean(0)
     lorsa.b_D.copy_((bias * lorsa.config.output_norm_factor).to(lorsa.b_D.dtype))
-    return {"fvu_at_init": before, "fvu_calibrated": fvu(lorsa(x, top_k=top_k).reconstruction[counted].float())}
+    # one scale of every w_o leaves the top-k choice as it was: the new reconstruction is scale * heads + bias
+    return {"fvu_at_init": before, "fvu_calibrated": fvu(scale * heads + bias)}

@@ -1,7 +1,7 @@
 """The training recipe's defaults, derived from the sizes so that one command trains at any width.
 
 Every rule here is what `hf-lorsa train` uses when the option is not given (README, "Defaults and how they
-scale"); BENCHMARKS.md ("Recipe at scale") records what they give from d_model 64 to 2048.
+scale"); BENCHMARKS.md ("Recipe at scale") records what they give at d_model 64 and 576.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ BASE_D_MODEL = 64
 def default_learning_rate(d_model: int) -> float:
     """4e-3 * sqrt(64 / d_model). Inputs and outputs are normalised to norm sqrt(d_model) and w_o rows have unit
     norm, so an Adam step of size lr per coordinate moves a row by about lr * sqrt(d_model) relative to its
-    norm: this rule keeps that relative step the same at every width (4e-3 diverges at d_model 2048)."""
+    norm: this rule keeps that relative step the same at every width (a fixed 4e-3 was seen to diverge at d_model
+    2048)."""
     return BASE_LEARNING_RATE * math.sqrt(BASE_D_MODEL / d_model)
 
 
@@ -35,12 +36,12 @@ def revive_every(dead_tokens: int, tokens_per_step: int) -> int:
     return max(1, dead_tokens // (3 * tokens_per_step))
 
 
-DECAY_FRACTION = 0.2  # the learning rate holds, then falls linearly to 0 over the last 20% of steps
+DECAY_FRACTION = 0.2  # with warmup_stable_decay: hold, then fall linearly to 0 over the last 20% of steps
 
 
 def scheduler_kwargs(scheduler: str, kwargs: dict | None, max_steps: int) -> dict | None:
-    """The default schedule, warmup-stable-decay (the authors': warm up, hold, cool down linearly), needs its decay
-    length in steps: DECAY_FRACTION of the run unless given (`--lr_scheduler_kwargs`)."""
+    """`--lr_scheduler_type warmup_stable_decay` (the authors' schedule: warm up, hold, cool down linearly) needs
+    its decay length in steps: DECAY_FRACTION of the run unless `--lr_scheduler_kwargs` gives it."""
     if scheduler != "warmup_stable_decay":
         return kwargs
     kwargs = dict(kwargs or {})

@@ -91,7 +91,7 @@ class LorsaTrainer(Trainer):
         lorsa = self.lorsa
         x, y, counted = self.activations(inputs)
         k = self.current_k()
-        any_dead = bool((self.tokens_since_fired > self.dead_tokens).any())
+        any_dead = bool(self.silent_heads().any())
         use_aux = self.aux_k_coef > 0 and any_dead
         revive = self.revive_every > 0 and any_dead and self.state.global_step % self.revive_every == 0
         out = model(x, top_k=k, output_pre_activations=use_aux or revive)
@@ -118,7 +118,7 @@ class LorsaTrainer(Trainer):
 
     def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al., 2024): the top dead heads reconstruct what the live ones missed."""
-        dead = self.tokens_since_fired.to(z.device) > self.dead_tokens
+        dead = self.silent_heads().to(z.device)
         k_aux = min(self.aux_k, int(dead.sum()))
         act = z.relu() if lorsa.config.topk_rule == "relu" else z
         score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
@@ -137,7 +137,7 @@ class LorsaTrainer(Trainer):
 
         z: (N, Hov) pre-activations of this batch's counted positions, in the Lorsa's normalised units (b_v adds
         to z as it is, since attention rows sum to 1)."""
-        dead = (self.tokens_since_fired.to(z.device) > self.dead_tokens).nonzero().flatten()
+        dead = self.silent_heads().to(z.device).nonzero().flatten()
         if dead.numel() == 0:
             return None
         norms = lorsa.w_o.detach().norm(dim=-1)
@@ -157,6 +157,11 @@ class LorsaTrainer(Trainer):
         self.tokens_since_fired[dead.to(self.tokens_since_fired.device)] = 0
         self._record("revived", dead.numel())
 
+    def silent_heads(self) -> torch.Tensor:
+        """(Hov,) True for heads that have not fired for more than dead_tokens tokens: the set AuxK trains and
+        revival wakes, logged as `silent_heads`."""
+        return self.tokens_since_fired > self.dead_tokens
+
     @torch.no_grad()
     def _update_fired(self, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Counters stay on the Lorsa's device: no transfer per step."""
@@ -174,7 +179,7 @@ class LorsaTrainer(Trainer):
         if self._metrics and "loss" in logs:  # a training log: add the recipe's metrics, averaged
             for name, values in self._metrics.items():
                 logs[name] = sum(float(v) for v in values) / len(values)
-            logs["silent_heads"] = int((self.tokens_since_fired > self.dead_tokens).sum())
+            logs["silent_heads"] = int(self.silent_heads().sum())
             logs["tokens"] = self.tokens_seen()
             self._metrics = {}
             if not all(math.isfinite(v) for v in logs.values() if isinstance(v, float)):
