@@ -21,8 +21,8 @@ def make(seed: int = 0, **overrides) -> LorsaModel:
             p.normal_(std=0.1)
         model.w_o.mul_(torch.rand(model.config.n_ov_heads, 1) + 0.5)  # non-unit norms matter for ranking
         if model.q_norm is not None:  # norm weights other than one, so that they matter
-            model.q_norm.weight.copy_(torch.rand(model.config.d_qk_head) + 0.5)
-            model.k_norm.weight.copy_(torch.rand(model.config.d_qk_head) + 0.5)
+            model.q_norm.weight.copy_(torch.rand(model.q_norm.weight.shape) + 0.5)  # (dqk,) or per head (Hqk, dqk)
+            model.k_norm.weight.copy_(torch.rand(model.k_norm.weight.shape) + 0.5)
     return model
 
 
@@ -48,8 +48,11 @@ def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = 
 
     z = torch.zeros(B, T, c.n_ov_heads)
     for h in range(c.n_qk_heads):
-        q = rope(norm(x @ model.W_Q[h] + model.b_Q[h], model.q_norm.weight if c.qk_norm else None))
-        k = rope(norm(x @ model.W_K[h] + model.b_K[h], model.k_norm.weight if c.qk_norm else None))
+        q_weight, k_weight = (None, None) if not c.qk_norm else (model.q_norm.weight, model.k_norm.weight)
+        if c.qk_norm_per_head:
+            q_weight, k_weight = q_weight[h], k_weight[h]
+        q = rope(norm(x @ model.W_Q[h] + model.b_Q[h], q_weight))
+        k = rope(norm(x @ model.W_K[h] + model.b_K[h], k_weight))
         logits = q @ k.transpose(-1, -2) / math.sqrt(c.d_qk_head)
         if c.attn_logit_softcapping:
             logits = torch.tanh(logits / c.attn_logit_softcapping) * c.attn_logit_softcapping
@@ -76,6 +79,7 @@ def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = 
         {"attn_logit_softcapping": 2.0},
         {"qk_norm": True},
         {"qk_norm": True, "topk_rule": "relu"},
+        {"qk_norm": True, "qk_norm_per_head": True},
     ],
 )
 @torch.no_grad()

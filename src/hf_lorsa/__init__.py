@@ -15,6 +15,7 @@ _LAZY = {
     "evaluate_lorsa": "evaluation",
     "analyze": "analysis",
     "load_analysis": "analysis",
+    "export_llamascopium": "llamascopium",
 }
 
 
@@ -36,6 +37,7 @@ __all__ = [
     "capture",
     "collect",
     "evaluate_lorsa",
+    "export_llamascopium",
     "load_analysis",
     "splice",
     "train_lorsa",

@@ -45,6 +45,12 @@ class LorsaConfig(PreTrainedConfig):
         max_position_embeddings (`int`): longest sequence the positional treatment supports.
         qk_norm (`bool`): apply a per-head RMSNorm to queries and keys before rotation (Qwen3, Gemma 3).
         qk_norm_eps (`float`): epsilon of that norm.
+        qk_norm_per_head (`bool`): one QK-norm weight per QK head (Lorsas trained by the authors' code) instead of
+            one shared by all (the host's).
+        input_before_gain (`bool`): the weights read the attention input before the host's input norm applies
+            its per-channel gain (and bias): TransformerLens' `ln1.hook_normalized`, the input of a Lorsa
+            imported from llamascopium without its host. `from_pretrained(..., host=model)`, `splice`,
+            evaluation and analysis fold the host's gain into the weights and set this to False.
         input_norm_factor (`float`): the attention input is multiplied by this before use.
         output_norm_factor (`float`): the reconstruction is divided by this. Both are 1 once folded.
         base_model_name_or_path (`str`, *optional*): Hub id or path of the host model.
@@ -84,6 +90,8 @@ class LorsaConfig(PreTrainedConfig):
     max_position_embeddings: int = 2048
     qk_norm: bool = False
     qk_norm_eps: float = 1e-6
+    qk_norm_per_head: bool = False
+    input_before_gain: bool = False
     input_norm_factor: float = 1.0
     output_norm_factor: float = 1.0
     base_model_name_or_path: str | None = None

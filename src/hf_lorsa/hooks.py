@@ -133,7 +133,8 @@ def capture(model: nn.Module, layer: int, attention_module: str | None = None, s
 
 def check_lorsa_matches(model: nn.Module, lorsa, strict: bool = True) -> None:
     """Refuse, before any forward pass, a Lorsa made for another model family, width or depth, and (with
-    `strict`) one made from another model of the same shape (its recorded fingerprint differs)."""
+    `strict`) one made from another model of the same shape (its recorded fingerprint differs). A Lorsa that
+    reads the input before the host's input-norm gain (imported from llamascopium) gets the gain folded in."""
     _check_is_lorsa(lorsa)
     cfg = hosts.host_config(model)
     lc = lorsa.config
@@ -154,6 +155,10 @@ def check_lorsa_matches(model: nn.Module, lorsa, strict: bool = True) -> None:
             f"from those it was trained on (base model: {lc.base_model_name_or_path}). Load that model, or pass "
             "strict=False to use it with this one anyway."
         )
+    if lc.input_before_gain:
+        from .llamascopium import fold_input_gain
+
+        fold_input_gain(lorsa, model)
 
 
 def _check_is_lorsa(lorsa) -> None:

@@ -171,6 +171,19 @@ def probe_norm_scale(norm: nn.Module | None, dim: int) -> torch.Tensor | None:
     return (out[0] - out[1]) * probe[0].sign()
 
 
+@torch.no_grad()
+def input_norm_affine(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gain, bias) of layer `layer`'s pre-attention norm, each (D,) float32 on the CPU: the attention input is
+    normalised(x) * gain + bias (bias zero for an RMSNorm; Gemma's 1 + w is the gain)."""
+    check_layer(model, layer)
+    arch = architecture_of(model)
+    norm = get_module(unwrap(model), f"{arch.layers}.{layer}.{arch.input_norm}")
+    dim = host_config(model).hidden_size
+    param = next(norm.parameters())
+    bias = norm(torch.zeros(1, dim, device=param.device, dtype=param.dtype)).float().cpu()[0]
+    return probe_norm_scale(norm, dim), bias
+
+
 def read_attention(model: nn.Module, layer: int) -> HostAttention:
     """The weights of layer `layer`'s attention, whatever the family's projection layout."""
     arch = architecture_of(model)

@@ -101,6 +101,10 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
         )  # fmt: skip
     except (OSError, json.JSONDecodeError) as err:
         raise OSError(f"Could not read the config.json of a Lorsa at {where}: {err}") from err
+    from .llamascopium import is_llamascopium_config, lorsa_config_dict
+
+    if is_llamascopium_config(config):  # the authors' format: its config read as ours (the weights come later)
+        return {"model_type": "lorsa", **lorsa_config_dict(config, layer=kwargs.get("layer"), where=where)}
     model_type = config.get("model_type")
     if model_type != "lorsa":
         raise ValueError(

@@ -65,6 +65,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over the last axis of (B, Hqk, T, dqk) with one weight row per QK head (Hqk, dqk): the QK norm of
+    Lorsas trained by the authors' code, whose heads each learn their own."""
+
+    def __init__(self, n_heads: int, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n_heads, dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()[:, None, :]).to(x.dtype)
+
+
+def qk_norm(config: LorsaConfig) -> nn.Module | None:
+    """The QK norm a config asks for: none, one shared across QK heads (the host's), or one per QK head."""
+    if not config.qk_norm:
+        return None
+    if config.qk_norm_per_head:
+        return HeadRMSNorm(config.n_qk_heads, config.d_qk_head, config.qk_norm_eps)
+    return nn.RMSNorm(config.d_qk_head, eps=config.qk_norm_eps)
+
+
 class LorsaPreTrainedModel(PreTrainedModel):
     config_class = LorsaConfig
     config: LorsaConfig
@@ -76,6 +99,8 @@ class LorsaPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, LorsaModel):
             module.reset_parameters()
+        elif isinstance(module, HeadRMSNorm):
+            init.ones_(module.weight)
         else:  # QK norms and the rotary buffers, the transformers way
             super()._init_weights(module)
 
@@ -96,8 +121,8 @@ class LorsaModel(LorsaPreTrainedModel):
         self.b_v = nn.Parameter(torch.zeros(c.n_ov_heads))
         self.w_o = nn.Parameter(torch.empty(c.n_ov_heads, c.d_model))
         self.b_D = nn.Parameter(torch.zeros(c.d_model))
-        self.q_norm = nn.RMSNorm(c.d_qk_head, eps=c.qk_norm_eps) if c.qk_norm else None
-        self.k_norm = nn.RMSNorm(c.d_qk_head, eps=c.qk_norm_eps) if c.qk_norm else None
+        self.q_norm = qk_norm(c)
+        self.k_norm = qk_norm(c)
         self.rotary_emb = LorsaRotaryEmbedding(c) if c.rope_parameters is not None else None
         self.post_init()
 
@@ -127,16 +152,40 @@ class LorsaModel(LorsaPreTrainedModel):
     # ---- Hub -----------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load from a Hub id or directory (`subfolder=` for one layer of a release); safetensors only."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, host=None, layer: int | None = None, **kwargs):
+        """Load from a Hub id or directory (`subfolder=` for one layer of a release); safetensors only.
+
+        Also reads Lorsas written by the authors' code (llamascopium: config.json with `sae_type` and
+        sae_weights.safetensors). Those read the attention input before the host's input-norm gain: given the
+        `host` model, the gain is folded in now, else at the first `splice`, evaluation or analysis. `layer`
+        names the host layer when their hook point does not. With `host=`, any Lorsa is checked against it.
+        """
+        from .hooks import check_lorsa_matches
+        from .llamascopium import is_llamascopium_folder, load_llamascopium
+
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        subfolder = kwargs.get("subfolder") or ""
+        if is_llamascopium_folder(pretrained_model_name_or_path, subfolder, **hub_kwargs):
+            lorsa = load_llamascopium(pretrained_model_name_or_path, subfolder, layer, **hub_kwargs)
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            lorsa = lorsa.to(getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else lorsa.dtype)
+            info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+        else:
+            lorsa, info = cls._load_own_format(pretrained_model_name_or_path, *args, **kwargs)
+            if layer is not None:
+                lorsa.config.layer = layer
+        if host is not None:
+            check_lorsa_matches(host, lorsa)
+        return (lorsa, info) if kwargs.get("output_loading_info") else lorsa
+
+    @classmethod
+    def _load_own_format(cls, pretrained_model_name_or_path, *args, **kwargs):
         hub.check_lorsa_config(pretrained_model_name_or_path, kwargs)
-        kwargs.setdefault("output_loading_info", False)
-        wants_info = kwargs["output_loading_info"]
         kwargs["output_loading_info"] = True
         lorsa, info = hub.load_safetensors_only(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         hub.check_loading_info(pretrained_model_name_or_path, info)
         lorsa.eval_results = hub.read_eval_results(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-        return (lorsa, info) if wants_info else lorsa
+        return lorsa, info
 
     def extra_repr(self) -> str:
         c = self.config
