@@ -5,14 +5,23 @@ input and their reconstruction of it.
 """
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
+import datasets
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
-from conftest import ROOT, build_host, token_batch
+from conftest import ROOT, STORIES_DATA, STORIES_MODEL, build_host, require_shared, token_batch
 from hf_lorsa import LorsaConfig, LorsaModel, collect, export_llamascopium, splice
+from hf_lorsa.activations import load_text, pack
+from hf_lorsa.evaluation import evaluate_lorsa
+from hf_lorsa.inspector import Inspector
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamascopium"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
@@ -124,6 +133,9 @@ def test_an_exact_lorsa_exported_and_loaded_back_reproduces_the_logits(family, t
     assert not pending.config.input_before_gain and pending.config.host_fingerprint
     loaded = LorsaModel.from_pretrained(folder, host=host)
     torch.testing.assert_close(logits(host, ids, loaded), spliced, rtol=1e-5, atol=1e-5)
+    loaded.save_pretrained(tmp_path / "ours")  # our format from here on
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "lorsa"
+    torch.testing.assert_close(logits(host, ids, LorsaModel.from_pretrained(tmp_path / "ours")), spliced)
 
 
 def test_ours_to_theirs_to_ours_is_exact(tmp_path):
@@ -223,3 +235,63 @@ def test_what_their_format_cannot_hold_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"needs the host model \(host=...\)"):
         export_llamascopium(LorsaModel.from_host(host, 1, topk_rule="relu"), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_lorsa_in_their_format_evaluates_and_analyses_from_the_command_line(tmp_path):
+    """Their files alone (no hf_lorsa config inside): the host is named, the gain folded at the first pairing."""
+    require_shared(STORIES_MODEL, STORIES_DATA)
+    host = transformers.AutoModelForCausalLM.from_pretrained(STORIES_MODEL)
+    native = LorsaModel.from_host(host, 2, n_ov_heads=256, top_k=16, topk_rule="relu")
+    folder = export_llamascopium(native, tmp_path / "theirs", host)
+    config = json.loads((folder / "config.json").read_text())
+    del config["hf_lorsa"]
+    (folder / "config.json").write_text(json.dumps(config))
+    windows = pack(load_text(str(STORIES_DATA), "text"), AutoTokenizer.from_pretrained(STORIES_MODEL), 128, "text")
+    want = evaluate_lorsa(host, native, windows, max_tokens=2048, progress=False)
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    common = ["--lorsa", str(folder), "--model_name_or_path", str(STORIES_MODEL), "--dataset", str(STORIES_DATA),
+              "--context_length", "128", "--max_tokens", "2048"]  # fmt: skip
+    evaluate = [sys.executable, "-m", "hf_lorsa", "evaluate", *common, "--output", str(tmp_path / "eval.json")]
+    result = subprocess.run(evaluate, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads((tmp_path / "eval.json").read_text())
+    assert got["layer"] == 2 and got["n_tokens"] == want.n_tokens
+    assert got["fvu"] == pytest.approx(want.fvu, rel=1e-4) and got["kl_spliced"] == pytest.approx(
+        want.kl_spliced, rel=1e-3
+    )
+    analyze = [sys.executable, "-m", "hf_lorsa", "analyze", *common, "--max_tokens", "1024"]
+    result = subprocess.run(analyze, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(datasets.Dataset.from_parquet(str(folder / "analysis" / "heads.parquet"))) == 256
+    inspector = Inspector.load(str(folder), str(STORIES_MODEL))  # the Space, on that analysis
+    assert (
+        inspector.notice == "" and len(inspector.head_table()) == 256 and not inspector.lorsa.config.input_before_gain
+    )
+    z = inspector.lorsa.z_pattern(collect(host, 2, input_ids=token_batch(512)).hidden_states, 7).sum(-1)
+    want_z = native(collect(host, 2, input_ids=token_batch(512)).hidden_states, output_pre_activations=True)
+    torch.testing.assert_close(z, want_z.pre_activations[..., 7], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rule", "extra", "message"),
+    [
+        ("abs", [], "topk_rule 'abs'"),
+        ("relu", ["--n_ctx", "0"], "--n_ctx must be an integer >= 1"),
+        ("relu", ["--output", "EXISTING"], "already holds an export; pass --overwrite"),
+    ],
+)
+def test_the_export_command_fails_first_with_the_fix(tmp_path, capsys, rule, extra, message):
+    from hf_lorsa.cli import main
+
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4, topk_rule=rule)
+    lorsa.config.base_model_name_or_path = str(tmp_path / "no-such-host")  # opening it would fail otherwise
+    lorsa.save_pretrained(tmp_path / "lorsa")
+    (tmp_path / "EXISTING").mkdir()
+    (tmp_path / "EXISTING" / "config.json").write_text("{}")
+    extra = [str(tmp_path / e) if e == "EXISTING" else e for e in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--lorsa", str(tmp_path / "lorsa"), "--output", str(tmp_path / "out"), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "hf-lorsa export: error:" in err and message in err, err
+    assert not (tmp_path / "out").exists() and (tmp_path / "EXISTING" / "config.json").read_text() == "{}"

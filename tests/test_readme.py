@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
-from conftest import ROOT, SHARED, app_config, free_port, require_shared
+from conftest import ROOT, SHARED, STORIES_MODEL, app_config, free_port, require_shared
 
 
 def test_readme_example_runs(monkeypatch):
@@ -73,7 +75,8 @@ def test_the_readme_lists_the_commands_these_tests_run():
     assert [c.split(" --")[0] for c in readme_commands()] == [
         "hf-lorsa train", "accelerate launch scripts/train.py", "hf-lorsa train examples/stories-l2.yaml",
         "hf-lorsa evaluate", "python scripts/evaluate.py", "hf-lorsa analyze",
-        "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "python scripts/bench.py",
+        "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "hf-lorsa export",
+        "python scripts/bench.py",
     ]  # fmt: skip
 
 
@@ -136,6 +139,19 @@ def test_every_readme_command_runs_as_written(project):
     assert [p.name for p in (project / "spaces" / "lorsa-inspector").glob("*.whl")] == [
         "hf_lorsa-0.1.0-py3-none-any.whl"
     ]
-    result = run(commands[8], project)  # python scripts/bench.py
+    result = run(commands[8], project)  # hf-lorsa export: the authors' format, read back equal
+    exported = project / "runs" / "stories-l2-llamascopium"
+    assert json.loads((exported / "config.json").read_text())["hook_point_in"] == "blocks.2.ln1.hook_normalized"
+    assert "blocks.2.ln1.hook_normalized" in result.stdout
+    native = LorsaModel.from_pretrained(lorsa_dir)
+    back = LorsaModel.from_pretrained(exported, host=transformers.AutoModelForCausalLM.from_pretrained(STORIES_MODEL))
+    bookkeeping = ("_name_or_path", "architectures")  # where it was loaded from, what saving it records
+    assert {k: v for k, v in back.config.to_dict().items() if k not in bookkeeping} == {
+        k: v for k, v in native.config.to_dict().items() if k not in bookkeeping
+    }
+    for name, tensor in native.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
+
+    result = run(commands[9], project)  # python scripts/bench.py
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["config"] for row in rows] == ["a", "b"] and all(row["tokens_per_s"] > 0 for row in rows)

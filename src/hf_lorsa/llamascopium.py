@@ -203,7 +203,8 @@ def _stashed(stash: dict | None, fields: dict) -> dict:
     norm factors are the stash's when the weights file's float32 norms round to them."""
     if not stash or any(stash.get(key) != fields[key] for key in STRUCTURE if key != "rope_parameters"):
         return {}
-    keep = {k: v for k, v in stash.items() if k not in ("model_type", "architectures", "transformers_version")}
+    bookkeeping = ("model_type", "architectures", "transformers_version", "_name_or_path")  # transformers' own
+    keep = {k: v for k, v in stash.items() if k not in bookkeeping}
     for name in ("input_norm_factor", "output_norm_factor"):
         if not math.isclose(keep.get(name, 1.0), fields[name], rel_tol=1e-6):
             keep[name] = fields[name]
@@ -265,17 +266,7 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
     import copy
 
     c = lorsa.config
-    _require(c.topk_rule == "relu", "Their Lorsa keeps ReLU(z) of the heads ranked by ReLU(z) x ||w_o|| (topk_rule "
-             "'relu'); this one keeps signed activations (topk_rule 'abs'), which their format cannot express.")  # fmt: skip
-    _require(c.attn_logit_softcapping is None, "Their Lorsa has no attention logit soft-capping; this one uses "
-                                               f"{c.attn_logit_softcapping}.")  # fmt: skip
-    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
-    _require(rope_type in ("default", "llama3"), f"Their Lorsa has no {rope_type!r} rotary scaling.")
-    _require(c.layer is not None, "This Lorsa records no layer; set lorsa.config.layer.")
-    if n_ctx is None:
-        n_ctx = (c.training_args or {}).get("context_length") or min(c.max_position_embeddings, 4096)
-    _require(c.sliding_window is None or c.sliding_window >= n_ctx, f"Their Lorsa sees every earlier position; this "
-             f"one has a sliding window of {c.sliding_window}, shorter than n_ctx {n_ctx} (pass a smaller n_ctx).")  # fmt: skip
+    n_ctx = check_exportable(c, n_ctx)
     exported = copy.deepcopy(lorsa).float().cpu()
     if not c.input_before_gain:
         _require(host is not None, "Exporting needs the host model (host=...): their input is taken before the "
@@ -293,6 +284,24 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
     stash = c.to_dict()
     (folder / "config.json").write_text(json.dumps({**_their_config(c, n_ctx), STASH_KEY: stash}, indent=4))
     return folder
+
+
+def check_exportable(c, n_ctx: int | None = None) -> int:
+    """Refuse, before anything is loaded or written, what their format cannot hold; returns the n_ctx to write."""
+    _require(c.topk_rule == "relu", "Their Lorsa keeps ReLU(z) of the heads ranked by ReLU(z) x ||w_o|| (topk_rule "
+             "'relu'); this one keeps signed activations (topk_rule 'abs'), which their format cannot express.")  # fmt: skip
+    _require(c.attn_logit_softcapping is None, "Their Lorsa has no attention logit soft-capping; this one uses "
+                                               f"{c.attn_logit_softcapping}.")  # fmt: skip
+    rope_type = (c.rope_parameters or {}).get("rope_type", "default")
+    _require(rope_type in ("default", "llama3"), f"Their Lorsa has no {rope_type!r} rotary scaling.")
+    _require(c.layer is not None, "This Lorsa records no layer; set lorsa.config.layer.")
+    if n_ctx is None:
+        n_ctx = (c.training_args or {}).get("context_length") or min(c.max_position_embeddings, 4096)
+    _require(c.sliding_window is None or c.sliding_window >= n_ctx, f"Their Lorsa sees every earlier position; this "
+             f"one has a sliding window of {c.sliding_window}, shorter than n_ctx {n_ctx} (pass a smaller n_ctx).")  # fmt: skip
+    _require(int(c.d_model * (c.n_ov_heads / c.d_model)) == c.n_ov_heads,
+             f"n_ov_heads {c.n_ov_heads} is not d_model x an expansion factor their format can store.")  # fmt: skip
+    return n_ctx
 
 
 def _their_config(c, n_ctx: int) -> dict:
@@ -315,8 +324,6 @@ def _their_config(c, n_ctx: int) -> dict:
         "eps": c.qk_norm_eps, "use_triton_kernel": False, "sparsity_threshold_for_triton_spmm_kernel": 0.996,
         "jumprelu_threshold_window": 2.0,
     }  # fmt: skip
-    _require(int(c.d_model * base["expansion_factor"]) == c.n_ov_heads,
-             f"n_ov_heads {c.n_ov_heads} is not d_model x an expansion factor their format can store.")  # fmt: skip
     return base
 
 
@@ -377,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         require(args.overwrite or not (out / "config.json").exists(),
                 f"{out} already holds an export; pass --overwrite to replace it.")  # fmt: skip
         lorsa = LorsaModel.from_pretrained(args.lorsa, subfolder=args.subfolder)
+        check_exportable(lorsa.config, args.n_ctx)
         host = None
         if not lorsa.config.input_before_gain:
             name = args.model_name_or_path or lorsa.config.base_model_name_or_path
