@@ -186,8 +186,7 @@ def test_revival_brings_a_dead_head_back_into_the_top_k():
     assert not torch.isin(out.top_k_indices, torch.tensor([3, 40])).any()
     silent = torch.zeros(64, dtype=torch.long)
     silent[[3, 40]] = 10**6
-    trainer = SimpleNamespace(silent_heads=lambda: silent > 1000)
-    dead, bump = LorsaTrainer.revival(trainer, lorsa, out.pre_activations.flatten(0, 1), 4)
+    dead, bump = LorsaTrainer.revival(SimpleNamespace(), lorsa, out.pre_activations.flatten(0, 1), 4, silent > 1000)
     assert dead.tolist() == [3, 40] and (bump > 99).all()
     with torch.no_grad():
         lorsa.b_v[dead] += bump

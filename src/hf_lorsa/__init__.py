@@ -16,6 +16,7 @@ _LAZY = {
     "analyze": "analysis",
     "load_analysis": "analysis",
     "export_llamascopium": "llamascopium",
+    "push_release": "release",
 }
 
 
@@ -39,6 +40,7 @@ __all__ = [
     "evaluate_lorsa",
     "export_llamascopium",
     "load_analysis",
+    "push_release",
     "splice",
     "train_lorsa",
 ]

@@ -237,6 +237,18 @@ def collect(model: nn.Module, layer: int, **inputs) -> AttentionRecord:
     return cap.last
 
 
+def collect_layers(model: nn.Module, layers: list[int], **inputs) -> dict[int, AttentionRecord]:
+    """`collect` for several layers in one forward pass, which stops after the deepest one's attention."""
+    for layer in layers:
+        _check_layer_argument(layer)
+    device = hosts.input_device(model)
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    with torch.no_grad(), ExitStack() as stack:
+        captures = {layer: stack.enter_context(capture(model, layer, stop=layer == max(layers))) for layer in layers}
+        model(**inputs, use_cache=False)
+    return {layer: captures[layer].last for layer in layers}
+
+
 @torch.no_grad()
 def collect_to_cpu(model: nn.Module, layer: int, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """`collect` for a batch of token windows, returned as CPU copies (`input_ids`, `hidden_states`,

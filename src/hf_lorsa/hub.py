@@ -90,6 +90,12 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
         return None
     local = Path(str(name_or_path)).expanduser()
     if local.is_dir() and not (local / subfolder / "config.json").is_file():
+        from .release import release_layers
+
+        layers = release_layers(local / subfolder)
+        if layers:
+            raise OSError(f"{where} is a release of layers {layers}: pass subfolder='layer{layers[0]}' "
+                          f"(--subfolder layer{layers[0]}) for one of them.")  # fmt: skip
         raise OSError(f"Could not load a Lorsa from {where}: it needs config.json and model.safetensors.")
     if not local.exists() and looks_like_a_path(str(name_or_path)):
         raise OSError(f"Could not load a Lorsa from {where}: no such folder (it needs config.json and "

@@ -20,7 +20,7 @@ RUN_ENTRIES = (
     RUN_FILE, "config.json", "model.safetensors", "README.md", "eval_results.json", "analysis", "runs",
     "lorsa_trainer_state.safetensors",
 )  # fmt: skip
-RUN_PATTERNS = ("checkpoint-*", "train_summary_rank*.json")
+RUN_PATTERNS = ("checkpoint-*", "train_summary_rank*.json", "layer[0-9]*")  # layer{L}: one Lorsa of a release
 
 
 def run_made(entry: Path) -> bool:

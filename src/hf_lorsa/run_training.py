@@ -43,6 +43,7 @@ from .arguments import (
     tokens_per_step,
 )
 from .configuration_lorsa import LorsaConfig
+from .hosts import num_layers
 from .initialization import calibrate
 from .loading import open_host, open_tokenizer
 from .modeling_lorsa import LorsaModel
@@ -55,7 +56,8 @@ from .recipe import (
     scheduler_kwargs,
     steps_for_budget,
 )
-from .trainer import LorsaTrainer
+from .release import LorsaLayers, layer_folder, release_layers, write_release_card
+from .trainer import LorsaTrainer, saved_norm_factors
 
 logger = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 8192  # positions of the activation sample the initial calibration uses
@@ -68,10 +70,9 @@ def train_lorsa(callbacks=None, **options) -> LorsaModel:
     return train(*parse_dict(options), callbacks)
 
 
-def train(
-    model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None
-) -> LorsaModel:
-    """Run (or resume) a training run; returns the final Lorsa, also saved in args.output_dir."""
+def train(model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None):
+    """Run (or resume) a training run; returns the final Lorsa, also saved in args.output_dir, or with --layers
+    {layer: Lorsa}, saved in args.output_dir/layer{L} (a release)."""
     check_against_host(model_args, data_args, args)
     signature = run_signature(model_args, data_args)
     folder = claim_output_folder(args, signature)
@@ -81,7 +82,7 @@ def train(
             "pass --overwrite_output_dir or choose another --output_dir.", args.output_dir,
             folder.record.get("tokens_trained"),
         )  # fmt: skip
-        return LorsaModel.from_pretrained(args.output_dir)
+        return load_finished(args.output_dir, model_args.several)
     resume = resume_checkpoint(args, signature)
     tokenizer = open_tokenizer(model_args.model_name_or_path, model_args.gguf_file, model_args.trust_remote_code)
     separator = document_separator(tokenizer, data_args.document_separator)
@@ -89,17 +90,21 @@ def train(
 
     host = load_host(model_args, args.device)
     skip = skip_tokens(tokenizer, separator)
-    lorsa = build_lorsa(model_args, host, skip, separator)
+    layers = model_args.layer_list(num_layers(host))
+    lorsas = {layer: build_lorsa(model_args, host, skip, separator, layer) for layer in layers}
     if resume:  # the checkpoint's weights are in its own normalisation
-        saved = LorsaConfig.from_pretrained(resume)
-        lorsa.set_norm_factors(saved.input_norm_factor, saved.output_norm_factor)
+        factors = saved_norm_factors(resume) if model_args.several else {layers[0]: saved_factors(resume)}
+        for layer, lorsa in lorsas.items():
+            lorsa.set_norm_factors(*factors[layer])
     else:
-        normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, args.device)
+        for lorsa in lorsas.values():
+            normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, args.device)
     train_data = windows
     if data_args.activation_cache:
         train_data = activation_cache(host, model_args, data_args, args, windows, separator)
 
-    trainer = build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_windows, signature, callbacks)
+    model = LorsaLayers(lorsas) if model_args.several else lorsas[layers[0]]
+    trainer = build_trainer(model_args, data_args, args, model, host, train_data, eval_windows, signature, callbacks)
     if resume:
         trainer.load_extra_state(resume)
         logger.info("Resuming from %s", resume)
@@ -107,10 +112,23 @@ def train(
     return finish(trainer, model_args, data_args, args, eval_windows, signature)
 
 
+def saved_factors(checkpoint: str) -> tuple[float, float]:
+    saved = LorsaConfig.from_pretrained(checkpoint)
+    return saved.input_norm_factor, saved.output_norm_factor
+
+
+def load_finished(output_dir: str, several: bool):
+    if not several:
+        return LorsaModel.from_pretrained(output_dir)
+    return {layer: LorsaModel.from_pretrained(output_dir, subfolder=layer_folder(layer))
+            for layer in release_layers(output_dir)}  # fmt: skip
+
+
 def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, device) -> None:
     """Normalisation factors from the first batches; with host initialisation, the same sample calibrates the
     initial heads (`initialization.calibrate`)."""
-    sample = activation_sample(host, model_args.layer, windows, data_args.batch_size, data_args.norm_batches, skip)
+    layer = lorsa.config.layer
+    sample = activation_sample(host, layer, windows, data_args.batch_size, data_args.norm_batches, skip)
     lorsa.set_norm_factors(*norm_factors(*sample))
     if model_args.init == "host":
         rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
@@ -156,13 +174,13 @@ def load_host(model_args: LorsaArguments, device: torch.device):
     return host.to(device) if model_args.device_map is None else host
 
 
-def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: int | None) -> LorsaModel:
+def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: int | None, layer: int) -> LorsaModel:
     sizes = dict(n_qk_heads=model_args.n_qk_heads, n_ov_heads=model_args.n_ov_heads, top_k=model_args.top_k)
     sizes["expansion_factor"] = None if model_args.n_ov_heads else model_args.expansion_factor
     if model_args.init == "host":
-        lorsa = LorsaModel.from_host(host, model_args.layer, topk_rule=model_args.topk_rule, **sizes)
+        lorsa = LorsaModel.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes)
     else:
-        lorsa = LorsaModel(LorsaConfig.from_host(host, model_args.layer, topk_rule=model_args.topk_rule, **sizes))
+        lorsa = LorsaModel(LorsaConfig.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes))
     lorsa.config.base_model_name_or_path = model_args.model_name_or_path
     lorsa.config.base_model_gguf_file = model_args.gguf_file
     lorsa.config.skip_token_ids = skip
@@ -183,11 +201,12 @@ def activation_cache(host, model_args, data_args, args, windows, separator: int 
     )
 
 
-def build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_windows, signature, callbacks):
+def build_trainer(model_args, data_args, args, model, host, train_data, eval_windows, signature, callbacks):
     per_step = tokens_per_step(data_args, args)
     steps = steps_for_budget(data_args.max_tokens, per_step)
     args.max_steps = min(steps, args.max_steps) if args.max_steps > 0 else steps
     args.per_device_train_batch_size = args.per_device_eval_batch_size = data_args.batch_size
+    lorsa = next(iter(model.by_layer().values())) if isinstance(model, LorsaLayers) else model
     c = lorsa.config
     dead_tokens = model_args.dead_tokens or default_dead_tokens(data_args.max_tokens, c.n_ov_heads, c.top_k)
     if args.learning_rate is None:
@@ -195,7 +214,7 @@ def build_trainer(model_args, data_args, args, lorsa, host, train_data, eval_win
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
     args.lr_scheduler_kwargs = scheduler_kwargs(scheduler, args.lr_scheduler_kwargs, args.max_steps)
     return LorsaTrainer(
-        model=lorsa, args=args, train_dataset=train_data, eval_dataset=eval_windows, data_collator=collate,
+        model=model, args=args, train_dataset=train_data, eval_dataset=eval_windows, data_collator=collate,
         callbacks=callbacks, host=host, k_start=model_args.k_anneal_start or lorsa.config.n_ov_heads,
         k_anneal_fraction=model_args.k_anneal_fraction,
         aux_k=model_args.aux_k or default_aux_k(c.d_model, c.n_ov_heads), aux_k_coef=model_args.aux_k_coef,
@@ -226,11 +245,27 @@ def resume_checkpoint(args: TrainingArguments, signature: dict) -> str | None:
     return checkpoint
 
 
-def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict) -> LorsaModel:
-    """Fold normalisation and decoder norms into the weights, record provenance, evaluate, save, and remove
-    the intermediate checkpoints (unless --keep_checkpoints)."""
+def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict):
+    """Finalise every Lorsa (into OUTPUT, or OUTPUT/layer{L} with a release card for --layers), record the run as
+    finished, and remove the intermediate checkpoints (unless --keep_checkpoints)."""
     trainer.check_finite(weights=True)
-    lorsa = copy.deepcopy(trainer.lorsa).float().eval()
+    finished = {}
+    for layer, trained in trainer.lorsas().items():
+        where = Path(args.output_dir, layer_folder(layer)) if model_args.several else Path(args.output_dir)
+        finished[layer] = finalise(trainer, trained, where, model_args, data_args, args, eval_windows)
+    if args.should_save:
+        if model_args.several:
+            write_release_card(args.output_dir, finished)
+        if not args.keep_checkpoints:
+            output_folder.remove_checkpoints(args.output_dir)
+        output_folder.write_run_file(args.output_dir, signature, "finished", tokens_trained=trainer.tokens_seen())
+    return finished if model_args.several else finished[next(iter(finished))]
+
+
+def finalise(trainer: LorsaTrainer, trained, where: Path, model_args, data_args, args, eval_windows) -> LorsaModel:
+    """Fold normalisation and decoder norms into the weights, record provenance, evaluate on the held-out
+    windows, and save into `where`."""
+    lorsa = copy.deepcopy(trained).float().eval()
     lorsa.fold_norm_factors()
     lorsa.normalize_decoder()
     lorsa.config.dataset_name = data_args.dataset
@@ -247,13 +282,11 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, sig
             trainer.host, lorsa, eval_windows, data_args.eval_tokens, data_args.batch_size, progress=False
         ).to_dict()
         lorsa.eval_results = {**results, **evaluated_data(data_args), "model": model_args.model_name_or_path}
-        trainer.log({f"eval_{k}": v for k, v in results.items()})  # held-out results reach TensorBoard too
-        logger.info("Held-out evaluation: %s", json.dumps(results))
+        prefix = f"eval_layer{lorsa.config.layer}/" if model_args.several else "eval_"
+        trainer.log({f"{prefix}{k}": v for k, v in results.items()})  # held-out results reach TensorBoard too
+        logger.info("Held-out evaluation of layer %d: %s", lorsa.config.layer, json.dumps(results))
     if args.should_save:
-        lorsa.save_pretrained(args.output_dir)
-        if not args.keep_checkpoints:
-            output_folder.remove_checkpoints(args.output_dir)
-        output_folder.write_run_file(args.output_dir, signature, "finished", tokens_trained=trainer.tokens_seen())
+        lorsa.save_pretrained(where)
     return lorsa
 
 
@@ -277,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with command_line("hf-lorsa train"):
         model_args, data_args, args = parse(argv)
-        lorsa = train(model_args, data_args, args)
-    if lorsa.eval_results and args.should_save:
-        print(json.dumps({k: lorsa.eval_results[k] for k in ("fvu", "l0", "loss_recovered_zero", "kl_spliced")}))
+        trained = train(model_args, data_args, args)
+    for lorsa in trained.values() if isinstance(trained, dict) else [trained]:
+        if lorsa.eval_results and args.should_save:
+            shown = {k: lorsa.eval_results[k] for k in ("fvu", "l0", "loss_recovered_zero", "kl_spliced")}
+            print(json.dumps({"layer": lorsa.config.layer, **shown} if isinstance(trained, dict) else shown))
     return 0

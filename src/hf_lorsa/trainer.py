@@ -19,7 +19,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .attention_mask import counted_positions
-from .hooks import collect
+from .hooks import collect_layers
+from .release import LorsaLayers
 
 STATE_FILE = "lorsa_trainer_state.safetensors"
 
@@ -37,7 +38,9 @@ def annealed_k(step: int, total_steps: int, k_start: int, k_end: int, fraction: 
 
 
 class LorsaTrainer(Trainer):
-    """Trains a LorsaModel on one layer of a frozen host.
+    """Trains a LorsaModel on one layer of a frozen host, or a LorsaLayers (one Lorsa per layer, all fed by one
+    host pass per batch). Each Lorsa has its own K schedule position, dead-head counters, revival, AuxK, gradient
+    clipping and metrics (prefixed `layer{L}/` when there are several); Adam's state is per parameter anyway.
 
     Batches hold either `input_ids` (activations computed on the fly) or cached `hidden_states` and
     `attention_output` with their `input_ids`.
@@ -54,11 +57,13 @@ class LorsaTrainer(Trainer):
         self.tokens_per_step = tokens_per_step  # all processes together (hf_lorsa.arguments.tokens_per_step)
         self.eval_tokens = eval_tokens
         self.run_signature = run_signature  # written into every checkpoint, checked on resume
-        lorsa = self.model
-        self.tokens_since_fired = torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long)
+        self.several = isinstance(self.model, LorsaLayers)
+        self.tokens_since_fired = {
+            layer: torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long) for layer, lorsa in self.lorsas().items()
+        }
         self._metrics: dict[str, list[float]] = {}
         self._finite = torch.ones((), dtype=torch.bool)  # stays on the device: checked at logs and saves
-        self._pending_revival = None
+        self._pending_revival: dict[int, tuple] = {}
         self.add_callback(TrainerStateCallback(self))
         # logs as JSON lines of numbers (transformers prints floats as strings)
         self.remove_callback(PrinterCallback)
@@ -67,58 +72,84 @@ class LorsaTrainer(Trainer):
 
     @property
     def lorsa(self):
-        return self.accelerator.unwrap_model(self.model)
+        """The Lorsa being trained (the first one, with several layers: see `lorsas`)."""
+        return next(iter(self.lorsas().values()))
+
+    def lorsas(self) -> dict:
+        """{layer: LorsaModel} of every Lorsa being trained."""
+        model = self.accelerator.unwrap_model(self.model)
+        return model.by_layer() if isinstance(model, LorsaLayers) else {model.config.layer: model}
 
     def current_k(self) -> int:
-        config = self.lorsa.config
+        config = self.lorsa.config  # every Lorsa of a run has the same sizes and schedule
         return annealed_k(
             self.state.global_step, self.state.max_steps, self.k_start, config.top_k, self.k_anneal_fraction
         )
 
-    def activations(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x, y, counted) for a batch: from the cache, or by running the host up to the layer."""
+    def activations(self, inputs: dict) -> tuple[dict, dict, torch.Tensor]:
+        """({layer: x}, {layer: y}, counted) for a batch: from the cache, or by running the host once, up to the
+        deepest layer trained."""
         ids = inputs["input_ids"]
+        layers = list(self.lorsas())
         if "hidden_states" in inputs:
-            x, y = inputs["hidden_states"], inputs["attention_output"]
+            xs, ys = {layers[0]: inputs["hidden_states"]}, {layers[0]: inputs["attention_output"]}
         else:
-            record = collect(self.host, self.lorsa.config.layer, input_ids=ids)
-            x, y = record.hidden_states, record.attention_output
+            records = collect_layers(self.host, layers, input_ids=ids)
+            xs = {layer: record.hidden_states for layer, record in records.items()}
+            ys = {layer: record.attention_output for layer, record in records.items()}
         device = ids.device
         counted = counted_positions(ids, self.lorsa.config.skip_token_ids)
-        return x.to(device, torch.float32), y.to(device, torch.float32), counted
+        to = {layer: x.to(device, torch.float32) for layer, x in xs.items()}
+        return to, {layer: y.to(device, torch.float32) for layer, y in ys.items()}, counted
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        lorsa = self.lorsa
-        x, y, counted = self.activations(inputs)
+        xs, ys, counted = self.activations(inputs)
         k = self.current_k()
-        any_dead = bool(self.silent_heads().any())
-        use_aux = self.aux_k_coef > 0 and any_dead
-        revive = self.revive_every > 0 and any_dead and self.state.global_step % self.revive_every == 0
-        out = model(x, top_k=k, output_pre_activations=use_aux or revive)
+        dead = {layer: self.silent_heads(layer) for layer in xs}
+        any_dead = {layer: bool(mask.any()) for layer, mask in dead.items()}
+        use_aux = {layer: self.aux_k_coef > 0 and any_dead[layer] for layer in xs}
+        revive = {layer: self.revive_every > 0 and any_dead[layer] and self.state.global_step % self.revive_every == 0
+                  for layer in xs}  # fmt: skip
+        wants_z = any(use_aux.values()) or any(revive.values())
+        if self.several:
+            outs = model(xs, top_k=k, output_pre_activations=wants_z)
+        else:
+            outs = {layer: model(x, top_k=k, output_pre_activations=wants_z) for layer, x in xs.items()}
+        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], counted, k, use_aux[layer], revive[layer])
+                   for layer in xs)  # fmt: skip
+        self._record("k", k)
+        return (loss, outs) if return_outputs else loss
+
+    def layer_loss(self, layer: int, out, y: torch.Tensor, counted: torch.Tensor, k: int, use_aux: bool,
+                   revive: bool) -> torch.Tensor:  # fmt: skip
+        """One Lorsa's loss (MSE in normalised units, plus AuxK), metrics, dead-head counters and revival."""
+        lorsa = self.lorsas()[layer]
         scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
         error = (out.reconstruction.float() - y)[counted] * scale  # (N, D)
         target = y[counted] * scale
         mse = error.pow(2).mean()
         loss = mse
         self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
+        prefix = f"layer{layer}/" if self.several else ""
         if use_aux:
-            aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale)
+            aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale, self.silent_heads(layer))
             loss = loss + self.aux_k_coef * aux
-            self._record("aux_loss", aux)
+            self._record(prefix + "aux_loss", aux)
         if revive:
-            self._pending_revival = self.revival(lorsa, out.pre_activations[counted].detach(), k)
-        self._update_fired(out.top_k_indices[counted], out.top_k_values[counted])
+            pending = self.revival(lorsa, out.pre_activations[counted].detach(), k, self.silent_heads(layer))
+            if pending is not None:
+                self._pending_revival[layer] = pending
+        self._update_fired(layer, out.top_k_indices[counted], out.top_k_values[counted])
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum()
-            self._record("mse", mse)
-            self._record("fvu", error.pow(2).sum() / variance)
-            self._record("l0", (out.top_k_values[counted] != 0).sum(-1).float().mean())
-        self._record("k", k)
-        return (loss, out) if return_outputs else loss
+            self._record(prefix + "mse", mse)
+            self._record(prefix + "fvu", error.pow(2).sum() / variance)
+            self._record(prefix + "l0", (out.top_k_values[counted] != 0).sum(-1).float().mean())
+        return loss
 
-    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
         """AuxK (Gao et al., 2024): the top dead heads reconstruct what the live ones missed."""
-        dead = self.silent_heads().to(z.device)
+        dead = dead.to(z.device)
         k_aux = min(self.aux_k, int(dead.sum()))
         act = z.relu() if lorsa.config.topk_rule == "relu" else z
         score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
@@ -130,14 +161,14 @@ class LorsaTrainer(Trainer):
         return ((decoded - residual) * scale).pow(2).sum() / total
 
     @torch.no_grad()
-    def revival(self, lorsa, z: torch.Tensor, k: int):
+    def revival(self, lorsa, z: torch.Tensor, k: int, dead: torch.Tensor):
         """(dead heads, b_v increments) that bring each dead head into the top k on a K / n_ov fraction of these
         positions (the average head's rate): it fires again, so the reconstruction loss trains it, and it keeps
         firing if it helps. Applied after the optimiser step (`apply_revival`); counted as `revived` in the log.
 
         z: (N, Hov) pre-activations of this batch's counted positions, in the Lorsa's normalised units (b_v adds
         to z as it is, since attention rows sum to 1)."""
-        dead = self.silent_heads().to(z.device).nonzero().flatten()
+        dead = dead.to(z.device).nonzero().flatten()
         if dead.numel() == 0:
             return None
         norms = lorsa.w_o.detach().norm(dim=-1)
@@ -149,27 +180,39 @@ class LorsaTrainer(Trainer):
 
     @torch.no_grad()
     def apply_revival(self) -> None:
-        pending, self._pending_revival = self._pending_revival, None
-        if pending is None:
-            return
-        dead, bump = pending
-        self.lorsa.b_v[dead] += bump.to(self.lorsa.b_v.dtype)
-        self.tokens_since_fired[dead.to(self.tokens_since_fired.device)] = 0
-        self._record("revived", dead.numel())
+        pending, self._pending_revival = self._pending_revival, {}
+        for layer, (dead, bump) in pending.items():
+            lorsa = self.lorsas()[layer]
+            lorsa.b_v[dead] += bump.to(lorsa.b_v.dtype)
+            counters = self.tokens_since_fired[layer]
+            counters[dead.to(counters.device)] = 0
+            self._record(f"layer{layer}/revived" if self.several else "revived", dead.numel())
 
-    def silent_heads(self) -> torch.Tensor:
-        """(Hov,) True for heads that have not fired for more than dead_tokens tokens: the set AuxK trains and
-        revival wakes, logged as `silent_heads`."""
-        return self.tokens_since_fired > self.dead_tokens
+    def silent_heads(self, layer: int | None = None) -> torch.Tensor:
+        """(Hov,) True for heads (of `layer`'s Lorsa; default the first) that have not fired for more than
+        dead_tokens tokens: the set AuxK trains and revival wakes, logged as `silent_heads`."""
+        return self.tokens_since_fired[self.lorsa.config.layer if layer is None else layer] > self.dead_tokens
 
     @torch.no_grad()
-    def _update_fired(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+    def _update_fired(self, layer: int, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Counters stay on the Lorsa's device: no transfer per step."""
-        self.tokens_since_fired = self.tokens_since_fired.to(indices.device)
-        fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
+        counters = self.tokens_since_fired[layer].to(indices.device)
+        fired = torch.zeros_like(counters, dtype=torch.bool)
         fired[indices[values != 0]] = True
-        self.tokens_since_fired += indices.shape[0]
-        self.tokens_since_fired[fired] = 0
+        counters += indices.shape[0]
+        counters[fired] = 0
+        self.tokens_since_fired[layer] = counters
+
+    def _clip_grad_norm(self, model):
+        """Each Lorsa's gradient clipped to max_grad_norm on its own, as if it were trained alone; returns the
+        norm of all of them together (logged as grad_norm)."""
+        if not self.several:
+            return super()._clip_grad_norm(model)
+        if self.accelerator.scaler is not None:
+            self.accelerator.unscale_gradients()
+        norms = [torch.nn.utils.clip_grad_norm_(lorsa.parameters(), self.args.max_grad_norm)
+                 for lorsa in self.lorsas().values()]  # fmt: skip
+        return torch.stack(norms).norm()
 
     def _record(self, name: str, value) -> None:
         """Keep a metric (tensors stay on the device until the next log, to avoid a sync per step)."""
@@ -179,7 +222,10 @@ class LorsaTrainer(Trainer):
         if self._metrics and "loss" in logs:  # a training log: add the recipe's metrics, averaged
             for name, values in self._metrics.items():
                 logs[name] = sum(float(v) for v in values) / len(values)
-            logs["silent_heads"] = int(self.silent_heads().sum())
+            for layer in self.tokens_since_fired:
+                logs[f"layer{layer}/silent_heads" if self.several else "silent_heads"] = int(
+                    self.silent_heads(layer).sum()
+                )
             logs["tokens"] = self.tokens_seen()
             self._metrics = {}
             if not all(math.isfinite(v) for v in logs.values() if isinstance(v, float)):
@@ -192,7 +238,7 @@ class LorsaTrainer(Trainer):
         checkpoint is checked with its weights before it is written, so the last one is good."""
         finite = bool(self._finite)
         if weights and finite:
-            finite = all(bool(torch.isfinite(p).all()) for p in self.lorsa.parameters())
+            finite = all(bool(torch.isfinite(p).all()) for lorsa in self.lorsas().values() for p in lorsa.parameters())
         if finite:
             return
         last = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
@@ -215,10 +261,13 @@ class LorsaTrainer(Trainer):
         from .evaluation import evaluate_lorsa
 
         windows = eval_dataset if eval_dataset is not None else self.eval_dataset
-        results = evaluate_lorsa(
-            self.host, self.lorsa, windows, self.eval_tokens, self.args.per_device_eval_batch_size, progress=False
-        ).to_dict()
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in results.items()}
+        metrics = {}
+        for layer, lorsa in self.lorsas().items():
+            results = evaluate_lorsa(
+                self.host, lorsa, windows, self.eval_tokens, self.args.per_device_eval_batch_size, progress=False
+            ).to_dict()
+            prefix = f"{metric_key_prefix}_layer{layer}/" if self.several else f"{metric_key_prefix}_"
+            metrics.update({f"{prefix}{k}": v for k, v in results.items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -226,7 +275,17 @@ class LorsaTrainer(Trainer):
     # ---- state beyond what the Trainer checkpoints -----------------------------------------------------
 
     def save_extra_state(self, checkpoint_dir: str | Path) -> None:
-        save_file({"tokens_since_fired": self.tokens_since_fired.cpu()}, Path(checkpoint_dir, STATE_FILE))
+        """Dead-head counters, and with several layers each Lorsa's normalisation factors (a single Lorsa's are
+        in the checkpoint's config.json)."""
+        state = {}
+        for layer, lorsa in self.lorsas().items():
+            suffix = f".layer{layer}" if self.several else ""
+            state["tokens_since_fired" + suffix] = self.tokens_since_fired[layer].cpu()
+            c = lorsa.config
+            state["norm_factors" + suffix] = torch.tensor(
+                [c.input_norm_factor, c.output_norm_factor], dtype=torch.float64
+            )
+        save_file(state, Path(checkpoint_dir, STATE_FILE))
         if self.run_signature is not None:
             from .output_folder import write_run_file
 
@@ -235,7 +294,17 @@ class LorsaTrainer(Trainer):
     def load_extra_state(self, checkpoint_dir: str | Path) -> None:
         path = Path(checkpoint_dir, STATE_FILE)
         if path.exists():
-            self.tokens_since_fired = load_file(path)["tokens_since_fired"]
+            state = load_file(path)
+            for layer in self.tokens_since_fired:
+                self.tokens_since_fired[layer] = state[
+                    "tokens_since_fired" + (f".layer{layer}" if self.several else "")
+                ]
+
+
+def saved_norm_factors(checkpoint_dir: str | Path) -> dict[int, tuple[float, float]]:
+    """{layer: (input, output) normalisation factors} a multi-layer checkpoint was saved with."""
+    state = load_file(Path(checkpoint_dir, STATE_FILE))
+    return {int(k.rsplit(".layer", 1)[1]): tuple(v.tolist()) for k, v in state.items() if k.startswith("norm_factors.")}
 
 
 class TrainerStateCallback(TrainerCallback):

@@ -1,0 +1,108 @@
+"""Several Lorsas at once: trained together (`LorsaLayers`), saved as a release (a folder of `layer{L}` folders,
+each a complete Lorsa, with a card listing every layer's results at the root), pushed to the Hub in one call."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LAYER_FOLDER = re.compile(r"^layer(\d+)$")
+CARD_COLUMNS = ("fvu", "l0", "dead_heads", "loss_recovered_zero", "kl_spliced")
+NOT_PUBLISHED = ["checkpoint-*", "*/checkpoint-*", "runs/*", "lorsa_run.json"]  # training state and logs
+
+
+def layer_folder(layer: int) -> str:
+    """The subfolder of a release that holds layer `layer`'s Lorsa."""
+    return f"layer{layer}"
+
+
+class LorsaLayers(nn.Module):
+    """One Lorsa per host layer, trained together from one host pass per batch (each its own parameters, so
+    Adam treats them as if trained alone)."""
+
+    def __init__(self, lorsas: dict):
+        super().__init__()
+        self.lorsas = nn.ModuleDict({layer_folder(layer): lorsas[layer] for layer in sorted(lorsas)})
+
+    def by_layer(self) -> dict:
+        """{layer: LorsaModel}, in increasing layer order."""
+        return {int(LAYER_FOLDER.match(name).group(1)): lorsa for name, lorsa in self.lorsas.items()}
+
+    def forward(self, inputs: dict[int, torch.Tensor], **kwargs) -> dict:
+        """Each layer's Lorsa on that layer's attention input: {layer: LorsaOutput}."""
+        return {layer: self.lorsas[layer_folder(layer)](x, **kwargs) for layer, x in inputs.items()}
+
+
+def release_layers(folder: str | Path) -> list[int]:
+    """The layers of a local release folder (its `layer{L}` subfolders holding a config.json); [] when it is not
+    one."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [LAYER_FOLDER.match(p.name) for p in folder.iterdir() if (p / "config.json").is_file()]
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def write_release_card(folder: str | Path, lorsas: dict, repo_id: str | None = None) -> None:
+    """README.md at the root of a release: what it is, how to load one layer, and each layer's results."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .hub import looks_like_a_path
+
+    first = lorsas[min(lorsas)].config
+    base = first.base_model_name_or_path
+    rows = []
+    for layer, lorsa in sorted(lorsas.items()):
+        results = lorsa.eval_results or {}
+        cells = [f"{results[k]:.4g}" if isinstance(results.get(k), (int, float)) else "" for k in CARD_COLUMNS]
+        rows.append(f"| {layer} | `{layer_folder(layer)}` | {lorsa.config.n_ov_heads} | {lorsa.config.top_k} | "
+                    + " | ".join(cells) + " |")  # fmt: skip
+    data = ModelCardData(
+        library_name="hf_lorsa", license="other", license_name="base-model-license",
+        base_model=base if base and not looks_like_a_path(base) else None,
+        tags=["lorsa", "hf_lorsa", "sparse-attention", "interpretability"],
+    )  # fmt: skip
+    where = repo_id or str(folder)
+    text = f"""---
+{data.to_yaml()}
+---
+
+# Lorsa release for `{base}`
+
+[Lorsas](https://arxiv.org/abs/2504.20938) (Low-Rank Sparse Attention) for {len(lorsas)} attention layers of
+`{base}`, trained together with hf_lorsa (one host pass per batch feeding every layer). Each `layer{{L}}` folder
+is a complete Lorsa with its own model card and evaluation results.
+
+```python
+import hf_lorsa
+lorsa = hf_lorsa.LorsaModel.from_pretrained("{where}", subfolder="{layer_folder(min(lorsas))}")
+```
+
+| layer | folder | OV heads | top-k | {" | ".join(CARD_COLUMNS)} |
+| --- | --- | --- | --- | {" | ".join("---" for _ in CARD_COLUMNS)} |
+{chr(10).join(rows)}
+"""
+    ModelCard(text).save(Path(folder, "README.md"))
+
+
+def push_release(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
+                 commit_message: str | None = None, revision: str | None = None, create_pr: bool = False):  # fmt: skip
+    """Upload a release folder (every `layer{L}` Lorsa and the release card; not checkpoints or training logs)
+    to the Hub repository `repo_id` in one commit, with huggingface_hub's folder upload."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    if not release_layers(folder):
+        if (folder / "config.json").is_file():
+            raise ValueError(f"{folder} is one Lorsa, not a release: upload it with "
+                             "LorsaModel.from_pretrained(folder).push_to_hub(repo_id).")  # fmt: skip
+        raise ValueError(f"{folder} is not a release: it has no layer{{L}} folders holding a Lorsa.")
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    return api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
+        ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
+    )  # fmt: skip

@@ -1,0 +1,157 @@
+"""Several layers from one host pass (`--layers`): the same Lorsas as trained alone, a release folder, resume,
+evaluation of the whole replacement, publishing, and bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import require_shared
+from hf_lorsa import LorsaModel
+from hf_lorsa.arguments import UsageError, parse_layers
+from hf_lorsa.run_training import parse, train
+from test_bad_input import Crash, no_model_loading, snapshot  # noqa: F401 - fixtures
+from test_training import options
+
+
+def several(output_dir, layers="2,3", **overrides) -> list[str]:
+    return [o for o in options(output_dir, **overrides) if not o.startswith("--layer=")] + [f"--layers={layers}"]
+
+
+def weights(folder) -> dict:
+    return load_file(folder / "model.safetensors")
+
+
+def test_each_layer_of_a_joint_run_equals_that_layer_trained_alone(tmp_path):
+    require_shared()
+    clipped = {"holdout_fraction": 0.0, "max_grad_norm": 0.05}  # every step clipped: each Lorsa on its own
+    joint = train(*parse(several(tmp_path / "joint", **clipped)))
+    assert sorted(joint) == [2, 3]
+    for layer in (2, 3):
+        alone = tmp_path / f"alone-{layer}"
+        train(*parse(options(alone, layer=layer, **clipped)))
+        together = weights(tmp_path / "joint" / f"layer{layer}")
+        for name, tensor in weights(alone).items():
+            torch.testing.assert_close(together[name], tensor, atol=1e-6, rtol=0, msg=f"layer {layer} {name}")
+        assert LorsaModel.from_pretrained(tmp_path / "joint", subfolder=f"layer{layer}").config.layer == layer
+
+
+def test_a_release_folder_holds_every_layer_and_a_card_of_their_results(tmp_path):
+    require_shared()
+    out = tmp_path / "release"
+    result = train(*parse(several(out, layers="1-3:2", report_to="tensorboard")))
+    assert sorted(result) == [1, 3] and sorted(p.name for p in out.iterdir()) == [
+        "README.md", "layer1", "layer3", "lorsa_run.json", "runs",
+    ]  # fmt: skip
+    card = (out / "README.md").read_text()
+    for layer in (1, 3):
+        folder = out / f"layer{layer}"
+        assert {"config.json", "model.safetensors", "README.md", "eval_results.json"} <= {
+            p.name for p in folder.iterdir()
+        }
+        fvu = json.loads((folder / "eval_results.json").read_text())["fvu"]
+        assert f"| {layer} | `layer{layer}` | 128 | 8 | {fvu:.4g} |" in card
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/layer1/fvu", "train/layer3/fvu", "train/layer3/silent_heads"} <= set(events.Tags()["scalars"])
+    # the rerun of a finished release does nothing and gives the same Lorsas
+    again = train(*parse(several(out, layers="1-3:2", report_to="tensorboard")))
+    assert torch.equal(again[3].w_o, result[3].w_o)
+
+
+def test_a_run_killed_midway_and_rerun_ends_as_the_uninterrupted_run(tmp_path):
+    require_shared()
+    straight = tmp_path / "straight"
+    train(*parse(several(straight, holdout_fraction=0.0)))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="killed"):
+        train(*parse(several(out, holdout_fraction=0.0)), callbacks=[Crash()])
+    assert (out / "checkpoint-6").is_dir()
+    train(*parse(several(out, holdout_fraction=0.0)))  # the same command again
+    for layer in (2, 3):
+        resumed, uninterrupted = weights(out / f"layer{layer}"), weights(straight / f"layer{layer}")
+        for name, tensor in uninterrupted.items():
+            torch.testing.assert_close(resumed[name], tensor, atol=1e-6, rtol=0, msg=f"layer {layer} {name}")
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+def test_layer_lists_parse_and_bad_ones_name_the_problem():
+    assert parse_layers("2,4,6", 30) == [2, 4, 6] and parse_layers("0-29:3", 30) == list(range(0, 30, 3))
+    assert parse_layers("all", 5) == [0, 1, 2, 3, 4] and parse_layers(" 7 , 1-2", 8) == [1, 2, 7]
+    for spec, message in [
+        ("2,2", r"names layer\(s\) \[2\] more than once"), ("1-3,3", r"\[3\] more than once"),
+        ("", "is not a layer"), ("two", "is not a layer"), ("5-2", "is empty"), ("1-4:0", "is empty"),
+        ("0-9", r"layer\(s\) \[5, 6, 7, 8, 9\] do not exist; the model has layers 0-4"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            parse_layers(spec, 5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--layer=2", "--layers=2,3"], "Give --layer L .* or --layers .*, not both"),
+        (["--layers=2,2"], "more than once"),
+        (["--layers=1,9"], r"layer\(s\) \[9\] do not exist; the model has layers 0-4"),
+        (["--layers="], "is not a layer"),
+        (["--layers=2,3", "--activation_cache=CACHE"], "drop --activation_cache"),
+    ],
+)
+def test_bad_layer_options_fail_before_any_model_loads(tmp_path, no_model_loading, argv, message):  # noqa: F811
+    require_shared()
+    base = [o for o in options(tmp_path / "out") if not o.startswith("--layer=")]
+    argv = [a.replace("CACHE", str(tmp_path / "cache")) for a in argv]
+    with pytest.raises(UsageError, match=message):
+        train(*parse(base + argv))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_release_given_where_one_lorsa_is_expected_and_the_reverse(tmp_path):
+    require_shared()
+    out = tmp_path / "release"
+    train(*parse(several(out, holdout_fraction=0.0)))
+    with pytest.raises(OSError, match=r"a release of layers \[2, 3\]: pass subfolder='layer2'"):
+        LorsaModel.from_pretrained(out)
+    from hf_lorsa import push_release
+
+    with pytest.raises(ValueError, match="is one Lorsa, not a release"):
+        push_release(out / "layer2", "org/name")
+
+
+def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tmp_path, monkeypatch):
+    require_shared()
+    out = tmp_path / "release"
+    train(*parse(several(out, holdout_fraction=0.0, keep_checkpoints="true")))
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs)
+            return "commit"
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    from hf_lorsa import push_release
+
+    assert push_release(out, "org/lorsa-release") == "commit" and len(calls) == 1
+    import fnmatch
+
+    uploaded = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    kept = [p for p in uploaded if not any(fnmatch.fnmatch(p, pattern) for pattern in calls[0]["ignore_patterns"])]
+    assert calls[0]["folder_path"] == str(out) and calls[0]["repo_id"] == "org/lorsa-release"
+    assert sorted(kept) == sorted(
+        ["README.md"] + [f"layer{layer}/{name}" for layer in (2, 3)
+                         for name in ("README.md", "config.json", "model.safetensors")]
+    )  # fmt: skip
