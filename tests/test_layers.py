@@ -123,7 +123,7 @@ def test_a_release_given_where_one_lorsa_is_expected_and_the_reverse(tmp_path):
         push_release(out / "layer2", "org/name")
 
 
-def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tmp_path, monkeypatch):
+def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tmp_path, monkeypatch, capsys):
     require_shared()
     out = tmp_path / "release"
     train(*parse(several(out, holdout_fraction=0.0, keep_checkpoints="true")))
@@ -155,3 +155,95 @@ def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tm
         ["README.md"] + [f"layer{layer}/{name}" for layer in (2, 3)
                          for name in ("README.md", "config.json", "model.safetensors")]
     )  # fmt: skip
+    from hf_lorsa.cli import main  # the same from the command line
+
+    assert main(["push", "--folder", str(out), "--repo_id", "org/lorsa-release"]) == 0 and len(calls) == 2
+    assert "Pushed" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", "--folder", str(out / "layer2"), "--repo_id", "org/lorsa-release"])
+    assert exit_info.value.code == 2 and "is one Lorsa, not a release" in capsys.readouterr().err
+
+
+def test_evaluating_a_release_gives_each_layer_and_the_whole_replacement(tmp_path):
+    require_shared()
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import STORIES_DATA, STORIES_MODEL
+    from hf_lorsa import splice
+    from hf_lorsa.activations import load_text, pack
+    from hf_lorsa.attention_mask import counted_positions
+    from hf_lorsa.evaluation import evaluate_lorsa
+
+    out = tmp_path / "release"
+    lorsas = train(*parse(several(out)))
+    command = [sys.executable, "-m", "hf_lorsa", "evaluate", "--lorsa", str(out), "--dataset", str(STORIES_DATA),
+               "--context_length", "64", "--max_tokens", "2048", "--overwrite", "--update_card"]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = json.loads((out / "eval_results.json").read_text())["whole_replacement"]
+    host = AutoModelForCausalLM.from_pretrained(STORIES_MODEL)
+    windows = pack(load_text(str(STORIES_DATA), "text"), AutoTokenizer.from_pretrained(STORIES_MODEL), 64, "text")
+    for layer in (2, 3):
+        got = json.loads((out / f"layer{layer}" / "eval_results.json").read_text())
+        want = evaluate_lorsa(host, lorsas[layer], windows, 2048, progress=False)
+        assert got["fvu"] == pytest.approx(want.fvu, rel=1e-5) and got["n_tokens"] == want.n_tokens
+        assert got["loss_spliced"] == pytest.approx(want.loss_spliced, rel=1e-5)
+        assert f"{got['fvu']:.6g}" in (out / f"layer{layer}" / "README.md").read_text()
+    # the whole replacement, computed here with both Lorsas spliced at once
+    ids = torch.stack([torch.as_tensor(w["input_ids"]) for w in windows.select(range(32))])
+    counted = counted_positions(ids, lorsas[2].config.skip_token_ids)[:, :-1]
+    with torch.no_grad():
+        clean = host(input_ids=ids).logits[:, :-1]
+        with splice(host, lorsas[2]), splice(host, lorsas[3]):
+            replaced = host(input_ids=ids).logits[:, :-1]
+    targets = ids[:, 1:][counted]
+    loss = torch.nn.functional.cross_entropy(replaced[counted], targets).item()
+    assert whole["layers"] == [2, 3] and whole["n_predictions"] == int(counted.sum())
+    assert whole["loss_replaced"] == pytest.approx(loss, rel=1e-4)
+    assert whole["loss_clean"] == pytest.approx(
+        torch.nn.functional.cross_entropy(clean[counted], targets).item(), rel=1e-4
+    )
+    assert whole["loss_replaced"] > max(
+        json.loads((out / f"layer{layer}" / "eval_results.json").read_text())["loss_spliced"] for layer in (2, 3)
+    )
+    assert 0 < whole["loss_recovered_zero"] < 1 and "## The whole replacement" in (out / "README.md").read_text()
+
+
+def test_analyze_and_the_space_take_a_release(tmp_path):
+    require_shared()
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, STORIES_DATA, app_config, free_port
+
+    out = tmp_path / "release"
+    train(*parse(several(out)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "hf_lorsa", "analyze", "--lorsa", str(out), "--dataset", str(STORIES_DATA),
+               "--context_length", "64", "--max_tokens", "1024", "--top_n", "3"]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Saved the analysis of 128 heads") == 2
+    assert all((out / f"layer{layer}" / "analysis" / "heads.parquet").exists() for layer in (2, 3))
+
+    port = free_port()
+    env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")
+    app = subprocess.Popen([sys.executable, str(ROOT / "spaces" / "lorsa-inspector" / "app.py"), "--lorsa", str(out)],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        page = app_config(port, app)
+        assert "layer-picker" in page and '"layer3"' in page and "Lorsa for layer 2" in page
+        from gradio_client import Client
+
+        header = Client(f"http://127.0.0.1:{port}/", verbose=False).predict("layer3", api_name="/pick_layer")
+        assert "Lorsa for layer 3" in header
+    finally:
+        os.killpg(app.pid, signal.SIGTERM)
+        app.wait(timeout=30)

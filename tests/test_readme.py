@@ -75,8 +75,8 @@ def test_the_readme_lists_the_commands_these_tests_run():
     assert [c.split(" --")[0] for c in readme_commands()] == [
         "hf-lorsa train", "accelerate launch scripts/train.py", "hf-lorsa train examples/stories-l2.yaml",
         "hf-lorsa evaluate", "python scripts/evaluate.py", "hf-lorsa analyze",
-        "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "hf-lorsa export",
-        "python scripts/bench.py",
+        "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "hf-lorsa train",
+        "hf-lorsa evaluate", "hf-lorsa export", "python scripts/bench.py",
     ]  # fmt: skip
 
 
@@ -139,7 +139,17 @@ def test_every_readme_command_runs_as_written(project):
     assert [p.name for p in (project / "spaces" / "lorsa-inspector").glob("*.whl")] == [
         "hf_lorsa-0.1.0-py3-none-any.whl"
     ]
-    result = run(commands[8], project)  # hf-lorsa export: the authors' format, read back equal
+    run(commands[8], project)  # hf-lorsa train --layers 1-4: a release
+    release = project / "runs" / "stories-all"
+    assert sorted(p.name for p in release.glob("layer*")) == ["layer1", "layer2", "layer3", "layer4"]
+    assert LorsaModel.from_pretrained(release, subfolder="layer3").config.tokens_trained == int(SMALL_BUDGET)
+    result = run(commands[9], project)  # hf-lorsa evaluate of the release: each layer and the whole replacement
+    whole = json.loads((release / "eval_results.json").read_text())["whole_replacement"]
+    assert whole["layers"] == [1, 2, 3, 4] and whole["loss_replaced"] > whole["loss_clean"]
+    assert "## The whole replacement" in (release / "README.md").read_text()
+    assert json.loads(result.stdout)["layers"]["2"]["layer"] == 2
+
+    result = run(commands[10], project)  # hf-lorsa export: the authors' format, read back equal
     exported = project / "runs" / "stories-l2-llamascopium"
     assert json.loads((exported / "config.json").read_text())["hook_point_in"] == "blocks.2.ln1.hook_normalized"
     assert "blocks.2.ln1.hook_normalized" in result.stdout
@@ -152,6 +162,6 @@ def test_every_readme_command_runs_as_written(project):
     for name, tensor in native.state_dict().items():
         torch.testing.assert_close(back.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
 
-    result = run(commands[9], project)  # python scripts/bench.py
+    result = run(commands[11], project)  # python scripts/bench.py
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["config"] for row in rows] == ["a", "b"] and all(row["tokens_per_s"] > 0 for row in rows)

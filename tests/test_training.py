@@ -143,7 +143,7 @@ def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
     calls = []
     import hf_lorsa.trainer as training
 
-    monkeypatch.setattr(training, "collect", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(training, "collect_layers", lambda *a, **k: calls.append(1))
     second = train(*parse(options(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
     assert calls == []  # the training steps never ran the host
     for p, q in zip(first.state_dict().values(), second.state_dict().values()):

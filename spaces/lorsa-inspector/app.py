@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 from transformers import HfArgumentParser
 
-from hf_lorsa.inspector import InspectorError, cached_inspector, describe
+from hf_lorsa.inspector import InspectorError, cached_inspector, describe, release_subfolders
 
 CSS = """
 .tok { white-space: pre; font-family: monospace; }
@@ -50,18 +50,29 @@ def guarded(n_outputs: int):
 
 
 def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None) -> gr.Blocks:
-    def inspector():
-        return cached_inspector(lorsa_id, model_id, subfolder, gguf_file)
+    layers = release_subfolders(lorsa_id, subfolder)  # a release: one Lorsa per layer, picked in the page
 
+    def inspector(sub: str):
+        return cached_inspector(lorsa_id, model_id, sub, gguf_file)
+
+    def header_of(sub: str) -> str:
+        try:
+            return f"# Lorsa inspector\n{describe(inspector(sub))}"
+        except InspectorError as err:
+            return f"# Lorsa inspector\n**Cannot inspect:** {err}"
+
+    first = layers[0] if layers else subfolder
     try:
-        header = describe(inspector())
-        notice = inspector().notice
-        tags = inspector().tag_choices()
-    except InspectorError as err:
-        header, notice, tags = f"**Cannot inspect:** {err}", "", ["any"]
+        notice, tags = inspector(first).notice, inspector(first).tag_choices()
+    except InspectorError:
+        notice, tags = "", ["any"]
 
     with gr.Blocks(title="Lorsa inspector") as demo:
-        gr.Markdown(f"# Lorsa inspector\n{header}")
+        if layers:
+            layer = gr.Dropdown(layers, value=first, label="layer", elem_id="layer-picker")
+        else:
+            layer = gr.State(first)
+        header = gr.Markdown(header_of(first), elem_id="inspector-header")
         if notice:
             gr.Markdown(f"*{notice}*", elem_id="analysis-notice")
         with gr.Tabs() as tabs:
@@ -100,40 +111,42 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
                 active = gr.HTML(elem_id="text-active")
 
         @guarded(1)
-        def browse(tag, token, sort):
-            return inspector().head_table(tag, token or "", sort)
+        def browse(sub, tag, token, sort):
+            return inspector(sub).head_table(tag, token or "", sort)
 
         @guarded(5)
-        def head_page(h):
-            i = inspector()
+        def head_page(sub, h):
+            i = inspector(sub)
             return i.head_summary(h), i.contexts_html(h), i.pattern_html(h), i.logit_table(h), i.host_table(h)
 
-        def open_row(evt: gr.SelectData):
+        def open_row(sub, evt: gr.SelectData):
             h = int(evt.row_value[0])
-            return (h, *head_page(h), gr.Tabs(selected="head"))
+            return (h, *head_page(sub, h), gr.Tabs(selected="head"))
 
         @guarded(2)
-        def analyse(t, h):
-            i = inspector()
+        def analyse(sub, t, h):
+            i = inspector(sub)
             analysis = i.text(t)
             return i.shaded_tokens(analysis, h), i.text_html(analysis)
 
         @guarded(1)
-        def z_pattern(t, q, h):
-            return inspector().text_pattern_html(t, q, h)
+        def z_pattern(sub, t, q, h):
+            return inspector(sub).text_pattern_html(t, q, h)
 
-        def pick_token(t, h, evt: gr.SelectData):
-            return evt.index, z_pattern(t, evt.index, h)
+        def pick_token(sub, t, h, evt: gr.SelectData):
+            return evt.index, z_pattern(sub, t, evt.index, h)
 
         for control in (tag, token, sort):
-            control.change(browse, [tag, token, sort], table)
-        demo.load(browse, [tag, token, sort], table)
-        table.select(open_row, None, [head, summary, contexts, pattern, logits, hosts, tabs])
-        show.click(head_page, head, [summary, contexts, pattern, logits, hosts])
-        run.click(analyse, [text, text_head], [tokens, active])
-        text_head.submit(analyse, [text, text_head], [tokens, active])
-        tokens.select(pick_token, [text, text_head], [position, zpattern])
-        zbutton.click(z_pattern, [text, position, text_head], zpattern)
+            control.change(browse, [layer, tag, token, sort], table)
+        demo.load(browse, [layer, tag, token, sort], table)
+        if layers:  # another layer: its header and head table
+            layer.change(header_of, layer, header, api_name="pick_layer").then(browse, [layer, tag, token, sort], table)
+        table.select(open_row, layer, [head, summary, contexts, pattern, logits, hosts, tabs])
+        show.click(head_page, [layer, head], [summary, contexts, pattern, logits, hosts])
+        run.click(analyse, [layer, text, text_head], [tokens, active])
+        text_head.submit(analyse, [layer, text, text_head], [tokens, active])
+        tokens.select(pick_token, [layer, text, text_head], [position, zpattern])
+        zbutton.click(z_pattern, [layer, text, position, text_head], zpattern)
     return demo
 
 

@@ -9,6 +9,7 @@ Axes: B batch, T query positions, S source positions, D d_model, Hqk QK heads, H
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -306,11 +307,28 @@ class AnalyzeArguments(LorsaSourceArguments):
         check_int("top_n", self.top_n)
 
 
+def per_layer_arguments(args: AnalyzeArguments) -> list[AnalyzeArguments]:
+    """The arguments themselves for one Lorsa; for a release (a folder of layer{L} Lorsas), one copy per layer,
+    each writing beside its own Lorsa (or into OUTPUT/layer{L})."""
+    from .release import layer_folder, release_layers
+
+    if (args.lorsa_dir / "config.json").exists():
+        return [args]
+    layers = release_layers(args.lorsa_dir)
+    if not layers:
+        return [args]  # the loader says what is missing
+    return [dataclasses.replace(args, subfolder=str(Path(args.subfolder, layer_folder(layer))) if args.subfolder
+                                else layer_folder(layer), output=str(Path(args.output, layer_folder(layer)))
+                                if args.output else None) for layer in layers]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`hf-lorsa analyze`: compute the head analysis of a Lorsa and save it beside it."""
+    """`hf-lorsa analyze`: compute the head analysis of a Lorsa (or of every Lorsa of a release) and save it
+    beside it."""
     from transformers import HfArgumentParser
 
     from .arguments import command_line
+    from .modeling_lorsa import LorsaModel
 
     parser = HfArgumentParser(
         AnalyzeArguments, prog="hf-lorsa analyze",
@@ -318,15 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     with command_line("hf-lorsa analyze"):
         (args,) = parser.parse_args_into_dataclasses(argv)
-        path = args.output_path(str(Path(args.output, ANALYSIS_DIR)) if args.output else None, ANALYSIS_DIR)
-        opened = open_lorsa_source(args)
-        result = analyze(opened.host, opened.lorsa, opened.windows, args.max_tokens, args.top_n, args.batch_size,
-                         opened.tokenizer, strict=args.strict)  # fmt: skip
-    if path.exists():
-        shutil.rmtree(path)
-    save_analysis(result, path.parent)
-    print(f"Saved the analysis of {len(result)} heads over {json.loads(result.info.description)['n_tokens']} "
-          f"tokens to {path}")  # fmt: skip
-    if args.push_to_hub:
-        push_analysis(path.parent, args.push_to_hub, args.subfolder)
+        runs = [(a, a.output_path(str(Path(a.output, ANALYSIS_DIR)) if a.output else None, ANALYSIS_DIR))
+                for a in per_layer_arguments(args)]  # fmt: skip
+        opened = open_lorsa_source(runs[0][0])  # the host and the text once, for every layer of a release
+        for i, (layer_args, path) in enumerate(runs):
+            lorsa = opened.lorsa if i == 0 else LorsaModel.from_pretrained(
+                layer_args.lorsa, subfolder=layer_args.subfolder).to(layer_args.device)  # fmt: skip
+            result = analyze(opened.host, lorsa, opened.windows, args.max_tokens, args.top_n, args.batch_size,
+                             opened.tokenizer, strict=args.strict)  # fmt: skip
+            if path.exists():
+                shutil.rmtree(path)
+            save_analysis(result, path.parent)
+            print(f"Saved the analysis of {len(result)} heads over {json.loads(result.info.description)['n_tokens']} "
+                  f"tokens to {path}")  # fmt: skip
+            if args.push_to_hub:
+                push_analysis(path.parent, args.push_to_hub, layer_args.subfolder)
     return 0

@@ -27,6 +27,7 @@ from .configuration_lorsa import check_positive_ints
 from .hooks import check_lorsa_matches, collect, lorsa_output, run_variants
 from .hub import EVAL_RESULTS_FILE
 from .loading import LorsaSourceArguments, open_lorsa_source, warn_if_short
+from .release import release_layers
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,9 @@ def evaluate_lorsa(
     return _summarise(totals, lorsa)
 
 
-def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
+def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals, clean: torch.Tensor | None = None) -> None:
+    """One batch's metrics; `clean` (B, T, V): the host's logits when they are already known (several Lorsas
+    evaluated on the same batch), so that only the three other versions run."""
     counted = counted_positions(ids, skip)  # (B, T)
 
     def variants(record, y):  # y: (B, T, D) on layer L's device
@@ -147,9 +150,15 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals) -> None:
         _accumulate_reconstruction(
             totals, y[here], y_hat[here], out.top_k_values[on_lorsa], out.top_k_indices[on_lorsa]
         )
-        return [y, torch.where(keep, y_hat, y), torch.where(keep, 0.0, y), torch.where(keep, mean.to(y), y)]
+        versions = [torch.where(keep, y_hat, y), torch.where(keep, 0.0, y), torch.where(keep, mean.to(y), y)]
+        return versions if clean is not None else [y, *versions]
 
-    logits = run_variants(model, lorsa.config.layer, ids, len(VARIANTS), variants)[:, :, :-1]  # (4, B, T-1, V)
+    if clean is None:
+        logits = run_variants(model, lorsa.config.layer, ids, len(VARIANTS), variants)  # (4, B, T, V)
+    else:
+        others = run_variants(model, lorsa.config.layer, ids, len(VARIANTS) - 1, variants)
+        logits = torch.cat([clean.to(others)[None], others])
+    logits = logits[:, :, :-1]
     targets = ids[:, 1:].to(logits.device)
     valid = counted[:, :-1].to(logits.device)  # predictions made at counted positions
     logp = logits.log_softmax(-1)
@@ -215,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with command_line("hf-lorsa evaluate"):
         (args,) = parser().parse_args_into_dataclasses(argv)
+        layers = release_layers(args.lorsa_dir) if not (args.lorsa_dir / "config.json").exists() else []
+        if layers:  # a release: every layer, and the whole replacement
+            from .replacement import release_command
+
+            print(json.dumps(release_command(args, layers), indent=2))
+            return 0
         output = args.output_path(args.output, EVAL_RESULTS_FILE)
         opened = open_lorsa_source(args)
         lorsa = opened.lorsa

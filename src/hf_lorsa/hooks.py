@@ -314,3 +314,41 @@ def run_variants(model: nn.Module, layer: int, input_ids: torch.Tensor, copies: 
     with _hooked(model, layer, None, on_output), _repeated_from_layer(model, layer, B, copies):
         logits = model(input_ids=ids, use_cache=False).logits.float()  # (copies * B, T, V)
     return logits.view(copies, B, *logits.shape[1:])
+
+
+def first_copy(record: AttentionRecord, batch: int) -> AttentionRecord:
+    """The record of the first `batch` rows of a batch repeated from an earlier layer on."""
+
+    def head(t):
+        return t[:batch] if torch.is_tensor(t) and t.dim() > 0 and t.shape[0] > batch else t
+
+    embeddings = record.position_embeddings
+    return AttentionRecord(
+        hidden_states=head(record.hidden_states), input_ids=head(record.input_ids),
+        attention_mask=head(record.attention_mask), position_ids=head(record.position_ids),
+        position_embeddings=None if embeddings is None else tuple(head(t) for t in embeddings),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def run_replaced(model: nn.Module, replace: dict[int, Callable[[AttentionRecord, torch.Tensor], torch.Tensor]],
+                 input_ids: torch.Tensor, copies: int) -> torch.Tensor:  # fmt: skip
+    """Logits (copies, B, T, V) of one forward pass whose batch is repeated `copies` times from the shallowest
+    layer of `replace` on. At each of those layers, `replace[layer](record, y)` returns the attention output of
+    all copies (copies * B, T, D), from what the attention saw (`record`, all copies) and wrote (`y`)."""
+    ids = input_ids.to(hosts.input_device(model))
+    B = ids.shape[0]
+
+    def hook(fn):
+        def on_output(record: AttentionRecord, output):
+            new = fn(record, _first(output))
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return on_output
+
+    with ExitStack() as stack:
+        for layer, fn in replace.items():
+            stack.enter_context(_hooked(model, layer, None, hook(fn)))
+        stack.enter_context(_repeated_from_layer(model, min(replace), B, copies))
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    return logits.view(copies, B, *logits.shape[1:])

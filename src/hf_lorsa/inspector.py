@@ -298,6 +298,33 @@ def _load_inspector(lorsa_id: str, model_id: str | None, subfolder: str, gguf_fi
     return Inspector.load(lorsa_id, model_id, subfolder, gguf_file)
 
 
+def release_subfolders(lorsa_id: str, subfolder: str = "") -> list[str]:
+    """The `layer{L}` subfolders when `lorsa_id` (under `subfolder`) is a release of several Lorsas, a local folder
+    or a Hub repository; [] for one Lorsa (or when the Hub cannot be asked)."""
+    from pathlib import Path
+
+    from .release import LAYER_FOLDER, release_layers
+
+    folder = Path(lorsa_id, subfolder)
+    if folder.is_dir():
+        prefix = f"{subfolder}/" if subfolder else ""
+        return (
+            [] if (folder / "config.json").exists() else [f"{prefix}layer{layer}" for layer in release_layers(folder)]
+        )
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(lorsa_id)
+    except Exception:  # noqa: BLE001 - offline or private: treated as one Lorsa, whose loading says what is wrong
+        return []
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    if f"{prefix}config.json" in files:
+        return []
+    found = {f[len(prefix) :].split("/")[0] for f in files if f.startswith(prefix) and f.endswith("/config.json")}
+    names = sorted((n for n in found if LAYER_FOLDER.match(n)), key=lambda n: int(LAYER_FOLDER.match(n).group(1)))
+    return [prefix + n for n in names]
+
+
 def describe(inspector: Inspector) -> str:
     c = inspector.lorsa.config
     meta = json.loads(inspector.analysis.info.description or "{}") if inspector.analysis.info.description else {}

@@ -4,6 +4,7 @@ each a complete Lorsa, with a card listing every layer's results at the root), p
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,8 +47,9 @@ def release_layers(folder: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for m in found if m)
 
 
-def write_release_card(folder: str | Path, lorsas: dict, repo_id: str | None = None) -> None:
-    """README.md at the root of a release: what it is, how to load one layer, and each layer's results."""
+def write_release_card(folder: str | Path, lorsas: dict, repo_id: str | None = None, whole: dict | None = None) -> None:
+    """README.md at the root of a release: what it is, how to load one layer, each layer's results, and (from
+    `hf-lorsa evaluate`) the whole replacement's."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from .hub import looks_like_a_path
@@ -85,6 +87,12 @@ lorsa = hf_lorsa.LorsaModel.from_pretrained("{where}", subfolder="{layer_folder(
 | --- | --- | --- | --- | {" | ".join("---" for _ in CARD_COLUMNS)} |
 {chr(10).join(rows)}
 """
+    if whole:
+        text += (f"\n## The whole replacement\n\nEvery layer's attention replaced by its Lorsa at once (`hf-lorsa evaluate`, "
+                 f"{whole['n_predictions']} predictions): loss {whole['loss_clean']:.4f} clean, {whole['loss_replaced']:.4f} "
+                 f"replaced, {whole['loss_zero_ablated']:.4f} with every attention zero-ablated; loss recovered "
+                 f"{whole['loss_recovered_zero']:.4f} (zero), {whole['loss_recovered_mean']:.4f} (mean); "
+                 f"KL {whole['kl_replaced']:.4g}.\n")  # fmt: skip
     ModelCard(text).save(Path(folder, "README.md"))
 
 
@@ -106,3 +114,30 @@ def push_release(folder: str | Path, repo_id: str, private: bool | None = None, 
         folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
         ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
     )  # fmt: skip
+
+
+@dataclass
+class PushArguments:
+    """`hf-lorsa push`: a release folder and the Hub repository it goes to."""
+
+    folder: str = field(metadata={"help": "release folder (the --output_dir of hf-lorsa train --layers) (required)"})
+    repo_id: str = field(metadata={"help": "Hub repository, e.g. your-name/lorsa-smollm2 (required)"})
+    private: bool = field(default=False, metadata={"help": "create the repository as private"})
+    commit_message: str | None = field(default=None, metadata={"help": "commit message"})
+    revision: str | None = field(default=None, metadata={"help": "branch to push to"})
+    create_pr: bool = field(default=False, metadata={"help": "open a pull request instead of committing"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    from .arguments import command_line
+
+    with command_line("hf-lorsa push"):
+        parser = HfArgumentParser(PushArguments, prog="hf-lorsa push",
+                                  description="Upload a release (one Lorsa per layer) to the Hub in one commit.")  # fmt: skip
+        (args,) = parser.parse_args_into_dataclasses(argv)
+        commit = push_release(args.folder, args.repo_id, args.private or None, None, args.commit_message,
+                              args.revision, args.create_pr)  # fmt: skip
+    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return 0
