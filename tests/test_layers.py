@@ -100,7 +100,10 @@ def test_layer_lists_parse_and_bad_ones_name_the_problem():
         (["--layers=1,9"], r"layer\(s\) \[9\] do not exist; the model has layers 0-4"),
         (["--layers="], "is not a layer"),
         (["--layers=2,3", "--activation_cache=CACHE"], "drop --activation_cache"),
-        (["--layers=all", "--expansion_factor=1000000"], r"5 Lorsa\(s\) of .* parameters need about \d+.\d GiB .* more than"),
+        (
+            ["--layers=all", "--expansion_factor=1000000"],
+            r"5 Lorsa\(s\) of .* parameters need about \d+.\d GiB .* more than",
+        ),
     ],
 )
 def test_bad_layer_options_fail_before_any_model_loads(tmp_path, no_model_loading, argv, message):  # noqa: F811
