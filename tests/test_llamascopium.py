@@ -295,3 +295,16 @@ def test_the_export_command_fails_first_with_the_fix(tmp_path, capsys, rule, ext
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "hf-lorsa export: error:" in err and message in err, err
     assert not (tmp_path / "out").exists() and (tmp_path / "EXISTING" / "config.json").read_text() == "{}"
+
+
+def test_fewer_stored_qk_heads_are_repeated_as_their_loader_does(tmp_path):
+    folder = copy_case(tmp_path, "qk_norm")
+    weights = load_file(folder / "sae_weights.safetensors")
+    for name in ("W_Q", "W_K", "b_Q", "b_K", "ln_q.w", "ln_k.w"):  # 4 configured QK heads, 2 stored
+        weights[name] = weights[name][::2].contiguous()
+    save_file(weights, folder / "sae_weights.safetensors")
+    lorsa = LorsaModel.from_pretrained(folder)
+    assert lorsa.W_Q.shape[0] == 4
+    for head, stored in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        torch.testing.assert_close(lorsa.W_Q[head], weights["W_Q"][stored])
+    torch.testing.assert_close(lorsa.q_norm.weight[1], weights["ln_q.w"][0])

@@ -119,21 +119,26 @@ run.train(*run.parse(sys.argv[1:]), callbacks=[Summary()])
 """
 
 
-def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path):
-    """`accelerate launch --num_processes 2 --cpu`: a callback of the test's own records each process's view."""
+@pytest.mark.parametrize("layers", [None, "2,3"])
+def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path, layers):
+    """`accelerate launch --num_processes 2 --cpu`: a callback of the test's own records each process's view;
+    with --layers each process holds every layer's Lorsa."""
     script = tmp_path / "train_with_summary.py"
     script.write_text(SUMMARY_SCRIPT)
     (tmp_path / "summaries").mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", SUMMARY_DIR=str(tmp_path / "summaries"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(script),
-           *options(tmp_path / "ddp", holdout_fraction=0.0, max_tokens=256 * 8)]  # fmt: skip
+    opts = options(tmp_path / "ddp", holdout_fraction=0.0, max_tokens=256 * 8)
+    if layers:
+        opts = [o for o in opts if not o.startswith("--layer=")] + [f"--layers={layers}"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(script), *opts]
     done = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / "summaries" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each process reads its own data
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4  # 2 x 4 x 64 tokens per step
-    assert LorsaModel.from_pretrained(tmp_path / "ddp").config.tokens_trained == 256 * 8
+    for subfolder in ["layer2", "layer3"] if layers else [""]:
+        assert LorsaModel.from_pretrained(tmp_path / "ddp", subfolder=subfolder).config.tokens_trained == 256 * 8
 
 
 def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):

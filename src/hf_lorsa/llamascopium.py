@@ -184,6 +184,12 @@ def from_llamascopium(cfg: dict, weights: dict[str, torch.Tensor], layer: int | 
     missing = [name for name in names if name not in weights]
     _require(not missing, f"The weights of the Lorsa at {where} lack {missing}.")
     state = {ours: weights[theirs].float() for theirs, ours in names.items()}
+    stored = state["W_Q"].shape[0]
+    if stored != fields["n_qk_heads"] and stored and fields["n_qk_heads"] % stored == 0:
+        # fewer QK heads stored than configured: each serves several groups, as their loader repeats them
+        for name in ("W_Q", "W_K", "b_Q", "b_K", "q_norm.weight", "k_norm.weight"):
+            if name in state:
+                state[name] = state[name].repeat_interleave(fields["n_qk_heads"] // stored, dim=0)
     if fields["qk_norm"]:  # one weight per QK head in their format; one shared row when all rows agree
         shared = all(bool((state[n] == state[n][:1]).all()) for n in ("q_norm.weight", "k_norm.weight"))
         fields["qk_norm_per_head"] = not shared
