@@ -9,8 +9,9 @@ from safetensors.torch import load_file
 
 from conftest import require_shared
 from hf_lorsa import LorsaModel
-from hf_lorsa.arguments import UsageError, parse_layers
-from hf_lorsa.run_training import parse, train
+from hf_lorsa.arguments import UsageError
+from hf_lorsa.release import parse_layers
+from hf_lorsa.run_training import parse, train, train_layers
 from test_bad_input import Crash, no_model_loading, snapshot  # noqa: F401 - fixtures
 from test_training import options
 
@@ -26,7 +27,7 @@ def weights(folder) -> dict:
 def test_each_layer_of_a_joint_run_equals_that_layer_trained_alone(tmp_path):
     require_shared()
     clipped = {"holdout_fraction": 0.0, "max_grad_norm": 0.05}  # every step clipped: each Lorsa on its own
-    joint = train(*parse(several(tmp_path / "joint", **clipped)))
+    joint = train_layers(*parse(several(tmp_path / "joint", **clipped)))
     assert sorted(joint) == [2, 3]
     for layer in (2, 3):
         alone = tmp_path / f"alone-{layer}"
@@ -40,7 +41,7 @@ def test_each_layer_of_a_joint_run_equals_that_layer_trained_alone(tmp_path):
 def test_a_release_folder_holds_every_layer_and_a_card_of_their_results(tmp_path):
     require_shared()
     out = tmp_path / "release"
-    result = train(*parse(several(out, layers="1-3:2", report_to="tensorboard")))
+    result = train_layers(*parse(several(out, layers="1-3:2", report_to="tensorboard")))
     assert sorted(result) == [1, 3] and sorted(p.name for p in out.iterdir()) == [
         "README.md", "layer1", "layer3", "lorsa_run.json", "runs",
     ]  # fmt: skip
@@ -58,19 +59,19 @@ def test_a_release_folder_holds_every_layer_and_a_card_of_their_results(tmp_path
     events.Reload()
     assert {"train/layer1/fvu", "train/layer3/fvu", "train/layer3/silent_heads"} <= set(events.Tags()["scalars"])
     # the rerun of a finished release does nothing and gives the same Lorsas
-    again = train(*parse(several(out, layers="1-3:2", report_to="tensorboard")))
+    again = train_layers(*parse(several(out, layers="1-3:2", report_to="tensorboard")))
     assert torch.equal(again[3].w_o, result[3].w_o)
 
 
 def test_a_run_killed_midway_and_rerun_ends_as_the_uninterrupted_run(tmp_path):
     require_shared()
     straight = tmp_path / "straight"
-    train(*parse(several(straight, holdout_fraction=0.0)))
+    train_layers(*parse(several(straight, holdout_fraction=0.0)))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="killed"):
-        train(*parse(several(out, holdout_fraction=0.0)), callbacks=[Crash()])
+        train_layers(*parse(several(out, holdout_fraction=0.0)), callbacks=[Crash()])
     assert (out / "checkpoint-6").is_dir()
-    train(*parse(several(out, holdout_fraction=0.0)))  # the same command again
+    train_layers(*parse(several(out, holdout_fraction=0.0)))  # the same command again
     for layer in (2, 3):
         resumed, uninterrupted = weights(out / f"layer{layer}"), weights(straight / f"layer{layer}")
         for name, tensor in uninterrupted.items():
@@ -111,14 +112,14 @@ def test_bad_layer_options_fail_before_any_model_loads(tmp_path, no_model_loadin
     base = [o for o in options(tmp_path / "out") if not o.startswith("--layer=")]
     argv = [a.replace("CACHE", str(tmp_path / "cache")) for a in argv]
     with pytest.raises(UsageError, match=message):
-        train(*parse(base + argv))
+        train_layers(*parse(base + argv))
     assert not (tmp_path / "out").exists()
 
 
 def test_a_release_given_where_one_lorsa_is_expected_and_the_reverse(tmp_path):
     require_shared()
     out = tmp_path / "release"
-    train(*parse(several(out, holdout_fraction=0.0)))
+    train_layers(*parse(several(out, holdout_fraction=0.0)))
     with pytest.raises(OSError, match=r"a release of layers \[2, 3\]: pass subfolder='layer2'"):
         LorsaModel.from_pretrained(out)
     from hf_lorsa import push_release
@@ -130,7 +131,7 @@ def test_a_release_given_where_one_lorsa_is_expected_and_the_reverse(tmp_path):
 def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tmp_path, monkeypatch, capsys):
     require_shared()
     out = tmp_path / "release"
-    train(*parse(several(out, holdout_fraction=0.0, keep_checkpoints="true")))
+    train_layers(*parse(several(out, holdout_fraction=0.0, keep_checkpoints="true")))
     calls = []
 
     class FakeApi:
@@ -183,7 +184,7 @@ def test_evaluating_a_release_gives_each_layer_and_the_whole_replacement(tmp_pat
     from hf_lorsa.evaluation import evaluate_lorsa
 
     out = tmp_path / "release"
-    lorsas = train(*parse(several(out)))
+    lorsas = train_layers(*parse(several(out)))
     command = [sys.executable, "-m", "hf_lorsa", "evaluate", "--lorsa", str(out), "--dataset", str(STORIES_DATA),
                "--context_length", "64", "--max_tokens", "2048", "--overwrite", "--update_card"]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -228,7 +229,7 @@ def test_analyze_and_the_space_take_a_release(tmp_path):
     from conftest import ROOT, STORIES_DATA, app_config, free_port
 
     out = tmp_path / "release"
-    train(*parse(several(out)))
+    train_layers(*parse(several(out)))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "hf_lorsa", "analyze", "--lorsa", str(out), "--dataset", str(STORIES_DATA),
                "--context_length", "64", "--max_tokens", "1024", "--top_n", "3"]  # fmt: skip
@@ -251,3 +252,10 @@ def test_analyze_and_the_space_take_a_release(tmp_path):
     finally:
         os.killpg(app.pid, signal.SIGTERM)
         app.wait(timeout=30)
+
+
+def test_one_lorsa_or_several_each_have_their_own_call(tmp_path):
+    require_shared()
+    with pytest.raises(UsageError, match="call train_layers"):
+        train(*parse(several(tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

@@ -115,7 +115,7 @@ class Summary(TrainerCallback):
         Path(os.environ["SUMMARY_DIR"], f"rank{args.process_index}.json").write_text(json.dumps(summary))
 
 run.collate = recording_collate
-run.train(*run.parse(sys.argv[1:]), callbacks=[Summary()])
+run.train_layers(*run.parse(sys.argv[1:]), callbacks=[Summary()])
 """
 
 

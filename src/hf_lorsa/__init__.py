@@ -15,7 +15,7 @@ _LAZY = {
     "evaluate_lorsa": "evaluation",
     "analyze": "analysis",
     "load_analysis": "analysis",
-    "export_llamascopium": "llamascopium",
+    "export_llamascopium": "llamascopium_export",
     "push_release": "release",
 }
 

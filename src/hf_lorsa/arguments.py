@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -122,12 +121,9 @@ class LorsaArguments:
 
     def __post_init__(self):
         check_model_name(self.model_name_or_path)
-        require((self.layer is None) != (self.layers is None),
-                "Give --layer L (one Lorsa) or --layers (several from one host pass), not both." if self.layer is not None
-                else "--layer is required (or --layers for several layers).")  # fmt: skip
-        check_int("layer", self.layer, minimum=0, optional=True)
-        if self.layers is not None:
-            parse_layers(self.layers, None)  # syntax, duplicates, emptiness; the range once the host's depth is known
+        from .release import check_layer_options
+
+        check_layer_options(self.layer, self.layers)
         check_int("expansion_factor", self.expansion_factor, optional=True)
         check_int("n_ov_heads", self.n_ov_heads, optional=True)
         require(self.expansion_factor or self.n_ov_heads, "Give --expansion_factor or --n_ov_heads.")
@@ -154,32 +150,9 @@ class LorsaArguments:
 
     def layer_list(self, n_layers: int) -> list[int]:
         """The layers to train, in increasing order, checked against the host's depth."""
+        from .release import parse_layers
+
         return [self.layer] if self.layers is None else parse_layers(self.layers, n_layers)
-
-
-def parse_layers(spec: str, n_layers: int | None) -> list[int]:
-    """`2,4,6`, `0-29:3` (a range with its ends and an optional step), `all`, or a mix: the sorted layers. Without
-    `n_layers`, only what can be checked without the host (syntax, duplicates, emptiness)."""
-    spec = str(spec).strip()
-    if spec == "all":
-        return list(range(n_layers)) if n_layers is not None else []
-    layers: list[int] = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*(?::\s*(\d+)\s*)?)?", part)
-        require(match is not None, f"--layers {spec!r}: {part.strip()!r} is not a layer, a range a-b[:step] or 'all'.")
-        start, end, step = match.group(1), match.group(2), match.group(3)
-        end = start if end is None else end
-        require(int(end) >= int(start) and (step is None or int(step) > 0),
-                f"--layers {spec!r}: the range {part.strip()!r} is empty.")  # fmt: skip
-        layers += list(range(int(start), int(end) + 1, int(step or 1)))
-    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
-    require(not repeated, f"--layers {spec!r} names layer(s) {repeated} more than once.")
-    if n_layers is not None:
-        outside = [layer for layer in layers if layer >= n_layers]
-        require(
-            not outside, f"--layers {spec!r}: layer(s) {outside} do not exist; the model has layers 0-{n_layers - 1}."
-        )
-    return sorted(layers)
 
 
 @dataclass
@@ -388,6 +361,8 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
     )
     if model_args.k_anneal_start is not None:
         require(model_args.k_anneal_start <= n_ov, f"--k_anneal_start cannot exceed the {n_ov} OV heads.")
+    from .release import check_memory
+
     check_memory(layers, d_model, n_ov, n_qk, head_dim, args)
     per_step = tokens_per_step(data_args, args)
     require(
@@ -395,20 +370,6 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
         f"--max_tokens {data_args.max_tokens} is smaller than one step ({per_step} tokens = batch_size x "
         "context_length x processes x accumulation); raise the budget or shrink the batch.",
     )
-
-
-def check_memory(layers: list[int], d_model: int, n_ov: int, n_qk: int, head_dim: int, args) -> None:
-    """Refuse up front a set of Lorsas whose weights, gradients and Adam moments (16 bytes a parameter in
-    float32) cannot fit the training device, with the estimate."""
-    params = 2 * n_qk * head_dim * (d_model + 1) + n_ov * (2 * d_model + 1) + d_model
-    need = 16 * params * len(layers)
-    if torch.cuda.is_available() and not args.use_cpu:
-        have, kind = torch.cuda.get_device_properties(args.device).total_memory, f"{args.device} memory"
-    else:
-        have, kind = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
-    require(need < have, f"{len(layers)} Lorsa(s) of {params:,} parameters need about {need / 2**30:.1f} GiB for weights, "
-            f"gradients and Adam state, more than the {have / 2**30:.1f} GiB of {kind}: train fewer layers per run "
-            "(--layers) or shrink them (--expansion_factor).")  # fmt: skip
 
 
 def quiet_when_not_a_terminal() -> None:

@@ -8,7 +8,7 @@ COMMANDS = {
     "train": ("hf_lorsa.run_training:main", "train a Lorsa on one attention layer of a causal LM"),
     "evaluate": ("hf_lorsa.evaluation:main", "splice a Lorsa into its model: FVU, L0, dead heads, loss recovered"),
     "analyze": ("hf_lorsa.analysis:main", "read every head: top contexts, z-patterns, logit attribution, tags"),
-    "export": ("hf_lorsa.llamascopium:main", "write a Lorsa in the authors' format (llamascopium)"),
+    "export": ("hf_lorsa.llamascopium_export:main", "write a Lorsa in the authors' format (llamascopium)"),
     "push": ("hf_lorsa.release:main", "upload a release (one Lorsa per layer) to the Hub in one commit"),
 }
 

@@ -23,6 +23,7 @@ from . import hub
 from .attention_mask import attention_bias, needs_mask, positions_from_mask
 from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
+from .qk_norm import HeadRMSNorm, qk_norm
 
 # The decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO: where
 # the two cost the same on the 2-core CPU (scripts/bench_decode.py; BENCHMARKS.md), and well before the
@@ -63,29 +64,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     else:
         rotated = rotate_half(x_rot)
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
-
-
-class HeadRMSNorm(nn.Module):
-    """RMSNorm over the last axis of (B, Hqk, T, dqk) with one weight row per QK head (Hqk, dqk): the QK norm of
-    Lorsas trained by the authors' code, whose heads each learn their own."""
-
-    def __init__(self, n_heads: int, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n_heads, dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()[:, None, :]).to(x.dtype)
-
-
-def qk_norm(config: LorsaConfig) -> nn.Module | None:
-    """The QK norm a config asks for: none, one shared across QK heads (the host's), or one per QK head."""
-    if not config.qk_norm:
-        return None
-    if config.qk_norm_per_head:
-        return HeadRMSNorm(config.n_qk_heads, config.d_qk_head, config.qk_norm_eps)
-    return nn.RMSNorm(config.d_qk_head, eps=config.qk_norm_eps)
 
 
 class LorsaPreTrainedModel(PreTrainedModel):

@@ -3,12 +3,15 @@ each a complete Lorsa, with a card listing every layer's results at the root), p
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .arguments import require
 
 LAYER_FOLDER = re.compile(r"^layer(\d+)$")
 CARD_COLUMNS = ("fvu", "l0", "dead_heads", "loss_recovered_zero", "kl_spliced")
@@ -35,6 +38,58 @@ class LorsaLayers(nn.Module):
     def forward(self, inputs: dict[int, torch.Tensor], **kwargs) -> dict:
         """Each layer's Lorsa on that layer's attention input: {layer: LorsaOutput}."""
         return {layer: self.lorsas[layer_folder(layer)](x, **kwargs) for layer, x in inputs.items()}
+
+
+def check_layer_options(layer: int | None, layers: str | None) -> None:
+    """--layer or --layers, not both; --layers checked as far as it can be without the host (syntax, duplicates,
+    emptiness), the range once the host's depth is known."""
+    from .arguments import check_int
+
+    require((layer is None) != (layers is None),
+            "Give --layer L (one Lorsa) or --layers (several from one host pass), not both." if layer is not None
+            else "--layer is required (or --layers for several layers).")  # fmt: skip
+    check_int("layer", layer, minimum=0, optional=True)
+    if layers is not None:
+        parse_layers(layers, None)
+
+
+def parse_layers(spec: str, n_layers: int | None) -> list[int]:
+    """`2,4,6`, `0-29:3` (a range with its ends and an optional step), `all`, or a mix: the sorted layers. Without
+    `n_layers`, only what can be checked without the host (syntax, duplicates, emptiness)."""
+    spec = str(spec).strip()
+    if spec == "all":
+        return list(range(n_layers)) if n_layers is not None else []
+    layers: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*(?::\s*(\d+)\s*)?)?", part)
+        require(match is not None, f"--layers {spec!r}: {part.strip()!r} is not a layer, a range a-b[:step] or 'all'.")
+        start, end, step = match.group(1), match.group(2), match.group(3)
+        end = start if end is None else end
+        require(int(end) >= int(start) and (step is None or int(step) > 0),
+                f"--layers {spec!r}: the range {part.strip()!r} is empty.")  # fmt: skip
+        layers += list(range(int(start), int(end) + 1, int(step or 1)))
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    require(not repeated, f"--layers {spec!r} names layer(s) {repeated} more than once.")
+    if n_layers is not None:
+        outside = [layer for layer in layers if layer >= n_layers]
+        require(
+            not outside, f"--layers {spec!r}: layer(s) {outside} do not exist; the model has layers 0-{n_layers - 1}."
+        )
+    return sorted(layers)
+
+
+def check_memory(layers: list[int], d_model: int, n_ov: int, n_qk: int, head_dim: int, args) -> None:
+    """Refuse up front a set of Lorsas whose weights, gradients and Adam moments (16 bytes a parameter in
+    float32) cannot fit the training device, with the estimate."""
+    params = 2 * n_qk * head_dim * (d_model + 1) + n_ov * (2 * d_model + 1) + d_model
+    need = 16 * params * len(layers)
+    if torch.cuda.is_available() and not args.use_cpu:
+        have, kind = torch.cuda.get_device_properties(args.device).total_memory, f"{args.device} memory"
+    else:
+        have, kind = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    require(need < have, f"{len(layers)} Lorsa(s) of {params:,} parameters need about {need / 2**30:.1f} GiB for weights, "
+            f"gradients and Adam state, more than the {have / 2**30:.1f} GiB of {kind}: train fewer layers per run "
+            "(--layers) or shrink them (--expansion_factor).")  # fmt: skip
 
 
 def release_layers(folder: str | Path) -> list[int]:

@@ -61,7 +61,16 @@ from .trainer import LorsaTrainer, saved_norm_factors
 
 logger = logging.getLogger(__name__)
 CALIBRATION_TOKENS = 8192  # positions of the activation sample the initial calibration uses
-__all__ = ["RUN_FILE", "parse", "run_signature", "tokens_per_step", "train", "train_lorsa"]
+__all__ = [
+    "RUN_FILE",
+    "parse",
+    "run_signature",
+    "tokens_per_step",
+    "train",
+    "train_layers",
+    "train_lorsa",
+    "train_lorsas",
+]
 
 
 def train_lorsa(callbacks=None, **options) -> LorsaModel:
@@ -70,9 +79,26 @@ def train_lorsa(callbacks=None, **options) -> LorsaModel:
     return train(*parse_dict(options), callbacks)
 
 
-def train(model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None):
-    """Run (or resume) a training run; returns the final Lorsa, also saved in args.output_dir, or with --layers
-    {layer: Lorsa}, saved in args.output_dir/layer{L} (a release)."""
+def train_lorsas(callbacks=None, **options) -> dict[int, LorsaModel]:
+    """`train_lorsa` for several layers from one host pass (`layers="2,4,6"`): {layer: Lorsa}, a release."""
+    return train_layers(*parse_dict(options), callbacks)
+
+
+def train(
+    model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None
+) -> LorsaModel:
+    """Run (or resume) the training run of one layer (--layer); returns the final Lorsa, also saved in
+    args.output_dir."""
+    if model_args.several:
+        raise UsageError("--layers trains several Lorsas: call train_layers (train_lorsas from Python) instead.")
+    return next(iter(train_layers(model_args, data_args, args, callbacks).values()))
+
+
+def train_layers(
+    model_args: LorsaArguments, data_args: DataArguments, args: LorsaTrainingArguments, callbacks=None
+) -> dict[int, LorsaModel]:
+    """Run (or resume) a training run: {layer: final Lorsa}, saved in args.output_dir (--layer) or, with --layers,
+    in args.output_dir/layer{L} (a release)."""
     check_against_host(model_args, data_args, args)
     signature = run_signature(model_args, data_args)
     folder = claim_output_folder(args, signature)
@@ -117,9 +143,10 @@ def saved_factors(checkpoint: str) -> tuple[float, float]:
     return saved.input_norm_factor, saved.output_norm_factor
 
 
-def load_finished(output_dir: str, several: bool):
+def load_finished(output_dir: str, several: bool) -> dict[int, LorsaModel]:
     if not several:
-        return LorsaModel.from_pretrained(output_dir)
+        lorsa = LorsaModel.from_pretrained(output_dir)
+        return {lorsa.config.layer: lorsa}
     return {layer: LorsaModel.from_pretrained(output_dir, subfolder=layer_folder(layer))
             for layer in release_layers(output_dir)}  # fmt: skip
 
@@ -245,7 +272,7 @@ def resume_checkpoint(args: TrainingArguments, signature: dict) -> str | None:
     return checkpoint
 
 
-def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict):
+def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict) -> dict[int, LorsaModel]:
     """Finalise every Lorsa (into OUTPUT, or OUTPUT/layer{L} with a release card for --layers), record the run as
     finished, and remove the intermediate checkpoints (unless --keep_checkpoints)."""
     trainer.check_finite(weights=True)
@@ -259,7 +286,7 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, sig
         if not args.keep_checkpoints:
             output_folder.remove_checkpoints(args.output_dir)
         output_folder.write_run_file(args.output_dir, signature, "finished", tokens_trained=trainer.tokens_seen())
-    return finished if model_args.several else finished[next(iter(finished))]
+    return finished
 
 
 def finalise(trainer: LorsaTrainer, trained, where: Path, model_args, data_args, args, eval_windows) -> LorsaModel:
@@ -310,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with command_line("hf-lorsa train"):
         model_args, data_args, args = parse(argv)
-        trained = train(model_args, data_args, args)
-    for lorsa in trained.values() if isinstance(trained, dict) else [trained]:
+        trained = train_layers(model_args, data_args, args)
+    for layer, lorsa in trained.items():
         if lorsa.eval_results and args.should_save:
             shown = {k: lorsa.eval_results[k] for k in ("fvu", "l0", "loss_recovered_zero", "kl_spliced")}
-            print(json.dumps({"layer": lorsa.config.layer, **shown} if isinstance(trained, dict) else shown))
+            print(json.dumps({"layer": layer, **shown} if model_args.several else shown))
     return 0
