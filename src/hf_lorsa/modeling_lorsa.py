@@ -56,14 +56,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     """Rotate the first cos.shape[-1] dims of x (B, H, T, dqk); cos/sin are (B, T, rot) as the host passes them."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    partial = rot < x.shape[-1]  # slicing and concatenating cost a copy each way: only when there is a pass part
+    x_rot, x_pass = (x[..., :rot], x[..., rot:]) if partial else (x, None)
     if interleaved:
         cos = cos[..., : rot // 2].repeat_interleave(2, dim=-1)
         sin = sin[..., : rot // 2].repeat_interleave(2, dim=-1)
         rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
     else:
         rotated = rotate_half(x_rot)
-    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+    rotated = x_rot * cos + rotated * sin
+    return torch.cat((rotated, x_pass), dim=-1) if partial else rotated
 
 
 class LorsaPreTrainedModel(PreTrainedModel):
