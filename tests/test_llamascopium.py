@@ -21,6 +21,7 @@ from conftest import ROOT, STORIES_DATA, STORIES_MODEL, build_host, require_shar
 from hf_lorsa import LorsaConfig, LorsaModel, collect, export_llamascopium, splice
 from hf_lorsa.activations import load_text, pack
 from hf_lorsa.evaluation import evaluate_lorsa
+from hf_lorsa.hosts import input_norm_affine
 from hf_lorsa.inspector import Inspector
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamascopium"
@@ -112,7 +113,7 @@ def logits(host, ids, lorsa=None):
             return host(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "gpt_neox"])  # RMSNorm hosts, and LayerNorm (a bias)
 def test_an_exact_lorsa_exported_and_loaded_back_reproduces_the_logits(family, tmp_path):
     host, layer, ids = build_host(family), 1, token_batch()
     lorsa = relu_replica(host, layer)
@@ -124,8 +125,8 @@ def test_an_exact_lorsa_exported_and_loaded_back_reproduces_the_logits(family, t
     pending = LorsaModel.from_pretrained(folder)
     assert pending.config.input_before_gain
     record = collect(host, layer, input_ids=ids)
-    gain = host.model.layers[layer].input_layernorm.weight.detach()
-    normalized = record.hidden_states / gain
+    gain, bias = input_norm_affine(host, layer)
+    normalized = (record.hidden_states - bias) / gain
     torch.testing.assert_close(pending(normalized).reconstruction, record.attention_output, rtol=1e-4, atol=1e-5)
     # Spliced into the Hugging Face host, the gain folded in at load or at the first splice: the same logits.
     spliced = logits(host, ids, lorsa)
