@@ -255,8 +255,9 @@ ARGUMENT_CLASSES = (LorsaArguments, DataArguments, LorsaTrainingArguments)
 def parser() -> HfArgumentParser:
     return HfArgumentParser(
         ARGUMENT_CLASSES, prog="hf-lorsa train",
-        description="Train a Lorsa on one attention layer of a causal LM. Lorsa and data options come first; "
-        "then transformers' TrainingArguments. A single .yaml/.json argument is read as an options file.",
+        description="Train a Lorsa on one attention layer of a causal LM (--layers: one per layer). Lorsa and data "
+        "options come first; then transformers' TrainingArguments. A single .yaml/.json argument is read as an options "
+        "file.",
     )  # fmt: skip
 
 

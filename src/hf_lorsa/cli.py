@@ -5,7 +5,10 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "train": ("hf_lorsa.run_training:main", "train a Lorsa on one attention layer of a causal LM"),
+    "train": (
+        "hf_lorsa.run_training:main",
+        "train a Lorsa on one attention layer of a causal LM (or one per layer: --layers)",
+    ),
     "evaluate": ("hf_lorsa.evaluation:main", "splice a Lorsa into its model: FVU, L0, dead heads, loss recovered"),
     "analyze": ("hf_lorsa.analysis:main", "read every head: top contexts, z-patterns, logit attribution, tags"),
     "export": ("hf_lorsa.llamascopium_export:main", "write a Lorsa in the authors' format (llamascopium)"),
