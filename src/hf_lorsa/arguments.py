@@ -1,7 +1,5 @@
-"""The options of `hf-lorsa train`: three dataclasses, each checked when it is built, and the run signature.
-
-Every option is validated here, once, whether it comes from the command line, a YAML/JSON file or
-`train_lorsa(**options)`, so that bad input fails before any model or data is loaded.
+"""The options of `hf-lorsa train`: three dataclasses, each checked when it is built (whether from the command line,
+a YAML/JSON file or `train_lorsa(**options)`, so that bad input fails before anything loads), and the run signature.
 """
 
 from __future__ import annotations
