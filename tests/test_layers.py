@@ -237,6 +237,11 @@ def test_analyze_and_the_space_take_a_release(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Saved the analysis of 128 heads") == 2
     assert all((out / f"layer{layer}" / "analysis" / "heads.parquet").exists() for layer in (2, 3))
+    from hf_lorsa.inspector import cached_inspector  # the Space's layers share one host, and its lock
+
+    two, three = cached_inspector(str(out), None, "layer2"), cached_inspector(str(out), None, "layer3")
+    assert (two.lorsa.config.layer, three.lorsa.config.layer) == (2, 3) and len(three.head_table()) == 128
+    assert two.model is three.model and two.lock is three.lock
 
     port = free_port()
     env.update(GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), GRADIO_ANALYTICS_ENABLED="False")

@@ -10,6 +10,7 @@ import html
 import json
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -52,7 +53,8 @@ class Inspector:
     """A host model, a Lorsa and its head analysis (loaded, or computed on a default corpus).
 
     One inspector serves every user of the Space: the hooks that read the host are installed per forward
-    pass, so forward passes through the shared host run one at a time (`self.lock`).
+    pass, so forward passes through the shared host run one at a time (`self.lock`, one per host: the inspectors
+    of a release's layers share their host and its lock).
     """
 
     def __init__(self, lorsa, model, tokenizer, analysis=None, max_tokens: int = 6_000):
@@ -61,7 +63,8 @@ class Inspector:
         except ValueError as err:
             raise InspectorError(f"This Lorsa does not belong to this model: {err}") from err
         self.lorsa, self.model, self.tokenizer = lorsa.eval().requires_grad_(False), model.eval(), tokenizer
-        self.lock = threading.RLock()
+        with _LOADING:
+            self.lock = _HOST_LOCKS.setdefault(model, threading.RLock())
         self.notice = ""
         if analysis is None:
             self.notice = (f"No precomputed analysis was found for this Lorsa: the head statistics below come from "
@@ -77,7 +80,8 @@ class Inspector:
         from .loading import load_lorsa_and_host
 
         try:
-            lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id, gguf_file=gguf_file)
+            lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id, gguf_file=gguf_file,
+                                                          open_host_and_tokenizer=_shared_host)  # fmt: skip
         except (OSError, ValueError) as err:
             raise InspectorError(f"Could not load the Lorsa {lorsa_id!r} with its model: {err}") from err
         try:
@@ -284,13 +288,22 @@ def heatmap_html(values: torch.Tensor, labels: list[str], title: str) -> str:
             f"<table><tr><th></th>{head}</tr>{''.join(body)}</table></div>")  # fmt: skip
 
 
-_LOADING = threading.Lock()
+_LOADING = threading.RLock()
+_HOST_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # host model -> the lock of its forward passes
 
 
 def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None):
     """Inspectors are shared between sessions: loading is the slow part (and happens once)."""
     with _LOADING:
         return _load_inspector(lorsa_id, model_id or None, subfolder, gguf_file or None)
+
+
+@lru_cache(maxsize=2)
+def _shared_host(name: str, gguf_file: str | None, torch_dtype: str, device: str):
+    """One copy of a host for every inspector that reads it (the layers of a release)."""
+    from .loading import host_and_tokenizer
+
+    return host_and_tokenizer(name, gguf_file, torch_dtype, device)
 
 
 @lru_cache(maxsize=4)

@@ -157,9 +157,11 @@ def data_source(args: LorsaSourceArguments, config) -> DataSource:
 
 
 def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str | None = None,
-                        torch_dtype: str = "float32", device: str = "cpu", gguf_file: str | None = None):  # fmt: skip
+                        torch_dtype: str = "float32", device: str = "cpu", gguf_file: str | None = None,
+                        open_host_and_tokenizer=None):  # fmt: skip
     """The Lorsa, its host model (default: the recorded base model, from its recorded GGUF file if any) and the
-    host's tokenizer."""
+    host's tokenizer. `open_host_and_tokenizer(name, gguf_file, torch_dtype, device)` may replace the opening of
+    the host (the Space shares one host between the layers of a release)."""
     from .modeling_lorsa import LorsaModel
 
     model = LorsaModel.from_pretrained(lorsa, subfolder=subfolder)
@@ -169,9 +171,14 @@ def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str
         check_model_name(host_name, option="model_name_or_path (the Lorsa's recorded base model)")
         gguf_file = gguf_file or model.config.base_model_gguf_file
     check_gguf_file(host_name, gguf_file)
-    tokenizer = open_tokenizer(host_name, gguf_file)
-    host = open_host(host_name, gguf_file, torch_dtype).to(device)
-    return model.to(device).eval(), host.eval(), tokenizer
+    host, tokenizer = (open_host_and_tokenizer or host_and_tokenizer)(host_name, gguf_file, torch_dtype, device)
+    return model.to(device).eval(), host, tokenizer
+
+
+def host_and_tokenizer(name: str, gguf_file: str | None, torch_dtype: str, device: str):
+    """The host in eval mode on `device`, and its tokenizer."""
+    tokenizer = open_tokenizer(name, gguf_file)
+    return open_host(name, gguf_file, torch_dtype).to(device).eval(), tokenizer
 
 
 def check_gguf_file(model_name_or_path: str, gguf_file: str | None) -> None:
