@@ -33,7 +33,7 @@ from .arguments import check_int
 from .attention_mask import counted_positions
 from .configuration_lorsa import check_positive_ints
 from .hooks import check_lorsa_matches, collect_to_cpu
-from .loading import LorsaSourceArguments, open_lorsa_source, warn_if_short
+from .loading import LorsaSourceArguments, open_lorsas, warn_if_short
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
 N_SOURCES = 5  # source tokens listed for each top activation
@@ -312,14 +312,12 @@ def per_layer_arguments(args: AnalyzeArguments) -> list[AnalyzeArguments]:
     each writing beside its own Lorsa (or into OUTPUT/layer{L})."""
     from .release import layer_folder, release_layers
 
-    if (args.lorsa_dir / "config.json").exists():
-        return [args]
     layers = release_layers(args.lorsa_dir)
     if not layers:
-        return [args]  # the loader says what is missing
-    return [dataclasses.replace(args, subfolder=str(Path(args.subfolder, layer_folder(layer))) if args.subfolder
-                                else layer_folder(layer), output=str(Path(args.output, layer_folder(layer)))
-                                if args.output else None) for layer in layers]  # fmt: skip
+        return [args]  # one Lorsa (or nothing: the loader says what is missing)
+    return [dataclasses.replace(args, subfolder=Path(args.subfolder, layer_folder(layer)).as_posix(),
+                                output=str(Path(args.output, layer_folder(layer))) if args.output else None)
+            for layer in layers]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -328,7 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
     from .arguments import command_line
-    from .modeling_lorsa import LorsaModel
 
     parser = HfArgumentParser(
         AnalyzeArguments, prog="hf-lorsa analyze",
@@ -338,10 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         (args,) = parser.parse_args_into_dataclasses(argv)
         runs = [(a, a.output_path(str(Path(a.output, ANALYSIS_DIR)) if a.output else None, ANALYSIS_DIR))
                 for a in per_layer_arguments(args)]  # fmt: skip
-        opened = open_lorsa_source(runs[0][0])  # the host and the text once, for every layer of a release
-        for i, (layer_args, path) in enumerate(runs):
-            lorsa = opened.lorsa if i == 0 else LorsaModel.from_pretrained(
-                layer_args.lorsa, subfolder=layer_args.subfolder).to(layer_args.device)  # fmt: skip
+        opened, lorsas = open_lorsas(args, [a.subfolder for a, _ in runs])
+        for (layer_args, path), lorsa in zip(runs, lorsas):
             result = analyze(opened.host, lorsa, opened.windows, args.max_tokens, args.top_n, args.batch_size,
                              opened.tokenizer, strict=args.strict)  # fmt: skip
             if path.exists():

@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 from .activations import batches
 from .attention_mask import counted_positions
 from .configuration_lorsa import check_positive_ints
-from .hooks import check_lorsa_matches, collect, lorsa_output, run_variants
+from .hooks import check_lorsa_matches, collect_layers, lorsa_output, run_variants
 from .hub import EVAL_RESULTS_FILE
 from .loading import LorsaSourceArguments, open_lorsa_source, warn_if_short
 from .release import release_layers
@@ -90,14 +90,16 @@ class _Totals:
 
 
 @torch.no_grad()
-def mean_attention_output(model, lorsa, windows: list[torch.Tensor], skip_token_ids) -> torch.Tensor:
-    """Mean of layer L's attention output over the counted positions (host run up to layer L only)."""
-    total, count = 0.0, 0
+def mean_attention_outputs(model, skip_token_ids: dict, windows: list[torch.Tensor]) -> dict:
+    """{layer: mean of its attention output over the counted positions} for the layers of `skip_token_ids`
+    ({layer: skipped ids}), from one host pass per batch up to the deepest of them."""
+    total, count = dict.fromkeys(skip_token_ids, 0.0), dict.fromkeys(skip_token_ids, 0)
     for ids in windows:
-        y = collect(model, lorsa.config.layer, input_ids=ids).attention_output.double()
-        mask = counted_positions(ids, skip_token_ids).to(y.device)  # y lives on layer L's device
-        total, count = total + y[mask].sum(0), count + int(mask.sum())
-    return (total / count).float()
+        for layer, record in collect_layers(model, list(skip_token_ids), input_ids=ids).items():
+            y = record.attention_output.double()
+            mask = counted_positions(ids, skip_token_ids[layer]).to(y.device)  # y lives on layer L's device
+            total[layer], count[layer] = total[layer] + y[mask].sum(0), count[layer] + int(mask.sum())
+    return {layer: (total[layer] / count[layer]).float() for layer in skip_token_ids}
 
 
 @torch.no_grad()
@@ -127,7 +129,7 @@ def evaluate_lorsa(
     modes = (model.training, lorsa.training)
     model.eval(), lorsa.eval()
     try:
-        mean = mean_attention_output(model, lorsa, chunks, skip)
+        mean = mean_attention_outputs(model, {lorsa.config.layer: skip}, chunks)[lorsa.config.layer]
         totals = _Totals(lorsa.config.n_ov_heads, lorsa.config.d_model, mean.device)
         for ids in tqdm(chunks, desc="Evaluating", disable=None if progress else True):  # None: only on a terminal
             _evaluate_batch(model, lorsa, ids, skip, mean, totals)
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with command_line("hf-lorsa evaluate"):
         (args,) = parser().parse_args_into_dataclasses(argv)
-        layers = release_layers(args.lorsa_dir) if not (args.lorsa_dir / "config.json").exists() else []
+        layers = release_layers(args.lorsa_dir)
         if layers:  # a release: every layer, and the whole replacement
             from .replacement import release_command
 

@@ -298,14 +298,7 @@ def run_variants(model: nn.Module, layer: int, input_ids: torch.Tensor, copies: 
     B = ids.shape[0]
 
     def on_output(record: AttentionRecord, output):
-        record.hidden_states = record.hidden_states[:B]
-        if record.position_embeddings is not None:
-            record.position_embeddings = tuple(t[:B] if t.shape[0] > B else t for t in record.position_embeddings)
-        for name in ("position_ids", "attention_mask"):
-            value = getattr(record, name)
-            if value is not None and value.shape[0] > B:
-                setattr(record, name, value[:B])
-        versions = variants(record, _first(output)[:B])
+        versions = variants(first_copy(record, B), _first(output)[:B])
         if len(versions) != copies:
             raise ValueError(f"variants gave {len(versions)} outputs, not {copies}.")
         new = torch.cat(versions)

@@ -321,9 +321,7 @@ def release_subfolders(lorsa_id: str, subfolder: str = "") -> list[str]:
     folder = Path(lorsa_id, subfolder)
     if folder.is_dir():
         prefix = f"{subfolder}/" if subfolder else ""
-        return (
-            [] if (folder / "config.json").exists() else [f"{prefix}layer{layer}" for layer in release_layers(folder)]
-        )
+        return [f"{prefix}layer{layer}" for layer in release_layers(folder)]
     try:
         from huggingface_hub import list_repo_files
 

@@ -6,6 +6,7 @@ its base model, the text is the run's held-out data, the context is the run's co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,16 @@ def open_lorsa_source(args: LorsaSourceArguments) -> Opened:
     )
     windows = pack(text, tokenizer, source.context_length, source.text_column, lorsa.config.document_separator)
     return Opened(lorsa, host, tokenizer, windows, source)
+
+
+def open_lorsas(args: LorsaSourceArguments, subfolders: list[str]) -> tuple[Opened, list]:
+    """`open_lorsa_source` for the first of `subfolders` (of --lorsa), and the Lorsas of all of them: the host and
+    the text are read once for every layer of a release."""
+    from .modeling_lorsa import LorsaModel
+
+    opened = open_lorsa_source(dataclasses.replace(args, subfolder=subfolders[0]))
+    rest = [LorsaModel.from_pretrained(args.lorsa, subfolder=s).to(args.device).eval() for s in subfolders[1:]]
+    return opened, [opened.lorsa, *rest]
 
 
 def data_source(args: LorsaSourceArguments, config) -> DataSource:

@@ -94,9 +94,9 @@ def check_memory(layers: list[int], d_model: int, n_ov: int, n_qk: int, head_dim
 
 def release_layers(folder: str | Path) -> list[int]:
     """The layers of a local release folder (its `layer{L}` subfolders holding a config.json); [] when it is not
-    one."""
+    one: no such folder, or a Lorsa itself (its own config.json)."""
     folder = Path(folder)
-    if not folder.is_dir():
+    if not folder.is_dir() or (folder / "config.json").is_file():
         return []
     found = [LAYER_FOLDER.match(p.name) for p in folder.iterdir() if (p / "config.json").is_file()]
     return sorted(int(m.group(1)) for m in found if m)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .activations import batches
 from .attention_mask import counted_positions
 from .configuration_lorsa import check_positive_ints
-from .evaluation import _evaluate_batch, _summarise, _Totals, mean_attention_output
+from .evaluation import _evaluate_batch, _summarise, _Totals, mean_attention_outputs
 from .hooks import check_lorsa_matches, first_copy, lorsa_output, run_replaced
 from .hosts import input_device
 from .loading import warn_if_short
@@ -38,7 +38,7 @@ def evaluate_release(model, lorsas: dict, windows, max_tokens: int, batch_size: 
         raise ValueError("The evaluation dataset gave no full windows; use more data or a shorter context_length.")
     warn_if_short(sum(c.numel() for c in chunks), max_tokens)
     skips = {layer: lorsa.config.skip_token_ids for layer, lorsa in lorsas.items()}
-    means = {layer: mean_attention_output(model, lorsa, chunks, skips[layer]) for layer, lorsa in lorsas.items()}
+    means = mean_attention_outputs(model, skips, chunks)  # one host pass per batch for every layer
     totals = {layer: _Totals(lorsa.config.n_ov_heads, lorsa.config.d_model, means[layer].device)
               for layer, lorsa in lorsas.items()}  # fmt: skip
     whole = dict.fromkeys(("clean", *REPLACEMENT_VERSIONS, "kl"), 0.0) | {"n_pred": 0}
@@ -103,34 +103,31 @@ def release_command(args, layers: list[int]) -> dict:
     """`hf-lorsa evaluate --lorsa RELEASE`: every layer and the whole replacement. Results go beside each layer
     (layer{L}/eval_results.json) and, for the whole replacement, to RELEASE/eval_results.json; or all of them
     into --output."""
-    import dataclasses
     from pathlib import Path
 
     from .arguments import require
     from .evaluation import save_results, update_card
     from .hub import EVAL_RESULTS_FILE
-    from .loading import open_lorsa_source
-    from .modeling_lorsa import LorsaModel
+    from .loading import open_lorsas
     from .release import layer_folder, write_release_card
 
-    root = Path(args.lorsa)
+    root = args.lorsa_dir
     targets = [Path(args.output)] if args.output else [root / EVAL_RESULTS_FILE] + [
         root / layer_folder(layer) / EVAL_RESULTS_FILE for layer in layers
     ]  # fmt: skip
     for target in targets:
         require(args.overwrite or not target.exists(),
                 f"{target} already exists (earlier results); pass --overwrite to replace it, or --output elsewhere.")  # fmt: skip
-    opened = open_lorsa_source(dataclasses.replace(args, subfolder=layer_folder(layers[0])))
-    lorsas = {layers[0]: opened.lorsa}
-    for layer in layers[1:]:
-        lorsas[layer] = LorsaModel.from_pretrained(root, subfolder=layer_folder(layer)).to(args.device)
+    subfolders = {layer: Path(args.subfolder, layer_folder(layer)).as_posix() for layer in layers}
+    opened, loaded = open_lorsas(args, list(subfolders.values()))
+    lorsas = dict(zip(layers, loaded))
     per_layer, whole = evaluate_release(opened.host, lorsas, opened.windows, args.max_tokens, args.batch_size,
                                         strict=args.strict)  # fmt: skip
     described = {
         **opened.source.describe(),
         "model": args.model_name_or_path or opened.lorsa.config.base_model_name_or_path,
     }
-    results = {layer: {**r.to_dict(), **described, "lorsa": args.lorsa, "subfolder": layer_folder(layer), "layer": layer}
+    results = {layer: {**r.to_dict(), **described, "lorsa": args.lorsa, "subfolder": subfolders[layer], "layer": layer}
                for layer, r in per_layer.items()}  # fmt: skip
     summary = {"whole_replacement": {**whole, **described}, "layers": {str(k): v for k, v in results.items()}}
     if args.output:
@@ -141,7 +138,7 @@ def release_command(args, layers: list[int]) -> dict:
         save_results({"whole_replacement": summary["whole_replacement"]}, root / EVAL_RESULTS_FILE)
     if args.update_card:
         for layer, lorsa in lorsas.items():
-            update_card(lorsa, results[layer], args.lorsa, layer_folder(layer))
+            update_card(lorsa, results[layer], args.lorsa, subfolders[layer])
             lorsa.eval_results = results[layer]
         write_release_card(root, lorsas, whole=summary["whole_replacement"])
     return summary

@@ -115,14 +115,15 @@ class LorsaTrainer(Trainer):
             outs = model(xs, top_k=k, output_pre_activations=wants_z)
         else:
             outs = {layer: model(x, top_k=k, output_pre_activations=wants_z) for layer, x in xs.items()}
-        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], counted, k, use_aux[layer], revive[layer])
-                   for layer in xs)  # fmt: skip
+        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], counted, k, dead[layer], use_aux[layer],
+                                   revive[layer]) for layer in xs)  # fmt: skip
         self._record("k", k)
         return (loss, outs) if return_outputs else loss
 
-    def layer_loss(self, layer: int, out, y: torch.Tensor, counted: torch.Tensor, k: int, use_aux: bool,
-                   revive: bool) -> torch.Tensor:  # fmt: skip
-        """One Lorsa's loss (MSE in normalised units, plus AuxK), metrics, dead-head counters and revival."""
+    def layer_loss(self, layer: int, out, y: torch.Tensor, counted: torch.Tensor, k: int, dead: torch.Tensor,
+                   use_aux: bool, revive: bool) -> torch.Tensor:  # fmt: skip
+        """One Lorsa's loss (MSE in normalised units, plus AuxK), metrics, dead-head counters and revival; `dead`:
+        its silent heads at this step."""
         lorsa = self.lorsas()[layer]
         scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
         error = (out.reconstruction.float() - y)[counted] * scale  # (N, D)
@@ -132,11 +133,11 @@ class LorsaTrainer(Trainer):
         self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
         prefix = f"layer{layer}/" if self.several else ""
         if use_aux:
-            aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale, self.silent_heads(layer))
+            aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale, dead)
             loss = loss + self.aux_k_coef * aux
             self._record(prefix + "aux_loss", aux)
         if revive:
-            pending = self.revival(lorsa, out.pre_activations[counted].detach(), k, self.silent_heads(layer))
+            pending = self.revival(lorsa, out.pre_activations[counted].detach(), k, dead)
             if pending is not None:
                 self._pending_revival[layer] = pending
         self._update_fired(layer, out.top_k_indices[counted], out.top_k_values[counted])
@@ -281,10 +282,11 @@ class LorsaTrainer(Trainer):
         for layer, lorsa in self.lorsas().items():
             suffix = f".layer{layer}" if self.several else ""
             state["tokens_since_fired" + suffix] = self.tokens_since_fired[layer].cpu()
-            c = lorsa.config
-            state["norm_factors" + suffix] = torch.tensor(
-                [c.input_norm_factor, c.output_norm_factor], dtype=torch.float64
-            )
+            if self.several:
+                c = lorsa.config
+                state["norm_factors" + suffix] = torch.tensor(
+                    [c.input_norm_factor, c.output_norm_factor], dtype=torch.float64
+                )
         save_file(state, Path(checkpoint_dir, STATE_FILE))
         if self.run_signature is not None:
             from .output_folder import write_run_file
