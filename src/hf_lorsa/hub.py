@@ -56,7 +56,8 @@ def _is_hub_id(name: str | None) -> bool:
 REQUIRED_CONFIG_KEYS = ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k")
 
 
-def _where(name_or_path, subfolder: str | None) -> str:
+def location(name_or_path, subfolder: str | None) -> str:
+    """How messages name a Lorsa: its folder or Hub id, and the subfolder if any."""
     return f"{name_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
 
 
@@ -85,7 +86,7 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
     from .configuration_lorsa import LorsaConfig
 
     subfolder = kwargs.get("subfolder") or ""
-    where = _where(name_or_path, subfolder)
+    where = location(name_or_path, subfolder)
     if kwargs.get("config") is not None:
         return None
     local = Path(str(name_or_path)).expanduser()
@@ -228,7 +229,7 @@ def load_safetensors_only(load, name_or_path, *args, **kwargs):
     if kwargs.get("use_safetensors") is False:
         raise ValueError("hf_lorsa loads safetensors checkpoints only; pickle checkpoints are never loaded.")
     kwargs["use_safetensors"] = True
-    where = _where(name_or_path, kwargs.get("subfolder"))
+    where = location(name_or_path, kwargs.get("subfolder"))
     try:
         return load(name_or_path, *args, **kwargs)
     except SafetensorError as err:

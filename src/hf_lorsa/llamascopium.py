@@ -27,6 +27,8 @@ import torch
 from einops import einsum
 from safetensors.torch import load_file
 
+from .hub import location, repo_file
+
 WEIGHTS_FILE = "sae_weights.safetensors"
 PICKLED_FILES = ("sae_weights.pt", "sae_weights.dcp/.metadata", "checkpoints/final.pt")
 BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")  # their model's precomputed buffers, recomputed here
@@ -117,8 +119,6 @@ def rope_parameters(cfg: dict) -> dict:
 
 
 def _refuse_pickles(name_or_path, subfolder: str, hub_kwargs: dict) -> None:
-    from .hub import repo_file
-
     for name in PICKLED_FILES:
         if repo_file(name_or_path, name, subfolder, **hub_kwargs):
             raise ValueError(
@@ -131,9 +131,7 @@ def _refuse_pickles(name_or_path, subfolder: str, hub_kwargs: dict) -> None:
 
 def read_folder(name_or_path, subfolder: str = "", **hub_kwargs) -> tuple[dict, dict[str, torch.Tensor]]:
     """Their config.json and weights, from a local folder or a Hub repository (through the Hugging Face cache)."""
-    from .hub import repo_file
-
-    where = f"{name_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    where = location(name_or_path, subfolder)
     config_path = repo_file(name_or_path, "config.json", subfolder, **hub_kwargs)
     require_that(config_path is not None, f"{where} has no config.json.")
     cfg = json.loads(Path(config_path).read_text())
@@ -146,8 +144,6 @@ def read_folder(name_or_path, subfolder: str = "", **hub_kwargs) -> tuple[dict, 
 
 def is_llamascopium_folder(name_or_path, subfolder: str = "", **hub_kwargs) -> bool:
     """Whether the folder or repository's config.json was written by llamascopium."""
-    from .hub import repo_file
-
     try:
         path = repo_file(name_or_path, "config.json", subfolder, **hub_kwargs)
         return path is not None and is_llamascopium_config(json.loads(Path(path).read_text()))
@@ -158,7 +154,7 @@ def is_llamascopium_folder(name_or_path, subfolder: str = "", **hub_kwargs) -> b
 def load_llamascopium(name_or_path, subfolder: str = "", layer: int | None = None, **hub_kwargs):
     """A LorsaModel from their folder or Hub repository (its weights still read TransformerLens' input)."""
     cfg, weights = read_folder(name_or_path, subfolder, **hub_kwargs)
-    where = f"{name_or_path}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+    where = location(name_or_path, subfolder)
     return from_llamascopium(cfg, weights, layer, where)
 
 
