@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,6 +120,33 @@ run.train_layers(*run.parse(sys.argv[1:]), callbacks=[Summary()])
 """
 
 
+EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from hf_lorsa.launch import release_process_group_at_exit
+
+atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs after those registered later
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+release_process_group_at_exit()
+release_process_group_at_exit()  # a second training run in the same process registers nothing more
+"""
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_shuts_down(tmp_path):
+    """Without it a gloo process may abort while exiting (its worker threads free tensors after the GIL is gone)."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / "store")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "group alive at exit: False"
+
+
+def failure_report(stderr: str) -> str:
+    """The lines that say why a process died (anywhere in its output), then the end of the output."""
+    causes = [line for line in stderr.splitlines() if re.search(r"Error|terminate|abort|Abort|signal", line)]
+    return "\n".join(causes[:40]) + "\n...\n" + stderr[-2000:]
+
+
 @pytest.mark.parametrize("layers", [None, "2,3"])
 def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path, layers):
     """`accelerate launch --num_processes 2 --cpu`: a callback of the test's own records each process's view;
@@ -132,7 +160,7 @@ def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path,
         opts = [o for o in opts if not o.startswith("--layer=")] + [f"--layers={layers}"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(script), *opts]
     done = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure_report(done.stderr)
     ranks = [json.loads((tmp_path / "summaries" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"]  # each process reads its own data

@@ -7,6 +7,7 @@ processes itself with torch.distributed.run (gloo), which the Trainer then uses 
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -40,3 +41,23 @@ def relaunch_on_cpu(script: str, argv: list[str]) -> int | None:
         script, *argv, "--use_cpu=true",
     ]  # fmt: skip
     return subprocess.run(cmd, env=env).returncode
+
+
+def release_process_group_at_exit() -> None:
+    """Destroy the default process group (if any) before the interpreter shuts down.
+
+    A process that exits with its gloo group still alive may abort (SIGABRT) while the interpreter finalises:
+    gloo's worker threads still hold tensors, and freeing them then needs a GIL that is gone.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and not getattr(release_process_group_at_exit, "armed", False):
+        release_process_group_at_exit.armed = True
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

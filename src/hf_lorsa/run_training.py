@@ -45,6 +45,7 @@ from .arguments import (
 from .configuration_lorsa import LorsaConfig
 from .hosts import num_layers
 from .initialization import calibrate
+from .launch import relaunch_on_cpu, release_process_group_at_exit
 from .loading import open_host, open_tokenizer
 from .modeling_lorsa import LorsaModel
 from .output_folder import RUN_FILE
@@ -134,6 +135,7 @@ def train_layers(
     if resume:
         trainer.load_extra_state(resume)
         logger.info("Resuming from %s", resume)
+    release_process_group_at_exit()
     trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, model_args, data_args, args, eval_windows, signature)
 
@@ -328,8 +330,6 @@ def evaluated_data(data_args: DataArguments) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .launch import relaunch_on_cpu
-
     # the processes started for `accelerate launch --cpu --num_processes N` rerun this very command line
     if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
         return code
