@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -141,6 +142,12 @@ def test_the_process_group_is_destroyed_before_the_interpreter_shuts_down(tmp_pa
     assert done.stdout.strip() == "group alive at exit: False"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def failure_report(stderr: str) -> str:
     """The lines that say why a process died (anywhere in its output), then the end of the output."""
     causes = [line for line in stderr.splitlines() if re.search(r"Error|terminate|abort|Abort|signal", line)]
@@ -158,7 +165,18 @@ def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path,
     opts = options(tmp_path / "ddp", holdout_fraction=0.0, max_tokens=256 * 8)
     if layers:
         opts = [o for o in opts if not o.startswith("--layer=")] + [f"--layers={layers}"]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", str(script), *opts]
+    port = ["--main_process_port", str(free_port())]  # not the default 29500, which another program may hold
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "2",
+        *port,
+        "--cpu",
+        str(script),
+        *opts,
+    ]
     done = subprocess.run(cmd, env=env, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, failure_report(done.stderr)
     ranks = [json.loads((tmp_path / "summaries" / f"rank{r}.json").read_text()) for r in (0, 1)]
