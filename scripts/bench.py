@@ -3,6 +3,7 @@
 python scripts/bench.py                 # configs a and b on the CPU (c too on CUDA)
 python scripts/bench.py --configs c --device cuda
 python scripts/bench.py --configs c --device cuda --top_k 32768   # K = n_ov (the start of K annealing): memory
+python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -78,7 +80,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top_k", type=int, default=None, help="K instead of each config's (at most n_ov)")
-    args = parser.parse_args()
+    parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
+    args, extra = parser.parse_known_args()
+    if args.pipeline:
+        import bench_pipeline
+
+        sys.argv = [bench_pipeline.__file__, *extra]
+        return bench_pipeline.main()
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
     device = torch.device(args.device)
     names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
     for name in names:

@@ -76,7 +76,7 @@ def test_the_readme_lists_the_commands_these_tests_run():
         "hf-lorsa train", "accelerate launch scripts/train.py", "hf-lorsa train examples/stories-l2.yaml",
         "hf-lorsa evaluate", "python scripts/evaluate.py", "hf-lorsa analyze",
         "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "hf-lorsa train",
-        "hf-lorsa evaluate", "hf-lorsa export", "python scripts/bench.py",
+        "hf-lorsa evaluate", "hf-lorsa export", "python scripts/bench.py", "python scripts/bench.py",
     ]  # fmt: skip
 
 
@@ -165,3 +165,8 @@ def test_every_readme_command_runs_as_written(project):
     result = run(commands[11], project)  # python scripts/bench.py
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [row["config"] for row in rows] == ["a", "b"] and all(row["tokens_per_s"] > 0 for row in rows)
+
+    result = run(commands[12], project)  # python scripts/bench.py --pipeline --shape tiny
+    pipeline = json.loads(result.stdout.splitlines()[-1])
+    assert pipeline["shape"] == "tiny" and pipeline["tokens_trained"] == 16384 and pipeline["steps"] == 32
+    assert pipeline["train_tokens_per_s"] > 0 and pipeline["fvu"] < 0.5  # 0.22 on the 2-core CPU

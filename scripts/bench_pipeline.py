@@ -1,0 +1,109 @@
+"""Training throughput of the whole pipeline (host forward + Lorsa step) on a random host of realistic shape.
+
+    python scripts/bench_pipeline.py                       # Llama-3.2-1B shape, layer 8 (a GPU's job)
+    python scripts/bench_pipeline.py --shape tiny          # a two-layer dry run that fits any CPU
+
+The host has the shape of Llama-3.2-1B (d_model 2048, 16 layers, GQA 32/8, MLP 8192) with random weights and
+the stories260K tokenizer's vocabulary (the host stops at the Lorsa's layer, so the vocabulary does not weigh
+on the pipeline), built from a LlamaConfig: nothing is downloaded. It trains with `hf-lorsa train`'s defaults
+on the shared stories at expansion 8, K 64, context 1024, 4 sequences per step (`bench.py --pipeline` runs the
+same). Prints one JSON line: tokens per second of the training loop after its first steps, the whole
+command's wall clock, the peak GPU memory and the held-out FVU and dead heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from hf_lorsa.arguments import quiet_when_not_a_terminal
+from hf_lorsa.run_training import parse, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, rope_theta=500000.0, layer=8),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, rope_theta=10000.0, layer=1),
+}  # fmt: skip
+
+
+class StepClock(TrainerCallback):
+    """Wall-clock time of each optimizer step (the first ones include warm-up and compilation)."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+
+def random_host(shape: str, folder: Path, stories: Path) -> int:
+    """Save a random-weight host of `shape` with the stories tokenizer into `folder`; returns its Lorsa layer."""
+    spec = dict(SHAPES[shape])
+    layer = spec.pop("layer")
+    tokenizer = json.loads((stories / "tokenizer.json").read_text())
+    config = LlamaConfig(**spec, vocab_size=len(tokenizer["model"]["vocab"]), max_position_embeddings=2048,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories / name, folder / name)
+    return layer
+
+
+def run(shape: str, max_tokens: int, shared: Path, extra: list[str], warmup_steps: int = 5) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        host = Path(tmp, "host")
+        layer = random_host(shape, host, shared / "models" / "stories260K")
+        context = 1024 if shape != "tiny" else 128
+        options = [
+            f"--model_name_or_path={host}", f"--layer={layer}", f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}",
+            "--expansion_factor=8", "--top_k=64", f"--context_length={context}", "--batch_size=4",
+            f"--max_tokens={max_tokens}", "--holdout_fraction=0.02", "--eval_tokens=65536", f"--output_dir={tmp}/run",
+            "--report_to=none", "--save_steps=1000000", "--disable_tqdm=true", *extra,
+        ]  # fmt: skip
+        clock = StepClock()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        lorsa = train(*parse(options), callbacks=[clock])
+        wall = time.perf_counter() - start
+    per_step = 4 * context
+    timed = clock.ends[warmup_steps:]
+    loop = (timed[-1] - timed[0]) / (len(timed) - 1) if len(timed) > 1 else float("nan")
+    results = lorsa.eval_results or {}
+    out = {
+        "shape": shape, "layer": layer, "d_model": lorsa.config.d_model, "n_ov_heads": lorsa.config.n_ov_heads,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "tokens_trained": lorsa.config.tokens_trained, "steps": len(clock.ends),
+        "train_tokens_per_s": round(per_step / loop, 1), "wall_s": round(wall, 1),
+        "fvu": results.get("fvu"), "dead_heads": results.get("dead_heads"), "max_frequency": results.get("max_frequency"),
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    parser.add_argument("--max_tokens", type=int, default=None, help="default: 2M tokens (tiny: 16K)")
+    parser.add_argument("--shared", default=str(SHARED), help="the folder holding models/ and data/")
+    args, extra = parser.parse_known_args()
+    quiet_when_not_a_terminal()
+    max_tokens = args.max_tokens or (16384 if args.shape == "tiny" else 2_000_000)
+    print(json.dumps(run(args.shape, max_tokens, Path(args.shared), extra)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of BENCHMARKS.md in one run, hf_lorsa and the authors' code side by side on one card:
+#
+#   bash scripts/gpu_checks.sh [--dry-run] [SHARED]
+#
+# SHARED (default ../shared) holds models/stories260K, data/stories260K-samples.jsonl and anchor-bench/ (the authors'
+# Lorsa, its benchmark, the floor probe, and wheels for a machine without network access). In order:
+#   1. the Lorsa step, configs a, b, c: anchor, hf_lorsa, anchor again (drift shows as a gap between the two);
+#   2. memory at K = n_ov (the start of K annealing) against K = 128, config c;
+#   3. the floor probe (the irreducible pieces of a config-c step);
+#   4. the pipeline on a random host of Llama-3.2-1B shape, default options (bench_pipeline.py);
+#   5. the stories260K recipe benchmark, 3M tokens (bench_train.py).
+# Every result is a JSON line in $OUT/results.jsonl (default runs/gpu-checks), the whole output in $OUT/log.txt.
+# ANCHOR_PYTHON names another interpreter for the authors' code (e.g. a virtualenv with transformer-lens).
+# --dry-run runs the same steps on the CPU at toy sizes (config a, a tiny host, 64K tokens): a check of the script.
+set -u
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+SHARED=$(cd "${1:-../shared}" && pwd)
+OUT=${OUT:-runs/gpu-checks}
+mkdir -p "$OUT"
+RESULTS="$OUT/results.jsonl"
+LOG="$OUT/log.txt"
+: > "$RESULTS"
+: > "$LOG"
+PY=${PYTHON:-python3}
+ANCHOR_PY=${ANCHOR_PYTHON:-$PY}  # a separate interpreter for the authors' code, if it lives in its own environment
+SITE=${SITE:-/tmp/hf-lorsa-site}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+# What the machine lacks comes from the wheels beside the anchor (no index is reachable on a GPU machine).
+if ! $PY -c "import datasets" 2>/dev/null || ! $ANCHOR_PY -c "import pydantic, transformer_lens" 2>/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$SHARED"/anchor-bench/whl/*.whl >> "$LOG" 2>&1 || echo "wheel install failed, see $LOG"
+fi
+export PYTHONPATH="$SITE:src${PYTHONPATH:+:$PYTHONPATH}"
+ANCHOR_PATH="$SITE:$SHARED/anchor-bench/anchor"
+
+step() {  # step NAME SECONDS COMMAND...: run, keep its JSON lines (tagged with the step), log everything
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.out" 2>> "$LOG"
+    local rc=$?
+    cat "$OUT/$name.out" >> "$LOG"
+    grep '^{' "$OUT/$name.out" | grep -Ev '^\{"(loss|train_runtime|eval_)' | sed "s/^{/{\"step\": \"$name\", /" | tee -a "$RESULTS"
+    echo "   rc $rc, $((SECONDS - start)) s" | tee -a "$LOG"
+}
+
+$PY - <<'EOF' | tee -a "$RESULTS"
+import json, torch, transformers
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+print(json.dumps({"step": "machine", "device": gpu, "torch": torch.__version__, "transformers": transformers.__version__}))
+EOF
+
+if [ $DRY = 1 ]; then
+    DEV=cpu CONFIGS=a STEPS="--steps 2 --warmup 1"
+else
+    DEV=cuda CONFIGS=a,b,c STEPS=""
+fi
+step anchor-1 600 env PYTHONPATH="$ANCHOR_PATH" $ANCHOR_PY "$SHARED/anchor-bench/bench_anchor.py" --device $DEV --configs $CONFIGS $STEPS
+step hf_lorsa 600 $PY scripts/bench.py --device $DEV --configs $CONFIGS $STEPS
+step anchor-2 600 env PYTHONPATH="$ANCHOR_PATH" $ANCHOR_PY "$SHARED/anchor-bench/bench_anchor.py" --device $DEV --configs $CONFIGS $STEPS
+if [ $DRY = 1 ]; then
+    step memory-k-n_ov 300 $PY scripts/bench.py --device cpu --configs a --top_k 512 $STEPS
+    step pipeline 600 $PY scripts/bench_pipeline.py --shape tiny --shared "$SHARED"
+    step recipe-stories 600 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories" --max_tokens 65536
+else
+    step memory-k-n_ov 300 $PY scripts/bench.py --device cuda --configs c --top_k 32768
+    step floor 300 $PY "$SHARED/anchor-bench/floor_probe.py"
+    step pipeline 900 $PY scripts/bench_pipeline.py --shared "$SHARED"
+    step recipe-stories 900 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories"
+fi
+echo "results: $RESULTS"
