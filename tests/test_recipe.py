@@ -34,11 +34,12 @@ def word_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def test_default_learning_rate_keeps_the_relative_step_of_a_unit_row():
+def test_default_learning_rate_falls_with_width_faster_than_the_relative_step_of_a_row():
     assert default_learning_rate(64) == pytest.approx(4e-3)
-    assert default_learning_rate(1024) == pytest.approx(1e-3)
-    for d in (64, 576, 2048, 4096):
-        assert default_learning_rate(d) * math.sqrt(d) == pytest.approx(0.032)
+    assert default_learning_rate(1024) == pytest.approx(5e-4)
+    assert default_learning_rate(576) == pytest.approx(7.7e-4, rel=0.01)  # the best of five rates on SmolLM2
+    for narrow, wide in [(64, 576), (576, 2048), (2048, 4096)]:  # lr x sqrt(d_model) falls as the width grows
+        assert default_learning_rate(wide) * math.sqrt(wide) < default_learning_rate(narrow) * math.sqrt(narrow)
     assert default_dead_tokens(3_000_000, 512, 16) == 150_000
     assert default_dead_tokens(300_000, 2304, 32) == 100_000
     assert default_dead_tokens(300_000, 32_768, 4) == 819_200  # 100 x the interval an average head fires at
@@ -146,7 +147,7 @@ def test_the_default_command_trains_at_realistic_width_without_divergence(wide_h
         eval_tokens=4096, output_dir=str(tmp_path / "run"), report_to="none", logging_steps=10,
         callbacks=[LogTo(logs)],
     )  # fmt: skip
-    assert lorsa.config.training_args["learning_rate"] == pytest.approx(1e-3)  # 4e-3 * sqrt(64 / 1024)
+    assert lorsa.config.training_args["learning_rate"] == pytest.approx(5e-4)  # 4e-3 * (64 / 1024) ** 0.75
     assert lorsa.config.document_separator == 1 and lorsa.config.skip_token_ids == [0, 1]
     assert all(math.isfinite(log["loss"]) for log in logs if "loss" in log)
 
@@ -162,8 +163,9 @@ def test_the_default_command_trains_at_realistic_width_without_divergence(wide_h
     counted = counted_positions(ids, [0, 1])
     fvu_start = calibrate(start, cap.last.hidden_states, cap.last.attention_output, counted, 32)["fvu_calibrated"]
     trained = lorsa.eval_results
-    # random weights on random words: attention with little structure, so 150 steps remove a sixth of the error
-    assert trained["fvu"] < 0.9 * fvu_start, (trained["fvu"], fvu_start)
+    # random weights on random words: attention with little structure, so 150 steps at the default rate (5e-4)
+    # remove a twelfth of the error (0.796 -> 0.733; a twice larger rate removes a sixth here, but not on SmolLM2)
+    assert trained["fvu"] < 0.95 * fvu_start, (trained["fvu"], fvu_start)
     assert trained["max_frequency"] <= 0.5, trained
     # no bound on dead heads here: 38K tokens are less than the 100K-token dead window, so neither AuxK nor revival
     # acts in this run (BENCHMARKS.md, "Recipe at scale", for runs long enough)

@@ -208,7 +208,7 @@ class LorsaTrainingArguments(TrainingArguments):
     )
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate (None: 4e-3 * sqrt(64 / d_model), see hf_lorsa.recipe)"},
+        metadata={"help": "peak learning rate (None: 4e-3 * (64 / d_model) ** 0.75, see hf_lorsa.recipe)"},
     )
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.02)
