@@ -51,8 +51,8 @@ def release_process_group_at_exit() -> None:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and not getattr(release_process_group_at_exit, "armed", False):
-        release_process_group_at_exit.armed = True
+    if dist.is_available() and dist.is_initialized():
+        atexit.unregister(_destroy_process_group)  # once, however many runs this process trains
         atexit.register(_destroy_process_group)
 
 

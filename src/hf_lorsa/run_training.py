@@ -120,7 +120,7 @@ def train_layers(
     layers = model_args.layer_list(num_layers(host))
     lorsas = {layer: build_lorsa(model_args, host, skip, separator, layer) for layer in layers}
     if resume:  # the checkpoint's weights are in its own normalisation
-        factors = saved_norm_factors(resume) if model_args.several else {layers[0]: saved_factors(resume)}
+        factors = saved_norm_factors(resume)
         for layer, lorsa in lorsas.items():
             lorsa.set_norm_factors(*factors[layer])
     else:
@@ -138,11 +138,6 @@ def train_layers(
     release_process_group_at_exit()
     trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, model_args, data_args, args, eval_windows, signature)
-
-
-def saved_factors(checkpoint: str) -> tuple[float, float]:
-    saved = LorsaConfig.from_pretrained(checkpoint)
-    return saved.input_norm_factor, saved.output_norm_factor
 
 
 def load_finished(output_dir: str, several: bool) -> dict[int, LorsaModel]:
@@ -311,8 +306,9 @@ def finalise(trainer: LorsaTrainer, trained, where: Path, model_args, data_args,
             trainer.host, lorsa, eval_windows, data_args.eval_tokens, data_args.batch_size, progress=False
         ).to_dict()
         lorsa.eval_results = {**results, **evaluated_data(data_args), "model": model_args.model_name_or_path}
-        prefix = f"eval_layer{lorsa.config.layer}/" if model_args.several else "eval_"
-        trainer.log({f"{prefix}{k}": v for k, v in results.items()})  # held-out results reach TensorBoard too
+        trainer.log(
+            {f"eval_{trainer.metric_name(lorsa.config.layer, k)}": v for k, v in results.items()}
+        )  # held-out results reach TensorBoard too
         logger.info("Held-out evaluation of layer %d: %s", lorsa.config.layer, json.dumps(results))
     if args.should_save:
         lorsa.save_pretrained(where)

@@ -19,6 +19,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .attention_mask import counted_positions
+from .configuration_lorsa import LorsaConfig
 from .hooks import collect_layers
 from .release import LorsaLayers
 
@@ -80,6 +81,13 @@ class LorsaTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         return model.by_layer() if isinstance(model, LorsaLayers) else {model.config.layer: model}
 
+    def metric_name(self, layer: int, name: str) -> str:
+        """How one Lorsa's metric is named in logs: `layer{L}/name` with several layers, else `name`."""
+        return f"layer{layer}/{name}" if self.several else name
+
+    def _state_key(self, name: str, layer: int) -> str:
+        return f"{name}.layer{layer}" if self.several else name
+
     def current_k(self) -> int:
         config = self.lorsa.config  # every Lorsa of a run has the same sizes and schedule
         return annealed_k(
@@ -131,11 +139,10 @@ class LorsaTrainer(Trainer):
         mse = error.pow(2).mean()
         loss = mse
         self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
-        prefix = f"layer{layer}/" if self.several else ""
         if use_aux:
             aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale, dead)
             loss = loss + self.aux_k_coef * aux
-            self._record(prefix + "aux_loss", aux)
+            self._record(self.metric_name(layer, "aux_loss"), aux)
         if revive:
             pending = self.revival(lorsa, out.pre_activations[counted].detach(), k, dead)
             if pending is not None:
@@ -143,9 +150,9 @@ class LorsaTrainer(Trainer):
         self._update_fired(layer, out.top_k_indices[counted], out.top_k_values[counted])
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum()
-            self._record(prefix + "mse", mse)
-            self._record(prefix + "fvu", error.pow(2).sum() / variance)
-            self._record(prefix + "l0", (out.top_k_values[counted] != 0).sum(-1).float().mean())
+            self._record(self.metric_name(layer, "mse"), mse)
+            self._record(self.metric_name(layer, "fvu"), error.pow(2).sum() / variance)
+            self._record(self.metric_name(layer, "l0"), (out.top_k_values[counted] != 0).sum(-1).float().mean())
         return loss
 
     def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
@@ -187,7 +194,7 @@ class LorsaTrainer(Trainer):
             lorsa.b_v[dead] += bump.to(lorsa.b_v.dtype)
             counters = self.tokens_since_fired[layer]
             counters[dead.to(counters.device)] = 0
-            self._record(f"layer{layer}/revived" if self.several else "revived", dead.numel())
+            self._record(self.metric_name(layer, "revived"), dead.numel())
 
     def silent_heads(self, layer: int | None = None) -> torch.Tensor:
         """(Hov,) True for heads (of `layer`'s Lorsa; default the first) that have not fired for more than
@@ -224,9 +231,7 @@ class LorsaTrainer(Trainer):
             for name, values in self._metrics.items():
                 logs[name] = sum(float(v) for v in values) / len(values)
             for layer in self.tokens_since_fired:
-                logs[f"layer{layer}/silent_heads" if self.several else "silent_heads"] = int(
-                    self.silent_heads(layer).sum()
-                )
+                logs[self.metric_name(layer, "silent_heads")] = int(self.silent_heads(layer).sum())
             logs["tokens"] = self.tokens_seen()
             self._metrics = {}
             if not all(math.isfinite(v) for v in logs.values() if isinstance(v, float)):
@@ -267,8 +272,7 @@ class LorsaTrainer(Trainer):
             results = evaluate_lorsa(
                 self.host, lorsa, windows, self.eval_tokens, self.args.per_device_eval_batch_size, progress=False
             ).to_dict()
-            prefix = f"{metric_key_prefix}_layer{layer}/" if self.several else f"{metric_key_prefix}_"
-            metrics.update({f"{prefix}{k}": v for k, v in results.items()})
+            metrics.update({f"{metric_key_prefix}_{self.metric_name(layer, k)}": v for k, v in results.items()})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -280,11 +284,10 @@ class LorsaTrainer(Trainer):
         in the checkpoint's config.json)."""
         state = {}
         for layer, lorsa in self.lorsas().items():
-            suffix = f".layer{layer}" if self.several else ""
-            state["tokens_since_fired" + suffix] = self.tokens_since_fired[layer].cpu()
+            state[self._state_key("tokens_since_fired", layer)] = self.tokens_since_fired[layer].cpu()
             if self.several:
                 c = lorsa.config
-                state["norm_factors" + suffix] = torch.tensor(
+                state[self._state_key("norm_factors", layer)] = torch.tensor(
                     [c.input_norm_factor, c.output_norm_factor], dtype=torch.float64
                 )
         save_file(state, Path(checkpoint_dir, STATE_FILE))
@@ -298,15 +301,21 @@ class LorsaTrainer(Trainer):
         if path.exists():
             state = load_file(path)
             for layer in self.tokens_since_fired:
-                self.tokens_since_fired[layer] = state[
-                    "tokens_since_fired" + (f".layer{layer}" if self.several else "")
-                ]
+                self.tokens_since_fired[layer] = state[self._state_key("tokens_since_fired", layer)]
 
 
 def saved_norm_factors(checkpoint_dir: str | Path) -> dict[int, tuple[float, float]]:
-    """{layer: (input, output) normalisation factors} a multi-layer checkpoint was saved with."""
-    state = load_file(Path(checkpoint_dir, STATE_FILE))
-    return {int(k.rsplit(".layer", 1)[1]): tuple(v.tolist()) for k, v in state.items() if k.startswith("norm_factors.")}
+    """{layer: (input, output) normalisation factors} a checkpoint was saved with: a multi-layer checkpoint keeps
+    them in its extra state (`save_extra_state`), a single Lorsa's checkpoint in its config.json."""
+    path = Path(checkpoint_dir, STATE_FILE)
+    state = load_file(path) if path.exists() else {}
+    factors = {
+        int(k.rsplit(".layer", 1)[1]): tuple(v.tolist()) for k, v in state.items() if k.startswith("norm_factors.")
+    }
+    if factors:
+        return factors
+    saved = LorsaConfig.from_pretrained(checkpoint_dir)
+    return {saved.layer: (saved.input_norm_factor, saved.output_norm_factor)}
 
 
 class TrainerStateCallback(TrainerCallback):
