@@ -160,14 +160,31 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals, clean: torch
     else:
         others = run_variants(model, lorsa.config.layer, ids, len(VARIANTS) - 1, variants)
         logits = torch.cat([clean.to(others)[None], others])
+    nll, kl, n_pred = prediction_sums(logits, ids, counted)
+    for name, value in zip(VARIANTS, nll):
+        totals.loss[name] += value
+    totals.kl += kl
+    totals.n_pred += n_pred
+
+
+def prediction_sums(logits: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor) -> tuple[list[float], float, int]:
+    """For logits (versions, B, T, V) of one batch, the first version the clean model's: each version's summed
+    next-token loss, the summed KL(clean || second version), and the number of predictions (those made at
+    counted positions)."""
     logits = logits[:, :, :-1]
     targets = ids[:, 1:].to(logits.device)
-    valid = counted[:, :-1].to(logits.device)  # predictions made at counted positions
+    valid = counted[:, :-1].to(logits.device)
     logp = logits.log_softmax(-1)
-    for name, lp in zip(VARIANTS, logp):
-        totals.loss[name] += F.nll_loss(lp[valid], targets[valid], reduction="sum").item()
-    totals.kl += F.kl_div(logp[1][valid], logp[0][valid], log_target=True, reduction="sum").item()
-    totals.n_pred += int(valid.sum())
+    nll = [F.nll_loss(lp[valid], targets[valid], reduction="sum").item() for lp in logp]
+    kl = F.kl_div(logp[1][valid], logp[0][valid], log_target=True, reduction="sum").item()
+    return nll, kl, int(valid.sum())
+
+
+def loss_recovered(loss: dict, approximated: str, ablated: str) -> float:
+    """(L_ablated - L_approximated) / (L_ablated - L_clean): 1 when the approximation does as well as the clean
+    model, 0 when no better than the ablation; NaN when ablating changes nothing."""
+    gap = loss[ablated] - loss["clean"]
+    return (loss[ablated] - loss[approximated]) / gap if gap else float("nan")
 
 
 def _accumulate_reconstruction(totals: _Totals, y, y_hat, values, indices) -> None:
@@ -187,19 +204,14 @@ def _summarise(t: _Totals, lorsa) -> EvaluationResult:
     variance = t.sum_y2 - t.sum_y.pow(2).sum() / t.n
     fvu = (t.sse / variance).item()
     loss = {name: t.loss[name] / t.n_pred for name in VARIANTS}
-
-    def recovered(ablated: str) -> float:
-        gap = loss[ablated] - loss["clean"]
-        return (loss[ablated] - loss["spliced"]) / gap if gap else float("nan")
-
     freq = t.fires / t.n
     return EvaluationResult(
         fvu=fvu, explained_variance=1.0 - fvu, mse=(t.sse / (t.n * lorsa.config.d_model)).item(),
         l0=(t.active / t.n).item(), dead_heads=int((t.fires == 0).sum()), heads_below_1e5=int((freq < 1e-5).sum()),
         heads_below_1e6=int((freq < 1e-6).sum()), dense_heads=int((freq > 0.1).sum()), max_frequency=float(freq.max()), loss_clean=loss["clean"],
         loss_spliced=loss["spliced"], loss_zero_ablated=loss["zero_ablated"], loss_mean_ablated=loss["mean_ablated"],
-        loss_recovered_zero=recovered("zero_ablated"), loss_recovered_mean=recovered("mean_ablated"),
-        kl_spliced=t.kl / t.n_pred, n_tokens=t.n,
+        loss_recovered_zero=loss_recovered(loss, "spliced", "zero_ablated"),
+        loss_recovered_mean=loss_recovered(loss, "spliced", "mean_ablated"), kl_spliced=t.kl / t.n_pred, n_tokens=t.n,
     )  # fmt: skip
 
 

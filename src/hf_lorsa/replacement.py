@@ -10,13 +10,12 @@ Axes: B batch, T positions, D d_model, V vocabulary.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .activations import batches
 from .attention_mask import counted_positions
 from .configuration_lorsa import check_positive_ints
-from .evaluation import _evaluate_batch, _summarise, _Totals, mean_attention_outputs
+from .evaluation import _evaluate_batch, _summarise, _Totals, loss_recovered, mean_attention_outputs, prediction_sums
 from .hooks import check_lorsa_matches, first_copy, lorsa_output, run_replaced
 from .hosts import input_device
 from .loading import warn_if_short
@@ -71,30 +70,22 @@ def _replacement_batch(model, lorsas: dict, ids, means: dict, clean: torch.Tenso
 
         return new_output
 
-    logits = run_replaced(model, {layer: replace(layer, lorsa) for layer, lorsa in lorsas.items()}, ids, 3)
-    valid = counted[:, :-1].to(logits.device)
-    targets = ids[:, 1:].to(logits.device)[valid]
-    clean_logp = clean.to(logits.device)[:, :-1].log_softmax(-1)[valid]
-    whole["clean"] += F.nll_loss(clean_logp, targets, reduction="sum").item()
-    for name, lp in zip(REPLACEMENT_VERSIONS, logits[:, :, :-1].log_softmax(-1)):
-        whole[name] += F.nll_loss(lp[valid], targets, reduction="sum").item()
-        if name == "replaced":
-            whole["kl"] += F.kl_div(lp[valid], clean_logp, log_target=True, reduction="sum").item()
-    whole["n_pred"] += int(valid.sum())
+    replaced = run_replaced(model, {layer: replace(layer, lorsa) for layer, lorsa in lorsas.items()}, ids, 3)
+    nll, kl, n_pred = prediction_sums(torch.cat([clean.to(replaced)[None], replaced]), ids, counted)
+    for name, value in zip(("clean", *REPLACEMENT_VERSIONS), nll):
+        whole[name] += value
+    whole["kl"] += kl
+    whole["n_pred"] += n_pred
 
 
 def _summarise_replacement(whole: dict, layers: list[int]) -> dict:
     n = whole["n_pred"]
     loss = {name: whole[name] / n for name in ("clean", *REPLACEMENT_VERSIONS)}
-
-    def recovered(ablated: str) -> float:
-        gap = loss[ablated] - loss["clean"]
-        return (loss[ablated] - loss["replaced"]) / gap if gap else float("nan")
-
     return {
         "layers": layers, "loss_clean": loss["clean"], "loss_replaced": loss["replaced"],
         "loss_zero_ablated": loss["zero_ablated"], "loss_mean_ablated": loss["mean_ablated"],
-        "loss_recovered_zero": recovered("zero_ablated"), "loss_recovered_mean": recovered("mean_ablated"),
+        "loss_recovered_zero": loss_recovered(loss, "replaced", "zero_ablated"),
+        "loss_recovered_mean": loss_recovered(loss, "replaced", "mean_ablated"),
         "kl_replaced": whole["kl"] / n, "n_predictions": n,
     }  # fmt: skip
 
