@@ -93,6 +93,16 @@ def test_pre_activations_match_reference(overrides):
     torch.testing.assert_close(z[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n_ov_heads", [32, 64])  # value width G = dqk (SDPA's fused kernel) and G = 2 dqk
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "qk_norm_per_head": True}])
+@torch.no_grad()
+def test_unpadded_pre_activations_match_reference(n_ov_heads, overrides):
+    model = make(n_ov_heads=n_ov_heads, **overrides)
+    x = torch.randn(2, 7, 32)
+    z = model(x, output_pre_activations=True).pre_activations
+    torch.testing.assert_close(z, reference_z(model, x), atol=1e-5, rtol=1e-5)
+
+
 @torch.no_grad()
 def test_explicit_path_agrees_with_fused_path():
     model = make(sliding_window=4)
