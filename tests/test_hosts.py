@@ -7,6 +7,7 @@ from peft import LoraConfig, get_peft_model
 from conftest import build_host, require_shared, token_batch
 from hf_lorsa import LorsaConfig, LorsaModel, capture, collect, splice
 from hf_lorsa.hosts import ARCHITECTURES, get_module, unwrap
+from hf_lorsa.initialization import head_output_variance, share_qk_heads
 
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -228,3 +229,64 @@ def test_standalone_rotary_matches_the_host_for_every_rope_type(rope_type):
     assert lorsa.config.rope_parameters["rope_type"] == rope_type
     out = lorsa(cap.last.hidden_states).reconstruction  # cos/sin from the Lorsa's own config
     torch.testing.assert_close(out, cap.last.attention_output, atol=1e-5, rtol=1e-4)
+
+
+def test_share_qk_heads_evenly_or_by_weight():
+    assert share_qk_heads(8, None, 4) == [0, 0, 1, 1, 2, 2, 3, 3]  # j * H // Hqk
+    # 5 QK heads beyond one each, shared 1 : 0 : 3 -> 1.25, 0, 3.75 -> floors 1, 0, 3, and the last to the
+    # largest remainder (0.75)
+    assert share_qk_heads(8, torch.tensor([1.0, 0.0, 3.0]), 3) == [0, 0, 1, 2, 2, 2, 2, 2]
+    assert share_qk_heads(2, torch.tensor([1.0, 0.0, 3.0]), 3) == [0, 1]  # fewer QK than host heads: evenly
+    assert share_qk_heads(3, torch.tensor([5.0, 1.0, 1.0]), 3) == [0, 1, 2]  # at least one each
+
+
+@torch.no_grad()
+def test_head_output_variance_is_the_variance_of_each_host_heads_output():
+    model = build_host("llama")
+    ids = token_batch()
+    with capture(model, 1) as cap:
+        model(ids)
+    x = cap.last.hidden_states
+    counted = torch.ones(ids.shape, dtype=torch.bool)
+    counted[:, 0] = False
+    o_proj = model.model.layers[1].self_attn.o_proj
+    weight, dh = o_proj.weight.clone(), model.config.head_dim
+    expected = []
+    for h in range(model.config.num_attention_heads):  # the host alone, every other head's output cut off
+        o_proj.weight.zero_()
+        o_proj.weight[:, h * dh : (h + 1) * dh] = weight[:, h * dh : (h + 1) * dh]
+        with capture(model, 1) as cap:
+            model(ids)
+        out = cap.last.attention_output[counted]
+        expected.append((out - out.mean(0)).pow(2).sum(-1).mean())
+    o_proj.weight.copy_(weight)
+    variance = head_output_variance(model, 1, x, counted)
+    torch.testing.assert_close(variance, torch.stack(expected), rtol=1e-4, atol=1e-6)
+    assert variance.max() > 1.2 * variance.min()  # the heads differ, so the test sees a swapped order
+    lorsa = LorsaModel.from_host(model, 1, head_weights=variance, n_ov_heads=256)  # 32 QK heads of width 8
+    copies = [sum(bool(torch.equal(lorsa.W_Q[j], model.model.layers[1].self_attn.q_proj.weight[h * dh : (h + 1) * dh].T))
+                  for j in range(32)) for h in range(4)]  # fmt: skip
+    assert copies == [share_qk_heads(32, variance, 4).count(h) for h in range(4)] and len(set(copies)) > 1
+
+
+@torch.no_grad()
+def test_training_shares_qk_heads_by_output_variance_unless_asked_for_an_even_share():
+    from types import SimpleNamespace
+
+    from hf_lorsa.activations import activation_sample
+    from hf_lorsa.run_training import normalise_and_calibrate
+
+    model = build_host("llama")
+    windows = [{"input_ids": row} for row in token_batch(batch=8)]
+    x, _, counted = activation_sample(model, 1, windows, 4, 2, [])
+    q_proj = model.model.layers[1].self_attn.q_proj.weight
+    variance = head_output_variance(model, 1, x, counted)
+    for init, expected in (("host", share_qk_heads(32, variance, 4)), ("host_even", [j // 8 for j in range(32)])):
+        lorsa = LorsaModel.from_host(model, 1, n_ov_heads=256, top_k=8)
+        options, data = SimpleNamespace(init=init, k_anneal_start=None), SimpleNamespace(batch_size=4, norm_batches=2)
+        normalise_and_calibrate(lorsa, model, options, data, windows, [], "cpu")
+        W_Q = lorsa.W_Q * lorsa.config.input_norm_factor  # in raw units again
+        copied = [next(h for h in range(4) if torch.allclose(W_Q[j], q_proj[h * 8 : (h + 1) * 8].T, atol=1e-5))
+                  for j in range(32)]  # fmt: skip
+        assert copied == expected, init
+    assert expected != share_qk_heads(32, variance, 4)

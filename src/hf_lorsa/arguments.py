@@ -19,6 +19,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from .configuration_lorsa import is_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+INITS = ("host", "host_even", "random")
 
 
 class UsageError(ValueError):
@@ -85,10 +86,7 @@ class LorsaArguments:
         default=None, metadata={"help": "index of the layer whose attention is replaced (or give --layers)"}
     )
     layers: str | None = field(
-        default=None,
-        metadata={
-            "help": "several layers from one host pass: 2,4,6 or 0-29:3 (every 3rd) or all; output in OUTPUT/layer{L}"
-        },
+        default=None, metadata={"help": "several layers from one host pass: 2,4,6 or 0-29:3 or all; in OUTPUT/layer{L}"}
     )
     gguf_file: str | None = field(
         default=None, metadata={"help": "host GGUF file in --model_name_or_path (pip install 'hf_lorsa[gguf]')"}
@@ -100,7 +98,7 @@ class LorsaArguments:
     topk_rule: str = field(
         default="relu", metadata={"help": "rank heads by ReLU(z) ('relu', the authors' rule) or |z| ('abs')"}
     )
-    init: str = field(default="host", metadata={"help": "'host' (from the layer's weights) or 'random'"})
+    init: str = field(default="host", metadata={"help": "host (the layer's heads), host_even (evenly shared), random"})
     k_anneal_start: int | None = field(default=None, metadata={"help": "K at step 0 (None: n_ov_heads)"})
     k_anneal_fraction: float = field(default=0.05, metadata={"help": "fraction of training spent annealing K"})
     aux_k: int | None = field(default=None, metadata={"help": "dead heads used by AuxK (None: d_model / 2)"})
@@ -128,7 +126,7 @@ class LorsaArguments:
         check_int("n_qk_heads", self.n_qk_heads, optional=True)
         check_int("top_k", self.top_k)
         require(self.topk_rule in ("abs", "relu"), f"--topk_rule must be 'abs' or 'relu', got {self.topk_rule!r}.")
-        require(self.init in ("host", "random"), f"--init must be 'host' or 'random', got {self.init!r}.")
+        require(self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
         check_int("k_anneal_start", self.k_anneal_start, optional=True)
         if self.k_anneal_start is not None:
             require(self.k_anneal_start >= self.top_k, "--k_anneal_start must be at least --top_k.")

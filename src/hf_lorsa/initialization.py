@@ -1,7 +1,10 @@
 """Initialise a Lorsa from its host's attention layer (LORSA.md, "Initialisation from the host layer").
 
-QK head j copies host head j * H // Hqk (its key/value group for GQA). The OV heads that read a host
-head's pattern start inside that head's OV circuit W_v^h W_o^h = U S V^T:
+QK head j copies a host head (its key/value group for GQA): host heads share the QK heads evenly (QK head j
+copies host head j * H // Hqk, the authors' choice), or, given a weight per host head (in training, the variance
+of each head's output on a first batch, `head_output_variance`), in proportion to the weights with at least one
+each: a head whose output barely varies needs few directions, and heads given to it would die. The OV heads that
+read a host head's pattern start inside that head's OV circuit W_v^h W_o^h = U S V^T:
 
 - replica sizes (every host head gets exactly dh OV heads): the exact rank-1 pieces w_v = S_i U_i,
   w_o = V_i, so that with top_k = Hov the Lorsa reproduces the host layer;
@@ -50,16 +53,45 @@ def random_frame(n: int, dh: int, generator: torch.Generator) -> torch.Tensor:
     return P @ Qh * (n / dh) ** 0.5
 
 
+def share_qk_heads(n_qk: int, weights: torch.Tensor | None, n_host: int) -> list[int]:
+    """The host head each of `n_qk` QK heads copies, in host order: evenly without `weights`, else in proportion
+    to the (n_host,) weights with at least one QK head per host head (largest remainders, when n_qk >= n_host)."""
+    if weights is None or n_qk < n_host:
+        return [j * n_host // n_qk for j in range(n_qk)]
+    ideal = weights.double().clamp_min(0) / weights.double().clamp_min(0).sum().clamp_min(1e-12) * (n_qk - n_host)
+    counts = 1 + ideal.floor().long()
+    for h in (ideal - ideal.floor()).argsort(descending=True)[: n_qk - int(counts.sum())]:
+        counts[h] += 1
+    return torch.repeat_interleave(torch.arange(n_host), counts).tolist()
+
+
 @torch.no_grad()
-def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: int = 0) -> None:
+def head_output_variance(model: nn.Module, layer: int, x: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+    """(H,) variance of each host head's output (its mean squared distance from its mean) over the counted
+    positions of the attention input x (B, T, D), computed by the exact replica of the layer."""
+    from .modeling_lorsa import LorsaModel
+
+    replica = LorsaModel.from_host(model, layer).to(x.device, torch.float32).eval()
+    z = replica(x.float(), output_pre_activations=True).pre_activations[counted]  # (N, H * dh)
+    pieces = replica.config.group_size
+    variance = []
+    for h in range(replica.config.n_qk_heads):
+        out = z[:, h * pieces : (h + 1) * pieces] @ replica.w_o[h * pieces : (h + 1) * pieces]  # (N, D)
+        variance.append((out - out.mean(0)).pow(2).sum(-1).mean())
+    return torch.stack(variance).cpu()
+
+
+@torch.no_grad()
+def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: int = 0,
+                         head_weights: torch.Tensor | None = None) -> None:  # fmt: skip
     """Fill `lorsa` (a LorsaModel whose config came from `LorsaConfig.from_host(model, layer, ...)`) with
     pieces of that layer's attention weights. With the replica's sizes (Hov = H * dh, Hqk = H, top_k = Hov)
-    it reproduces the layer exactly."""
+    it reproduces the layer exactly. `head_weights` (H,) share the QK heads among host heads (`share_qk_heads`)."""
     config = lorsa.config
     host = hosts.read_attention(model, layer)
     generator = torch.Generator().manual_seed(seed)
     H = host.n_heads
-    host_of_qk = [j * H // config.n_qk_heads for j in range(config.n_qk_heads)]
+    host_of_qk = share_qk_heads(config.n_qk_heads, head_weights, H)
     host_of_ov = torch.tensor(host_of_qk)[torch.arange(config.n_ov_heads) // config.group_size]
 
     for j, h in enumerate(host_of_qk):
@@ -86,8 +118,10 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
             r = random_frame(len(heads), S.numel(), generator)
             out = (r * S) @ V.T  # (n, D): the OV map of each w_v = U r
             lorsa.w_v[heads] = r @ U.T
-            # n heads of norm about S.mean() * dh / n: together (top_k = Hov) about the size of the host head
-            lorsa.w_o[heads] = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12) * S.mean() * S.numel() / len(heads)
+            # heads of norm about S.mean() * dh / n for the even share n = Hov / H: together (top_k = Hov) about
+            # the size of the host head when shared evenly; an uneven share leaves each head's size as it was
+            size = S.mean() * S.numel() * H / config.n_ov_heads
+            lorsa.w_o[heads] = out / out.norm(dim=-1, keepdim=True).clamp_min(1e-12) * size
             lorsa.b_v[heads] = 0.0
             b_D += rest + V @ coords
     lorsa.b_D.copy_(b_D)

@@ -119,14 +119,16 @@ class LorsaModel(LorsaPreTrainedModel):
             init.zeros_(bias)
 
     @classmethod
-    def from_host(cls, model, layer: int, seed: int = 0, **sizes) -> LorsaModel:
+    def from_host(cls, model, layer: int, seed: int = 0, head_weights=None, **sizes) -> LorsaModel:
         """A Lorsa (of this class) initialised from layer `layer`'s attention, on the host's device.
 
         `sizes` are those of `LorsaConfig.from_host` (`n_ov_heads`, `expansion_factor`, `n_qk_heads`, `top_k`,
-        config fields); without any it is an exact replica of the layer (Hov = H * dh, top_k = Hov).
+        config fields); without any it is an exact replica of the layer (Hov = H * dh, top_k = Hov). QK heads are
+        shared evenly among host heads, or in proportion to `head_weights` (H,) (training passes the variance of
+        each host head's output, `initialization.head_output_variance`).
         """
         lorsa = cls(LorsaConfig.from_host(model, layer, **sizes))
-        initialize_from_host(lorsa, model, layer, seed)
+        initialize_from_host(lorsa, model, layer, seed, head_weights)
         return lorsa.to(next(model.parameters()).device)
 
     # ---- Hub -----------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ from .arguments import (
 )
 from .configuration_lorsa import LorsaConfig
 from .hosts import num_layers
-from .initialization import calibrate
+from .initialization import calibrate, head_output_variance, initialize_from_host
 from .launch import relaunch_on_cpu, release_process_group_at_exit
 from .loading import open_host, open_tokenizer
 from .modeling_lorsa import LorsaModel
@@ -149,15 +149,20 @@ def load_finished(output_dir: str, several: bool) -> dict[int, LorsaModel]:
 
 
 def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, device) -> None:
-    """Normalisation factors from the first batches; with host initialisation, the same sample calibrates the
+    """Normalisation factors from the first batches; with host initialisation, part of the same sample shares the
+    QK heads among host heads by the variance of their outputs (not with `--init host_even`) and calibrates the
     initial heads (`initialization.calibrate`)."""
     layer = lorsa.config.layer
     sample = activation_sample(host, layer, windows, data_args.batch_size, data_args.norm_batches, skip)
-    lorsa.set_norm_factors(*norm_factors(*sample))
+    rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
+    x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
+    counted = sample[2][:rows].to(device)
     if model_args.init == "host":
-        rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
-        x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
-        counted = sample[2][:rows].to(device)
+        variance = head_output_variance(host, layer, x, counted)
+        logger.info("Host heads' output variance: %s", [round(v, 4) for v in variance.tolist()])
+        initialize_from_host(lorsa, host, layer, head_weights=variance)
+    lorsa.set_norm_factors(*norm_factors(*sample))
+    if model_args.init != "random":
         k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
         logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
 
@@ -201,7 +206,7 @@ def load_host(model_args: LorsaArguments, device: torch.device):
 def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: int | None, layer: int) -> LorsaModel:
     sizes = dict(n_qk_heads=model_args.n_qk_heads, n_ov_heads=model_args.n_ov_heads, top_k=model_args.top_k)
     sizes["expansion_factor"] = None if model_args.n_ov_heads else model_args.expansion_factor
-    if model_args.init == "host":
+    if model_args.init != "random":
         lorsa = LorsaModel.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes)
     else:
         lorsa = LorsaModel(LorsaConfig.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes))
