@@ -1,5 +1,6 @@
 """Training with the Trainer on the real stories260K model: outputs, resume, processes, cache, bad input."""
 
+import functools
 import json
 import os
 import re
@@ -188,19 +189,21 @@ def test_two_processes_keep_identical_weights_and_see_twice_the_tokens(tmp_path,
 
 
 def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
-    cache = tmp_path / "cache"
-    first = train(*parse(options(tmp_path / "a", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
+    cache, data = tmp_path / "cache", tmp_path / "stories.jsonl"  # the cache holds every window: a short file
+    data.write_text("".join(STORIES_DATA.read_text().splitlines(keepends=True)[:200]))
+    short = functools.partial(options, dataset=data)
+    first = train(*parse(short(tmp_path / "a", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
     assert (cache / "cache.json").exists()
     calls = []
     import hf_lorsa.trainer as training
 
     monkeypatch.setattr(training, "collect_layers", lambda *a, **k: calls.append(1))
-    second = train(*parse(options(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
+    second = train(*parse(short(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
     assert calls == []  # the training steps never ran the host
     for p, q in zip(first.state_dict().values(), second.state_dict().values()):
         torch.testing.assert_close(p.cpu(), q.cpu(), atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="made for other settings.*layer"):
-        train(*parse(options(tmp_path / "c", activation_cache=cache, layer=1, holdout_fraction=0.0)))
+        train(*parse(short(tmp_path / "c", activation_cache=cache, layer=1, holdout_fraction=0.0)))
 
 
 def test_python_entry_point_is_the_same_run(tmp_path):
