@@ -3,6 +3,7 @@
 python scripts/bench.py                 # configs a and b on the CPU (c too on CUDA)
 python scripts/bench.py --configs c --device cuda
 python scripts/bench.py --configs c --device cuda --top_k 32768   # K = n_ov (the start of K annealing): memory
+python scripts/bench.py --decode auto,gather --optimizer adam,fused   # every pair: the decodes; fused Adam (the Trainer's)
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
@@ -30,7 +31,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench(name: str, device: torch.device, steps: int, warmup: int, top_k: int | None = None) -> dict:
+def bench(
+    name: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    top_k: int | None = None,
+    decode: str = "auto",
+    optimizer: str = "adam",
+) -> dict:
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
     if top_k is not None:
@@ -39,8 +48,11 @@ def bench(name: str, device: torch.device, steps: int, warmup: int, top_k: int |
         **spec, max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
     )
     torch.manual_seed(0)
-    model = LorsaModel(config).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    with device:  # built on the device: no CPU initialisation of large weights
+        model = LorsaModel(config).train()
+    model.dense_decode = {"auto": None, "dense": True, "gather": False}[decode]
+    fused = optimizer == "fused"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
     x = torch.randn(batch, context, config.d_model, device=device)
     y = torch.randn(batch, context, config.d_model, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -64,6 +76,8 @@ def bench(name: str, device: torch.device, steps: int, warmup: int, top_k: int |
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "top_k": config.top_k,
+        "decode": "dense" if model.uses_dense_decode(config.top_k, device) else "gather",
+        "optimizer": "fused Adam" if fused else "Adam",
         "tokens_per_step": batch * context,
         "median_step_s": round(median, 5),
         "tokens_per_s": round(batch * context / median, 1),
@@ -80,6 +94,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top_k", type=int, default=None, help="K instead of each config's (at most n_ov)")
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        help="comma-separated auto, dense, gather (auto: the model's choice for the size and device)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        default="adam",
+        help="comma-separated adam (torch.optim.Adam, as in the "
+        "authors' benchmark), fused (fused Adam, as the Trainer uses)",
+    )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()
     if args.pipeline:
@@ -91,8 +116,15 @@ def main() -> None:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     device = torch.device(args.device)
     names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
+    decodes, optimizers = args.decode.split(","), args.optimizer.split(",")
+    for choice, allowed in ((decodes, ("auto", "dense", "gather")), (optimizers, ("adam", "fused"))):
+        if not set(choice) <= set(allowed):
+            parser.error(f"choose among {', '.join(allowed)}, got {','.join(choice)}")
     for name in names:
-        print(json.dumps(bench(name, device, args.steps, args.warmup, args.top_k)), flush=True)
+        for decode in decodes:
+            for optimizer in optimizers:
+                result = bench(name, device, args.steps, args.warmup, args.top_k, decode, optimizer)
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

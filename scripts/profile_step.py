@@ -30,7 +30,8 @@ def main() -> None:
     config = LorsaConfig(
         **spec, max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": 1e4}
     )
-    model = LorsaModel(config).to(device).train()
+    with device:  # built on the device: no CPU initialisation of large weights
+        model = LorsaModel(config).train()
     x = torch.randn(batch, context, config.d_model, device=device)
     y = torch.randn_like(x)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -23,11 +23,13 @@ from . import hub
 from .attention_mask import attention_bias, needs_mask, positions_from_mask
 from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
+from .input_checks import check_attention_input
 from .qk_norm import HeadRMSNorm, qk_norm
 
-# The decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO: where
-# the two cost the same on the 2-core CPU (scripts/bench_decode.py; BENCHMARKS.md), and well before the
-# gather's O(N * K * D) backward memory matters.
+# On the CPU the decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO:
+# on the 2-core CPU where the two cost the same (scripts/bench_decode.py), well before the gather's O(N * K * D)
+# backward memory matters. On a GPU the dense product runs on the tensor cores in bf16: always dense there
+# (H100, BENCHMARKS.md: config c's step 51 ms against 62 ms with the gather; config b's 5.7 against 5.2 ms).
 DENSE_DECODE_RATIO = 32
 
 
@@ -89,6 +91,7 @@ class LorsaModel(LorsaPreTrainedModel):
     """Low-Rank Sparse Attention (He et al., 2025): n_qk QK heads, each shared by a group of rank-1 OV heads."""
 
     eval_results: dict | None = None  # set by hf_lorsa.evaluate; written to eval_results.json and the card
+    dense_decode: bool | None = None  # force the dense (True) or gathering (False) decode; None: by size and device
 
     def __init__(self, config: LorsaConfig):
         super().__init__(config)
@@ -252,6 +255,8 @@ class LorsaModel(LorsaPreTrainedModel):
         if not is_int(k) or not 0 < k <= self.config.n_ov_heads:
             raise ValueError(f"top_k must be in [1, n_ov_heads={self.config.n_ov_heads}], got {k}.")
         act = z.relu() if self.config.topk_rule == "relu" else z
+        if k == self.config.n_ov_heads:  # every head (the start of K annealing): no ranking to do
+            return act, torch.arange(k, device=z.device).expand_as(act)
         scores = (act.abs() if self.config.topk_rule == "abs" else act) * self.w_o.detach().norm(dim=-1).to(z.dtype)
         indices = scores.topk(k, dim=-1, sorted=False).indices  # (B, T, K)
         return act.gather(-1, indices), indices
@@ -259,20 +264,27 @@ class LorsaModel(LorsaPreTrainedModel):
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_k values_k w_o[indices_k] + b_D: (B, T, D).
 
-        Few active heads (K < n_ov / DENSE_DECODE_RATIO): gathers only the K rows of w_o per position. Many
-        (K annealed from n_ov, AuxK): one dense (N, Hov) @ (Hov, D) product, whose memory is O(N * Hov)
-        whatever K is, where the gather's backward would need O(N * K * D). In the weights' dtype: CUDA
-        has no bf16 backward for embedding_bag's per-sample weights.
+        Two ways, the same sum (`dense_decode` picks one; None: by DENSE_DECODE_RATIO). Gather: only the K rows
+        of w_o per position, in the weights' dtype (CUDA has no bf16 backward for embedding_bag's per-sample
+        weights). Dense: one (N, Hov) @ (Hov, D) product, in autocast's dtype when autocast is on, whose memory
+        is O(N * Hov) whatever K is, where the gather's backward would need O(N * K * D).
         """
         batch_shape, k = values.shape[:-1], values.shape[-1]
-        values, indices = values.reshape(-1, k).to(self.w_o.dtype), indices.reshape(-1, k)
-        if k * DENSE_DECODE_RATIO >= self.config.n_ov_heads:
-            dense = values.new_zeros(values.shape[0], self.config.n_ov_heads).scatter(-1, indices, values)
-            flat = dense @ self.w_o
+        values, indices = values.reshape(-1, k), indices.reshape(-1, k)
+        if self.uses_dense_decode(k, values.device):
+            device = values.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w_o.dtype
+            dense = values.new_zeros(values.shape[0], self.config.n_ov_heads, dtype=dtype)
+            flat = dense.scatter(-1, indices, values.to(dtype)) @ self.w_o
         else:
-            flat = F.embedding_bag(indices, self.w_o, per_sample_weights=values, mode="sum")
+            flat = F.embedding_bag(indices, self.w_o, per_sample_weights=values.to(self.w_o.dtype), mode="sum")
         out = flat.view(*batch_shape, -1) + self.b_D
         return out / self.config.output_norm_factor
+
+    def uses_dense_decode(self, k: int, device: torch.device) -> bool:
+        if self.dense_decode is not None:
+            return self.dense_decode
+        return device.type != "cpu" or k * DENSE_DECODE_RATIO >= self.config.n_ov_heads
 
     # ---- explicit path (analysis) --------------------------------------------------------------------
 
@@ -338,31 +350,7 @@ class LorsaModel(LorsaPreTrainedModel):
         return pattern * v[:, None, :]
 
     def _check_input(self, hidden_states, position_ids=None, attention_mask=None) -> torch.Tensor:
-        """Shapes and dtypes checked at the boundary, with messages that say what to pass instead."""
-        c = self.config
-        if not torch.is_tensor(hidden_states) or hidden_states.dim() != 3 or hidden_states.shape[-1] != c.d_model:
-            shape = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
-            raise ValueError(
-                f"LorsaModel expects the attention input as (batch, positions, d_model={c.d_model}), got {shape}."
-            )
-        B, T = hidden_states.shape[:2]
-        if B == 0 or T == 0:
-            raise ValueError(f"The attention input has no positions (shape {tuple(hidden_states.shape)}).")
-        if T > c.max_position_embeddings:
-            raise ValueError(
-                f"Sequence of {T} positions exceeds max_position_embeddings="
-                f"{c.max_position_embeddings} of this Lorsa; use shorter contexts."
-            )
-        weight = self.w_v.dtype
-        if hidden_states.dtype != weight and not torch.is_autocast_enabled(hidden_states.device.type):
-            raise ValueError(
-                f"The attention input is {hidden_states.dtype} but this Lorsa's weights are {weight}: cast one to "
-                f"the other (e.g. lorsa.to({hidden_states.dtype}) or hidden_states.to({weight}))."
-            )
-        for name, t in (("attention_mask", attention_mask), ("position_ids", position_ids)):
-            if t is not None and (t.dim() != 2 or t.shape[1] != T or t.shape[0] not in (1, B)):
-                raise ValueError(f"{name} must have shape ({B}, {T}) (batch, positions), got {tuple(t.shape)}.")
-        return hidden_states
+        return check_attention_input(self.config, self.w_v.dtype, hidden_states, position_ids, attention_mask)
 
     # ---- weight folding ------------------------------------------------------------------------------
 
