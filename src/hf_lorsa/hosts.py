@@ -8,7 +8,7 @@ Axes: D d_model, H query heads, Hkv key/value heads, dh head width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import reduce
 
 import torch
@@ -145,6 +145,11 @@ class HostAttention:
 
     def kv_head(self, head: int) -> int:
         return head // (self.n_heads // self.n_kv_heads)
+
+    def to(self, device: torch.device) -> HostAttention:
+        """The same layer with every tensor on `device`."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        return replace(self, **{name: t.to(device) for name, t in moved.items()})
 
 
 @torch.no_grad()

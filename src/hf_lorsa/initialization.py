@@ -88,7 +88,7 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
     pieces of that layer's attention weights. With the replica's sizes (Hov = H * dh, Hqk = H, top_k = Hov)
     it reproduces the layer exactly. `head_weights` (H,) share the QK heads among host heads (`share_qk_heads`)."""
     config = lorsa.config
-    host = hosts.read_attention(model, layer)
+    host = hosts.read_attention(model, layer).to(lorsa.w_v.device)  # the host may sit on another device
     generator = torch.Generator().manual_seed(seed)
     H = host.n_heads
     host_of_qk = share_qk_heads(config.n_qk_heads, head_weights, H)
@@ -115,7 +115,7 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
             lorsa.b_v[heads] = coords
             b_D += rest
         else:  # random directions of the value subspace; the value bias is a constant output (rows sum to 1)
-            r = random_frame(len(heads), S.numel(), generator)
+            r = random_frame(len(heads), S.numel(), generator).to(U.device)
             out = (r * S) @ V.T  # (n, D): the OV map of each w_v = U r
             lorsa.w_v[heads] = r @ U.T
             # heads of norm about S.mean() * dh / n for the even share n = Hov / H: together (top_k = Hov) about
