@@ -2,6 +2,7 @@
 
     python scripts/bench_pipeline.py                       # Llama-3.2-1B shape, layer 8 (a GPU's job)
     python scripts/bench_pipeline.py --shape tiny          # a two-layer dry run that fits any CPU
+    python scripts/bench_pipeline.py --profile             # also where steps 6-9 spend their time (torch.profiler)
 
 The host has the shape of Llama-3.2-1B (d_model 2048, 16 layers, GQA 32/8, MLP 8192) with random weights and
 the stories260K tokenizer's vocabulary (the host stops at the Lorsa's layer, so the vocabulary does not weigh
@@ -47,6 +48,34 @@ class StepClock(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
+class StepProfiler(TrainerCallback):
+    """torch.profiler over optimizer steps [first, last): prints the operators that take the most time (device
+    time on a GPU, CPU time otherwise), the host's forward included as `hf_lorsa.host_activations`."""
+
+    def __init__(self, first: int = 6, last: int = 10, rows: int = 30):
+        self.first, self.last, self.rows, self.profiler = first, last, rows, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.profiler is not None and state.global_step == self.last:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            steps = self.last - self.first
+            print(f"profile of steps {self.first}-{self.last - 1} ({steps} steps), sorted by {key}:", flush=True)
+            print(self.profiler.key_averages().table(sort_by=key, row_limit=self.rows), flush=True)
+            print(self.profiler.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
+            self.profiler = None
+
+
 def random_host(shape: str, folder: Path, stories: Path) -> int:
     """Save a random-weight host of `shape` with the stories tokenizer into `folder`; returns its Lorsa layer."""
     spec = dict(SHAPES[shape])
@@ -61,7 +90,7 @@ def random_host(shape: str, folder: Path, stories: Path) -> int:
     return layer
 
 
-def run(shape: str, max_tokens: int, shared: Path, extra: list[str], warmup_steps: int = 5) -> dict:
+def run(shape: str, max_tokens: int, shared: Path, extra: list[str], profile: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         host = Path(tmp, "host")
         layer = random_host(shape, host, shared / "models" / "stories260K")
@@ -73,10 +102,12 @@ def run(shape: str, max_tokens: int, shared: Path, extra: list[str], warmup_step
             "--report_to=none", "--save_steps=1000000", "--disable_tqdm=true", *extra,
         ]  # fmt: skip
         clock = StepClock()
+        callbacks = [clock, StepProfiler()] if profile else [clock]
+        warmup_steps = 12 if profile else 5  # the timing starts after the profiled steps
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        lorsa = train(*parse(options), callbacks=[clock])
+        lorsa = train(*parse(options), callbacks=callbacks)
         wall = time.perf_counter() - start
     per_step = 4 * context
     timed = clock.ends[warmup_steps:]
@@ -99,10 +130,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
     parser.add_argument("--max_tokens", type=int, default=None, help="default: 2M tokens (tiny: 16K)")
     parser.add_argument("--shared", default=str(SHARED), help="the folder holding models/ and data/")
+    parser.add_argument("--profile", action="store_true", help="print where steps 6-9 spend their time")
     args, extra = parser.parse_known_args()
     quiet_when_not_a_terminal()
     max_tokens = args.max_tokens or (16384 if args.shape == "tiny" else 2_000_000)
-    print(json.dumps(run(args.shape, max_tokens, Path(args.shared), extra)), flush=True)
+    print(json.dumps(run(args.shape, max_tokens, Path(args.shared), extra, args.profile)), flush=True)
 
 
 if __name__ == "__main__":

@@ -111,11 +111,14 @@ class LorsaTrainer(Trainer):
         return to, {layer: y.to(device, torch.float32) for layer, y in ys.items()}, counted
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        xs, ys, counted = self.activations(inputs)
+        with torch.profiler.record_function("hf_lorsa.host_activations"):  # named in profiles (bench_pipeline.py)
+            xs, ys, counted = self.activations(inputs)
         k = self.current_k()
+        rows = counted.flatten().nonzero().squeeze(1)  # the counted positions, found once (a host sync)
         dead = {layer: self.silent_heads(layer) for layer in xs}
-        any_dead = {layer: bool(mask.any()) for layer, mask in dead.items()}
-        use_aux = {layer: self.aux_k_coef > 0 and any_dead[layer] for layer in xs}
+        n_dead = {layer: int(mask.sum()) for layer, mask in dead.items()}  # one sync per layer
+        any_dead = {layer: n > 0 for layer, n in n_dead.items()}
+        use_aux = {layer: n_dead[layer] if self.aux_k_coef > 0 else 0 for layer in xs}  # dead heads for AuxK
         revive = {layer: self.revive_every > 0 and any_dead[layer] and self.state.global_step % self.revive_every == 0
                   for layer in xs}  # fmt: skip
         wants_z = any(use_aux.values()) or any(revive.values())
@@ -123,42 +126,48 @@ class LorsaTrainer(Trainer):
             outs = model(xs, top_k=k, output_pre_activations=wants_z)
         else:
             outs = {layer: model(x, top_k=k, output_pre_activations=wants_z) for layer, x in xs.items()}
-        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], counted, k, dead[layer], use_aux[layer],
+        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], rows, k, dead[layer], use_aux[layer],
                                    revive[layer]) for layer in xs)  # fmt: skip
         self._record("k", k)
         return (loss, outs) if return_outputs else loss
 
-    def layer_loss(self, layer: int, out, y: torch.Tensor, counted: torch.Tensor, k: int, dead: torch.Tensor,
-                   use_aux: bool, revive: bool) -> torch.Tensor:  # fmt: skip
-        """One Lorsa's loss (MSE in normalised units, plus AuxK), metrics, dead-head counters and revival; `dead`:
-        its silent heads at this step."""
+    def layer_loss(self, layer: int, out, y: torch.Tensor, rows: torch.Tensor, k: int, dead: torch.Tensor,
+                   use_aux: int, revive: bool) -> torch.Tensor:  # fmt: skip
+        """One Lorsa's loss (MSE in normalised units, plus AuxK), metrics, dead-head counters and revival; `rows`:
+        the counted positions of the flattened batch; `dead`: its silent heads at this step, `use_aux` their
+        number when AuxK trains them (else 0)."""
         lorsa = self.lorsas()[layer]
+
+        def counted(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (N, ...), without a sync per tensor
+            return t.flatten(0, 1).index_select(0, rows)
+
         scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
-        error = (out.reconstruction.float() - y)[counted] * scale  # (N, D)
-        target = y[counted] * scale
+        error = counted(out.reconstruction.float() - y) * scale  # (N, D)
+        target = counted(y) * scale
         mse = error.pow(2).mean()
         loss = mse
         self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
         if use_aux:
-            aux = self.aux_loss(lorsa, out.pre_activations[counted], error.detach() / scale, dead)
+            aux = self.aux_loss(lorsa, counted(out.pre_activations), error.detach() / scale, dead, use_aux)
             loss = loss + self.aux_k_coef * aux
             self._record(self.metric_name(layer, "aux_loss"), aux)
         if revive:
-            pending = self.revival(lorsa, out.pre_activations[counted].detach(), k, dead)
+            pending = self.revival(lorsa, counted(out.pre_activations).detach(), k, dead)
             if pending is not None:
                 self._pending_revival[layer] = pending
-        self._update_fired(layer, out.top_k_indices[counted], out.top_k_values[counted])
+        values = counted(out.top_k_values)
+        self._update_fired(layer, counted(out.top_k_indices), values)
         with torch.no_grad():
             variance = (target - target.mean(0)).pow(2).sum()
             self._record(self.metric_name(layer, "mse"), mse)
             self._record(self.metric_name(layer, "fvu"), error.pow(2).sum() / variance)
-            self._record(self.metric_name(layer, "l0"), (out.top_k_values[counted] != 0).sum(-1).float().mean())
+            self._record(self.metric_name(layer, "l0"), (values != 0).sum(-1).float().mean())
         return loss
 
-    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
         """AuxK (Gao et al., 2024): the top dead heads reconstruct what the live ones missed."""
         dead = dead.to(z.device)
-        k_aux = min(self.aux_k, int(dead.sum()))
+        k_aux = min(self.aux_k, n_dead)
         act = z.relu() if lorsa.config.topk_rule == "relu" else z
         score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
         indices = score.topk(k_aux, dim=-1).indices  # (N, k_aux)
@@ -205,10 +214,9 @@ class LorsaTrainer(Trainer):
     def _update_fired(self, layer: int, indices: torch.Tensor, values: torch.Tensor) -> None:
         """Counters stay on the Lorsa's device: no transfer per step."""
         counters = self.tokens_since_fired[layer].to(indices.device)
-        fired = torch.zeros_like(counters, dtype=torch.bool)
-        fired[indices[values != 0]] = True
+        hits = torch.zeros_like(counters).index_add_(0, indices.flatten(), (values != 0).flatten().long())
         counters += indices.shape[0]
-        counters[fired] = 0
+        counters.masked_fill_(hits > 0, 0)  # no boolean indexing: no host sync
         self.tokens_since_fired[layer] = counters
 
     def _clip_grad_norm(self, model):
