@@ -4,12 +4,18 @@
 #   bash scripts/gpu_checks.sh [--dry-run] [SHARED]
 #
 # SHARED (default ../shared) holds models/stories260K, data/stories260K-samples.jsonl and anchor-bench/ (the authors'
-# Lorsa, its benchmark, the floor probe, and wheels for a machine without network access). In order:
-#   1. the Lorsa step, configs a, b, c: anchor, hf_lorsa, anchor again (drift shows as a gap between the two);
+# Lorsa, its benchmark, the floor probe, and wheels for a machine without network access). In order, most telling
+# first, each step under its own time limit:
+#   1. the Lorsa step, configs a, b, c: the authors' Lorsa, then hf_lorsa with each decode (dense, gather) and
+#      each Adam (torch.optim.Adam as the authors' benchmark uses, fused as the Trainer uses);
 #   2. memory at K = n_ov (the start of K annealing) against K = 128, config c;
-#   3. the floor probe (the irreducible pieces of a config-c step);
-#   4. the pipeline on a random host of Llama-3.2-1B shape, default options (bench_pipeline.py);
-#   5. the stories260K recipe benchmark, 3M tokens (bench_train.py).
+#   3. the pipeline on a random host of Llama-3.2-1B shape, default options, with a profile of four steps;
+#   4. the stories260K recipe benchmark, 3M tokens (bench_train.py), with the default 1,024 tokens per step and
+#      with 4,096 (at the default learning rate and at twice it);
+#   5. the numerical tests on the GPU, fp32 and bf16 (tests/test_cuda.py), and the model's CPU tests with the
+#      machine's torch;
+#   6. the floor probe (the irreducible pieces of a config-c step) and where a config-c step spends its time
+#      (profile_step.py).
 # Every result is a JSON line in $OUT/results.jsonl (default runs/gpu-checks), the whole output in $OUT/log.txt.
 # ANCHOR_PYTHON names another interpreter for the authors' code (e.g. a virtualenv with transformer-lens).
 # --dry-run runs the same steps on the CPU at toy sizes (config a, a tiny host, 64K tokens): a check of the script.
@@ -55,21 +61,22 @@ print(json.dumps({"step": "machine", "device": gpu, "torch": torch.__version__, 
 EOF
 
 if [ $DRY = 1 ]; then
-    DEV=cpu CONFIGS=a STEPS="--steps 2 --warmup 1"
+    DEV=cpu CONFIGS=a STEPS="--steps 2 --warmup 1" PIPE="--shape tiny" TOKENS="--max_tokens 65536"
+    KMAX="--configs a --top_k 512" PROFILE="--config a --rows 8"
 else
-    DEV=cuda CONFIGS=a,b,c STEPS=""
+    DEV=cuda CONFIGS=a,b,c STEPS="" PIPE="" TOKENS="" KMAX="--configs c --top_k 32768" PROFILE="--config c --rows 25"
 fi
-step anchor-1 600 env PYTHONPATH="$ANCHOR_PATH" $ANCHOR_PY "$SHARED/anchor-bench/bench_anchor.py" --device $DEV --configs $CONFIGS $STEPS
-step hf_lorsa 600 $PY scripts/bench.py --device $DEV --configs $CONFIGS $STEPS
-step anchor-2 600 env PYTHONPATH="$ANCHOR_PATH" $ANCHOR_PY "$SHARED/anchor-bench/bench_anchor.py" --device $DEV --configs $CONFIGS $STEPS
-if [ $DRY = 1 ]; then
-    step memory-k-n_ov 300 $PY scripts/bench.py --device cpu --configs a --top_k 512 $STEPS
-    step pipeline 600 $PY scripts/bench_pipeline.py --shape tiny --shared "$SHARED"
-    step recipe-stories 600 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories" --max_tokens 65536
-else
-    step memory-k-n_ov 300 $PY scripts/bench.py --device cuda --configs c --top_k 32768
-    step floor 300 $PY "$SHARED/anchor-bench/floor_probe.py"
-    step pipeline 900 $PY scripts/bench_pipeline.py --shared "$SHARED"
-    step recipe-stories 900 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories"
+step anchor-1 240 env PYTHONPATH="$ANCHOR_PATH" $ANCHOR_PY "$SHARED/anchor-bench/bench_anchor.py" --device $DEV --configs $CONFIGS $STEPS
+step hf_lorsa 300 $PY scripts/bench.py --device $DEV --configs $CONFIGS --decode auto,gather --optimizer adam,fused $STEPS
+step memory-k-n_ov 120 $PY scripts/bench.py --device $DEV $KMAX $STEPS
+step pipeline 400 $PY scripts/bench_pipeline.py --shared "$SHARED" --profile $PIPE
+step recipe-stories 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories" $TOKENS
+step tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_modeling.py
+if [ $DRY = 0 ]; then
+    step recipe-stories-b16 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories16" --batch_size 16
+    step recipe-stories-b16-lr 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories16lr" \
+        --batch_size 16 --learning_rate 8e-3
+    step floor 120 $PY "$SHARED/anchor-bench/floor_probe.py"
 fi
+step profile-step 120 env PYTHONPATH="scripts:$PYTHONPATH" $PY scripts/profile_step.py --device $DEV $PROFILE
 echo "results: $RESULTS"
