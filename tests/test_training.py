@@ -70,6 +70,46 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     assert [row["step"] for row in evaluations] == [6, 12] and evaluations[-1]["eval_l0"] == 8.0
 
 
+class CountHostSyncs(TrainerCallback):
+    """Records, from the start to the end of each optimizer step, every call from hf_lorsa's code that would wait
+    for a GPU: a tensor read into Python, a nonzero, a boolean-mask index. (The host's own forward syncs once, at
+    its start, when transformers looks for packed sequences; that wait does not split the step.)"""
+
+    READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
+
+    def __init__(self):
+        self.calls, self.saved, self.step = {}, {}, None
+
+    def _wrap(self, name, original):
+        def counting(t, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            index = args[0] if name == "__getitem__" and isinstance(args[0], tuple) else args
+            boolean = any(torch.is_tensor(i) and i.dtype == torch.bool for i in index)
+            if "hf_lorsa" in caller and (name != "__getitem__" or boolean):
+                self.calls.setdefault(self.step, []).append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+            return original(t, *args, **kwargs)
+
+        return counting
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        for name in (*self.READS, "__getitem__"):
+            self.saved[name] = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._wrap(name, self.saved[name]))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_a_training_step_makes_no_host_sync(tmp_path):
+    """With AuxK training silent heads and revival off, no step waits for the device (revival steps and logs do)."""
+    counter = CountHostSyncs()
+    opts = options(tmp_path / "run", dead_tokens=256, revive_dead_heads="false")
+    train(*parse(opts), callbacks=[counter])
+    assert counter.step == 11 and not counter.calls, counter.calls
+
+
 class Crash(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 7:

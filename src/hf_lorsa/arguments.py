@@ -214,6 +214,7 @@ class LorsaTrainingArguments(TrainingArguments):
     adam_beta2: float = field(default=0.99)
     weight_decay: float = field(default=0.0)
     logging_steps: float = field(default=10)
+    logging_nan_inf_filter: bool = field(default=False)  # a non-finite loss stops the run; the filter synced each step
     save_steps: float = field(default=200)
     save_total_limit: int | None = field(default=3)
     remove_unused_columns: bool = field(default=False)

@@ -111,71 +111,73 @@ class LorsaTrainer(Trainer):
         return to, {layer: y.to(device, torch.float32) for layer, y in ys.items()}, counted
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """No host sync except on revival steps: what needs a count stays a tensor (see `layer_loss`)."""
         with torch.profiler.record_function("hf_lorsa.host_activations"):  # named in profiles (bench_pipeline.py)
             xs, ys, counted = self.activations(inputs)
         k = self.current_k()
-        rows = counted.flatten().nonzero().squeeze(1)  # the counted positions, found once (a host sync)
-        dead = {layer: self.silent_heads(layer) for layer in xs}
-        n_dead = {layer: int(mask.sum()) for layer, mask in dead.items()}  # one sync per layer
-        any_dead = {layer: n > 0 for layer, n in n_dead.items()}
-        use_aux = {layer: n_dead[layer] if self.aux_k_coef > 0 else 0 for layer in xs}  # dead heads for AuxK
-        revive = {layer: self.revive_every > 0 and any_dead[layer] and self.state.global_step % self.revive_every == 0
-                  for layer in xs}  # fmt: skip
-        wants_z = any(use_aux.values()) or any(revive.values())
+        # no head can have been silent for dead_tokens before that many tokens were trained
+        past_window = self.tokens_seen() >= self.dead_tokens
+        use_aux = self.aux_k_coef > 0 and past_window
+        revive = self.revive_every > 0 and past_window and self.state.global_step % self.revive_every == 0
         if self.several:
-            outs = model(xs, top_k=k, output_pre_activations=wants_z)
+            outs = model(xs, top_k=k, output_pre_activations=use_aux or revive)
         else:
-            outs = {layer: model(x, top_k=k, output_pre_activations=wants_z) for layer, x in xs.items()}
-        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], rows, k, dead[layer], use_aux[layer],
-                                   revive[layer]) for layer in xs)  # fmt: skip
+            outs = {layer: model(x, top_k=k, output_pre_activations=use_aux or revive) for layer, x in xs.items()}
+        counted = counted.flatten()
+        loss = sum(self.layer_loss(layer, outs[layer], ys[layer], counted, k, use_aux, revive) for layer in xs)
         self._record("k", k)
         return (loss, outs) if return_outputs else loss
 
-    def layer_loss(self, layer: int, out, y: torch.Tensor, rows: torch.Tensor, k: int, dead: torch.Tensor,
-                   use_aux: int, revive: bool) -> torch.Tensor:  # fmt: skip
-        """One Lorsa's loss (MSE in normalised units, plus AuxK), metrics, dead-head counters and revival; `rows`:
-        the counted positions of the flattened batch; `dead`: its silent heads at this step, `use_aux` their
-        number when AuxK trains them (else 0)."""
+    def layer_loss(self, layer: int, out, y: torch.Tensor, counted: torch.Tensor, k: int, use_aux: bool,
+                   revive: bool) -> torch.Tensor:  # fmt: skip
+        """One Lorsa's loss (MSE over the counted positions, in normalised units, plus AuxK over its silent heads),
+        metrics, dead-head counters and revival. `counted`: (B * T,) True at the positions that count; sums are
+        masked rather than indexed, so that no count has to reach the host."""
         lorsa = self.lorsas()[layer]
-
-        def counted(t: torch.Tensor) -> torch.Tensor:  # (B, T, ...) -> (N, ...), without a sync per tensor
-            return t.flatten(0, 1).index_select(0, rows)
-
+        dead = self.silent_heads(layer).to(counted.device)
+        weight = counted.float()[:, None]  # (N, 1)
+        n = weight.sum()
         scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
-        error = counted(out.reconstruction.float() - y) * scale  # (N, D)
-        target = counted(y) * scale
-        mse = error.pow(2).mean()
+        error = torch.where(counted[:, None], out.reconstruction.flatten(0, 1).float() - y.flatten(0, 1), 0) * scale
+        target = y.flatten(0, 1) * scale  # (N, D)
+        mse = error.pow(2).sum() / (n * error.shape[-1])
         loss = mse
         self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
         if use_aux:
-            aux = self.aux_loss(lorsa, counted(out.pre_activations), error.detach() / scale, dead, use_aux)
+            z = out.pre_activations.flatten(0, 1)
+            aux = self.aux_loss(lorsa, z, error.detach() / scale, dead, counted) * dead.any()
             loss = loss + self.aux_k_coef * aux
             self._record(self.metric_name(layer, "aux_loss"), aux)
-        if revive:
-            pending = self.revival(lorsa, counted(out.pre_activations).detach(), k, dead)
+        if revive:  # every revive_every steps: here the counted rows and the dead heads are found on the host
+            z = out.pre_activations.flatten(0, 1)[counted].detach()
+            pending = self.revival(lorsa, z, k, dead)
             if pending is not None:
                 self._pending_revival[layer] = pending
-        values = counted(out.top_k_values)
-        self._update_fired(layer, counted(out.top_k_indices), values)
+        values = out.top_k_values.flatten(0, 1) * weight  # uncounted positions fire nothing
+        self._update_fired(layer, out.top_k_indices.flatten(0, 1), values, n)
         with torch.no_grad():
-            variance = (target - target.mean(0)).pow(2).sum()
+            mean = (target * weight).sum(0) / n
+            variance = ((target - mean).pow(2) * weight).sum()
             self._record(self.metric_name(layer, "mse"), mse)
             self._record(self.metric_name(layer, "fvu"), error.pow(2).sum() / variance)
-            self._record(self.metric_name(layer, "l0"), (values != 0).sum(-1).float().mean())
+            self._record(self.metric_name(layer, "l0"), (values != 0).sum(-1).float().sum() / n)
         return loss
 
-    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor, n_dead: int) -> torch.Tensor:
-        """AuxK (Gao et al., 2024): the top dead heads reconstruct what the live ones missed."""
-        dead = dead.to(z.device)
-        k_aux = min(self.aux_k, n_dead)
+    def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
+                 counted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """AuxK (Gao et al., 2024): the top aux_k silent heads reconstruct what the live ones missed, over the counted
+        positions. With fewer silent heads, the rest of the aux_k drawn are live ones, given no activation: the
+        same as taking only the silent ones, without counting them on the host."""
         act = z.relu() if lorsa.config.topk_rule == "relu" else z
         score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
-        indices = score.topk(k_aux, dim=-1).indices  # (N, k_aux)
-        values = act.gather(-1, indices)
+        indices = score.topk(min(self.aux_k, lorsa.config.n_ov_heads), dim=-1).indices  # (N, k_aux)
+        values = act.gather(-1, indices) * dead[indices] * counted[:, None]
         decoded = lorsa.decode(values, indices) - lorsa.b_D / lorsa.config.output_norm_factor
         scale = lorsa.config.output_norm_factor
-        total = (residual * scale - (residual * scale).mean(0)).pow(2).sum().clamp_min(1e-8)
-        return ((decoded - residual) * scale).pow(2).sum() / total
+        weight = counted.float()[:, None]
+        mean = (residual * scale * weight).sum(0) / weight.sum()
+        total = ((residual * scale - mean).pow(2) * weight).sum().clamp_min(1e-8)
+        return ((decoded - residual) * scale * weight).pow(2).sum() / total
 
     @torch.no_grad()
     def revival(self, lorsa, z: torch.Tensor, k: int, dead: torch.Tensor):
@@ -211,11 +213,11 @@ class LorsaTrainer(Trainer):
         return self.tokens_since_fired[self.lorsa.config.layer if layer is None else layer] > self.dead_tokens
 
     @torch.no_grad()
-    def _update_fired(self, layer: int, indices: torch.Tensor, values: torch.Tensor) -> None:
-        """Counters stay on the Lorsa's device: no transfer per step."""
+    def _update_fired(self, layer: int, indices: torch.Tensor, values: torch.Tensor, n: torch.Tensor) -> None:
+        """Counters stay on the Lorsa's device: no transfer per step. `n`: the positions counted (a tensor)."""
         counters = self.tokens_since_fired[layer].to(indices.device)
         hits = torch.zeros_like(counters).index_add_(0, indices.flatten(), (values != 0).flatten().long())
-        counters += indices.shape[0]
+        counters += n.long()
         counters.masked_fill_(hits > 0, 0)  # no boolean indexing: no host sync
         self.tokens_since_fired[layer] = counters
 
