@@ -77,9 +77,13 @@ class LorsaTrainer(Trainer):
         return next(iter(self.lorsas().values()))
 
     def lorsas(self) -> dict:
-        """{layer: LorsaModel} of every Lorsa being trained."""
-        model = self.accelerator.unwrap_model(self.model)
-        return model.by_layer() if isinstance(model, LorsaLayers) else {model.config.layer: model}
+        """{layer: LorsaModel} of every Lorsa being trained (unwrapped once per model: unwrapping looks up
+        packages, 1.8 ms a step when it ran four times a step)."""
+        if getattr(self, "_lorsas_of", None) is not self.model:
+            model = self.accelerator.unwrap_model(self.model)
+            self._lorsas = model.by_layer() if isinstance(model, LorsaLayers) else {model.config.layer: model}
+            self._lorsas_of = self.model
+        return self._lorsas
 
     def metric_name(self, layer: int, name: str) -> str:
         """How one Lorsa's metric is named in logs: `layer{L}/name` with several layers, else `name`."""
