@@ -6,7 +6,7 @@ stories (default): stories260K layer 2, expansion factor 8 (512 heads), top_k 16
 smollm2: SmolLM2-135M-Instruct (4-bit GGUF) layer 3, expansion factor 4 (2,304 heads), top_k 32, 300K tokens,
 with its activations cached under the output folder's parent (a second run skips the host).
 Both train on the shared stories with the last 5% held out, then print the held-out FVU, loss recovered,
-KL, dead heads and the wall-clock numbers as one JSON line.
+KL, dead heads, the whole command's wall clock and the training loop's seconds (`train_s`) as one JSON line.
 """
 
 from __future__ import annotations
@@ -16,9 +16,24 @@ import sys
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from hf_lorsa.run_training import parse, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+class TrainingClock(TrainerCallback):
+    """Seconds of the training loop alone (no loading, normalisation, evaluation or saving)."""
+
+    def __init__(self):
+        self.start = self.seconds = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
 
 
 def take(args: list[str], name: str, default: str) -> str:
@@ -54,7 +69,8 @@ def main() -> None:
         "--disable_tqdm=true", *args,
     ]  # fmt: skip
     start = time.perf_counter()
-    lorsa = train(*parse(options))
+    clock = TrainingClock()
+    lorsa = train(*parse(options), callbacks=[clock])
     wall = time.perf_counter() - start
     results = lorsa.eval_results or {}
     tokens = lorsa.config.tokens_trained
@@ -64,6 +80,7 @@ def main() -> None:
         "dense_heads": results.get("dense_heads"), "max_frequency": results.get("max_frequency"),
         "n_ov_heads": lorsa.config.n_ov_heads, "eval_tokens": results.get("n_tokens"), "tokens_trained": tokens,
         "wall_s": round(wall, 1), "pipeline_tokens_per_s": round(tokens / wall, 1),
+        "train_s": None if clock.seconds is None else round(clock.seconds, 1),
     }))  # fmt: skip
 
 
