@@ -38,6 +38,12 @@ def annealed_k(step: int, total_steps: int, k_start: int, k_end: int, fraction: 
     return max(k_end, round(k_start * (k_end / k_start) ** (step / anneal_steps)))
 
 
+def masked_variance(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Sum over the rows of t (N, D) where weight (N, 1) is 1 of their squared distance from those rows' mean."""
+    mean = (t * weight).sum(0) / weight.sum()
+    return ((t - mean).pow(2) * weight).sum()
+
+
 class LorsaTrainer(Trainer):
     """Trains a LorsaModel on one layer of a frozen host, or a LorsaLayers (one Lorsa per layer, all fed by one
     host pass per batch). Each Lorsa has its own K schedule position, dead-head counters, revival, AuxK, gradient
@@ -144,12 +150,13 @@ class LorsaTrainer(Trainer):
         scale = lorsa.config.output_norm_factor  # errors in normalised units (mean |y| = sqrt(D))
         error = torch.where(counted[:, None], out.reconstruction.flatten(0, 1).float() - y.flatten(0, 1), 0) * scale
         target = y.flatten(0, 1) * scale  # (N, D)
-        mse = error.pow(2).sum() / (n * error.shape[-1])
+        squared_error = error.pow(2).sum()
+        mse = squared_error / (n * error.shape[-1])
         loss = mse
         self._finite = self._finite.to(mse.device) & torch.isfinite(mse.detach())
         if use_aux:
             z = out.pre_activations.flatten(0, 1)
-            aux = self.aux_loss(lorsa, z, error.detach() / scale, dead, counted) * dead.any()
+            aux = self.aux_loss(lorsa, z, error.detach() / scale, dead, weight) * dead.any()
             loss = loss + self.aux_k_coef * aux
             self._record(self.metric_name(layer, "aux_loss"), aux)
         if revive:  # every revive_every steps: here the counted rows and the dead heads are found on the host
@@ -160,28 +167,25 @@ class LorsaTrainer(Trainer):
         values = out.top_k_values.flatten(0, 1) * weight  # uncounted positions fire nothing
         self._update_fired(layer, out.top_k_indices.flatten(0, 1), values, n)
         with torch.no_grad():
-            mean = (target * weight).sum(0) / n
-            variance = ((target - mean).pow(2) * weight).sum()
             self._record(self.metric_name(layer, "mse"), mse)
-            self._record(self.metric_name(layer, "fvu"), error.pow(2).sum() / variance)
+            self._record(self.metric_name(layer, "fvu"), squared_error / masked_variance(target, weight))
             self._record(self.metric_name(layer, "l0"), (values != 0).sum(-1).float().sum() / n)
         return loss
 
     def aux_loss(self, lorsa, z: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor,
-                 counted: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                 weight: torch.Tensor) -> torch.Tensor:  # fmt: skip
         """AuxK (Gao et al., 2024): the top aux_k silent heads reconstruct what the live ones missed, over the counted
-        positions. With fewer silent heads, the rest of the aux_k drawn are live ones, given no activation: the
-        same as taking only the silent ones, without counting them on the host."""
+        positions (`weight` (N, 1): 1 there, else 0; `residual` is 0 elsewhere). With fewer silent heads, the rest of
+        the aux_k drawn are live ones, given no activation: the same as taking only the silent ones, without
+        counting them on the host."""
         act = z.relu() if lorsa.config.topk_rule == "relu" else z
         score = (act.abs() * lorsa.w_o.detach().norm(dim=-1)).masked_fill(~dead, -1.0)
         indices = score.topk(min(self.aux_k, lorsa.config.n_ov_heads), dim=-1).indices  # (N, k_aux)
-        values = act.gather(-1, indices) * dead[indices] * counted[:, None]
+        values = act.gather(-1, indices) * dead[indices] * weight  # nothing decoded at uncounted positions
         decoded = lorsa.decode(values, indices) - lorsa.b_D / lorsa.config.output_norm_factor
         scale = lorsa.config.output_norm_factor
-        weight = counted.float()[:, None]
-        mean = (residual * scale * weight).sum(0) / weight.sum()
-        total = ((residual * scale - mean).pow(2) * weight).sum().clamp_min(1e-8)
-        return ((decoded - residual) * scale * weight).pow(2).sum() / total
+        total = masked_variance(residual * scale, weight).clamp_min(1e-8)
+        return ((decoded - residual) * scale).pow(2).sum() / total
 
     @torch.no_grad()
     def revival(self, lorsa, z: torch.Tensor, k: int, dead: torch.Tensor):
