@@ -154,17 +154,19 @@ def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, d
     initial heads (`initialization.calibrate`)."""
     layer = lorsa.config.layer
     sample = activation_sample(host, layer, windows, data_args.batch_size, data_args.norm_batches, skip)
+    if model_args.init == "random":
+        lorsa.set_norm_factors(*norm_factors(*sample))
+        return
     rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
     x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
     counted = sample[2][:rows].to(device)
-    if model_args.init == "host":
+    if model_args.init == "host":  # the one initialisation from the host (build_lorsa left the Lorsa random)
         variance = head_output_variance(host, layer, x, counted)
         logger.info("Host heads' output variance: %s", [round(v, 4) for v in variance.tolist()])
         initialize_from_host(lorsa, host, layer, head_weights=variance)
     lorsa.set_norm_factors(*norm_factors(*sample))
-    if model_args.init != "random":
-        k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
-        logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
+    k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
+    logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
 
 
 def claim_output_folder(args: TrainingArguments, signature: dict) -> output_folder.OutputFolder:
@@ -206,10 +208,12 @@ def load_host(model_args: LorsaArguments, device: torch.device):
 def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: int | None, layer: int) -> LorsaModel:
     sizes = dict(n_qk_heads=model_args.n_qk_heads, n_ov_heads=model_args.n_ov_heads, top_k=model_args.top_k)
     sizes["expansion_factor"] = None if model_args.n_ov_heads else model_args.expansion_factor
-    if model_args.init != "random":
+    if model_args.init == "host_even":
         lorsa = LorsaModel.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes)
-    else:
+    else:  # random, or host: initialised once its first batch is read (normalise_and_calibrate), unless resumed
         lorsa = LorsaModel(LorsaConfig.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes))
+        if model_args.init == "host":
+            lorsa.to(next(host.parameters()).device)  # where from_host would put it, for the calibration
     lorsa.config.base_model_name_or_path = model_args.model_name_or_path
     lorsa.config.base_model_gguf_file = model_args.gguf_file
     lorsa.config.skip_token_ids = skip
