@@ -44,9 +44,17 @@ def test_annealed_k_decays_exponentially_then_stays():
     assert all(a >= b for a, b in zip(ks, ks[1:]))
 
 
+class InitialNormRatio(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.ratio = (model.w_v.norm(dim=-1) / model.w_o.norm(dim=-1)).detach().clone()
+
+
 def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     out = tmp_path / "run"
-    final = train(*parse(options(out, eval_strategy="steps", eval_steps=6, keep_checkpoints="true")))
+    start = InitialNormRatio()
+    final = train(*parse(options(out, eval_strategy="steps", eval_steps=6, keep_checkpoints="true")), [start])
+    # every head starts with ||w_v|| / ||w_o|| = --norm_ratio (4); calibration alone leaves them from 0.3 to 1.8 here
+    torch.testing.assert_close(start.ratio, torch.full_like(start.ratio, 4.0))
     loaded = LorsaModel.from_pretrained(out)
     c = loaded.config
     assert (c.layer, c.base_model_name_or_path, c.dataset_name) == (2, str(STORIES_MODEL), str(STORIES_DATA))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -111,6 +112,7 @@ class LorsaArguments:
         default=True,
         metadata={"help": "raise the value bias of dead heads until they fire again (every dead_tokens / 3 tokens)"},
     )
+    norm_ratio: float = field(default=4.0, metadata={"help": "start each head at ||w_v|| / ||w_o|| = this (0: off)"})
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
     device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the host's own code (off)"})
@@ -134,6 +136,7 @@ class LorsaArguments:
         check_int("aux_k", self.aux_k, optional=True)
         check_float("aux_k_coef", self.aux_k_coef, 0.0, 1e6)
         check_int("dead_tokens", self.dead_tokens, optional=True)
+        check_float("norm_ratio", self.norm_ratio, 0.0, 1e6)
         require(self.torch_dtype in DTYPES, f"--torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}.")
 
     def n_ov_for(self, d_model: int) -> int:
@@ -206,7 +209,7 @@ class LorsaTrainingArguments(TrainingArguments):
     )
     learning_rate: float | None = field(
         default=None,
-        metadata={"help": "peak learning rate (None: 4e-3 * (64 / d_model) ** 0.75, see hf_lorsa.recipe)"},
+        metadata={"help": "peak learning rate (None: 4e-3 * sqrt(64 / d_model), see hf_lorsa.recipe)"},
     )
     lr_scheduler_type: str = field(default="cosine")
     warmup_steps: float = field(default=0.02)
@@ -266,8 +269,6 @@ def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTraining
 
 
 def parse_file(path: str) -> tuple:
-    import json
-
     import yaml
 
     file = Path(path)

@@ -128,6 +128,22 @@ def initialize_from_host(lorsa: nn.Module, model: nn.Module, layer: int, seed: i
 
 
 @torch.no_grad()
+def balance_head_norms(lorsa: nn.Module, ratio: float) -> None:
+    """Rescale every OV head so that ||w_v|| = ratio * ||w_o||, the function unchanged (w_o multiplied by what w_v
+    and b_v are divided by). Adam moves every coordinate by about the learning rate, so a row turns by about
+    lr * sqrt(D) / ||row|| per step: how a head's scale is split between w_v and w_o sets how fast each learns.
+    Calibration leaves the split to the host (mean ||w_o|| 0.36 and ||w_v|| 1.2 on stories260K; 9.2 and 0.24 on
+    SmolLM2-135M, where the output directions then barely moved); training starts every head at one ratio, and
+    lets it drift from there (BENCHMARKS.md, "Recipe at scale": keeping it fixed at every step gave the same)."""
+    w_o, w_v = lorsa.w_o.norm(dim=-1), lorsa.w_v.norm(dim=-1)
+    scale = (w_v / (ratio * w_o)).sqrt()  # the new ||w_o|| = sqrt(||w_v|| ||w_o|| / ratio) = scale * ||w_o||
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))  # a zero row stays
+    lorsa.w_o.mul_(scale[:, None].to(lorsa.w_o.dtype))
+    lorsa.w_v.div_(scale[:, None].to(lorsa.w_v.dtype))
+    lorsa.b_v.div_(scale.to(lorsa.b_v.dtype))
+
+
+@torch.no_grad()
 def calibrate(lorsa: nn.Module, x: torch.Tensor, y: torch.Tensor, counted: torch.Tensor, top_k: int) -> dict:
     """Centre each OV head's pre-activation over the counted positions of (x, y), then fit one scale of the
     output directions and the output bias by least squares at `top_k` (the first training step's K).

@@ -44,7 +44,7 @@ from .arguments import (
 )
 from .configuration_lorsa import LorsaConfig
 from .hosts import num_layers
-from .initialization import calibrate, head_output_variance, initialize_from_host
+from .initialization import balance_head_norms, calibrate, head_output_variance, initialize_from_host
 from .launch import relaunch_on_cpu, release_process_group_at_exit
 from .loading import open_host, open_tokenizer
 from .modeling_lorsa import LorsaModel
@@ -156,6 +156,8 @@ def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, d
     sample = activation_sample(host, layer, windows, data_args.batch_size, data_args.norm_batches, skip)
     if model_args.init == "random":
         lorsa.set_norm_factors(*norm_factors(*sample))
+        if model_args.norm_ratio > 0:
+            balance_head_norms(lorsa, model_args.norm_ratio)
         return
     rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
     x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
@@ -167,6 +169,8 @@ def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, d
     lorsa.set_norm_factors(*norm_factors(*sample))
     k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
     logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
+    if model_args.norm_ratio > 0:
+        balance_head_norms(lorsa, model_args.norm_ratio)
 
 
 def claim_output_folder(args: TrainingArguments, signature: dict) -> output_folder.OutputFolder:
