@@ -2,6 +2,7 @@
 
     python scripts/bench_pipeline.py                       # Llama-3.2-1B shape, layer 8 (a GPU's job)
     python scripts/bench_pipeline.py --shape tiny          # a two-layer dry run that fits any CPU
+    python scripts/bench_pipeline.py --shape wide          # the 1B shape's width in two layers: the width on a CPU
     python scripts/bench_pipeline.py --profile             # also where steps 6-9 spend their time (torch.profiler)
 
 The host has the shape of Llama-3.2-1B (d_model 2048, 16 layers, GQA 32/8, MLP 8192) with random weights and
@@ -31,6 +32,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                          num_key_value_heads=8, rope_theta=500000.0, layer=8),
+    "wide": dict(hidden_size=2048, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=32,
+                 num_key_value_heads=8, rope_theta=500000.0, layer=1),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10000.0, layer=1),
 }  # fmt: skip
@@ -94,7 +97,7 @@ def run(shape: str, max_tokens: int, shared: Path, extra: list[str], profile: bo
     with tempfile.TemporaryDirectory() as tmp:
         host = Path(tmp, "host")
         layer = random_host(shape, host, shared / "models" / "stories260K")
-        context = 1024 if shape != "tiny" else 128
+        context = {"llama-3.2-1b": 1024, "wide": 256, "tiny": 128}[shape]
         options = [
             f"--model_name_or_path={host}", f"--layer={layer}", f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}",
             "--expansion_factor=8", "--top_k=64", f"--context_length={context}", "--batch_size=4",
@@ -128,12 +131,12 @@ def run(shape: str, max_tokens: int, shared: Path, extra: list[str], profile: bo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
-    parser.add_argument("--max_tokens", type=int, default=None, help="default: 2M tokens (tiny: 16K)")
+    parser.add_argument("--max_tokens", type=int, default=None, help="default: 2M tokens (wide: 200K, tiny: 16K)")
     parser.add_argument("--shared", default=str(SHARED), help="the folder holding models/ and data/")
     parser.add_argument("--profile", action="store_true", help="print where steps 6-9 spend their time")
     args, extra = parser.parse_known_args()
     quiet_when_not_a_terminal()
-    max_tokens = args.max_tokens or (16384 if args.shape == "tiny" else 2_000_000)
+    max_tokens = args.max_tokens or {"llama-3.2-1b": 2_000_000, "wide": 204_800, "tiny": 16384}[args.shape]
     print(json.dumps(run(args.shape, max_tokens, Path(args.shared), extra, args.profile)), flush=True)
 
 
