@@ -283,7 +283,8 @@ def test_training_shares_qk_heads_by_output_variance_unless_asked_for_an_even_sh
     variance = head_output_variance(model, 1, x, counted)
     for init, expected in (("host", share_qk_heads(32, variance, 4)), ("host_even", [j // 8 for j in range(32)])):
         lorsa = LorsaModel.from_host(model, 1, n_ov_heads=256, top_k=8)
-        options, data = SimpleNamespace(init=init, k_anneal_start=None), SimpleNamespace(batch_size=4, norm_batches=2)
+        options = SimpleNamespace(init=init, k_anneal_start=None, norm_ratio=4.0)
+        data = SimpleNamespace(batch_size=4, norm_batches=2)
         normalise_and_calibrate(lorsa, model, options, data, windows, [], "cpu")
         W_Q = lorsa.W_Q * lorsa.config.input_norm_factor  # in raw units again
         copied = [next(h for h in range(4) if torch.allclose(W_Q[j], q_proj[h * 8 : (h + 1) * 8].T, atol=1e-5))
