@@ -29,13 +29,14 @@ from hf_lorsa.arguments import quiet_when_not_a_terminal
 from hf_lorsa.run_training import parse, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+# host config, plus the Lorsa's layer, the tokens per window (context) and the default --max_tokens (tokens)
 SHAPES = {
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, rope_theta=500000.0, layer=8),
+                         num_key_value_heads=8, rope_theta=500000.0, layer=8, context=1024, tokens=2_000_000),
     "wide": dict(hidden_size=2048, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=32,
-                 num_key_value_heads=8, rope_theta=500000.0, layer=1),
+                 num_key_value_heads=8, rope_theta=500000.0, layer=1, context=256, tokens=204_800),
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, rope_theta=10000.0, layer=1),
+                 num_key_value_heads=2, rope_theta=10000.0, layer=1, context=128, tokens=16384),
 }  # fmt: skip
 
 
@@ -81,8 +82,8 @@ class StepProfiler(TrainerCallback):
 
 def random_host(shape: str, folder: Path, stories: Path) -> int:
     """Save a random-weight host of `shape` with the stories tokenizer into `folder`; returns its Lorsa layer."""
-    spec = dict(SHAPES[shape])
-    layer = spec.pop("layer")
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("layer", "context", "tokens")}
+    layer = SHAPES[shape]["layer"]
     tokenizer = json.loads((stories / "tokenizer.json").read_text())
     config = LlamaConfig(**spec, vocab_size=len(tokenizer["model"]["vocab"]), max_position_embeddings=2048,
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)  # fmt: skip
@@ -97,7 +98,7 @@ def run(shape: str, max_tokens: int, shared: Path, extra: list[str], profile: bo
     with tempfile.TemporaryDirectory() as tmp:
         host = Path(tmp, "host")
         layer = random_host(shape, host, shared / "models" / "stories260K")
-        context = {"llama-3.2-1b": 1024, "wide": 256, "tiny": 128}[shape]
+        context = SHAPES[shape]["context"]
         options = [
             f"--model_name_or_path={host}", f"--layer={layer}", f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}",
             "--expansion_factor=8", "--top_k=64", f"--context_length={context}", "--batch_size=4",
@@ -136,7 +137,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print where steps 6-9 spend their time")
     args, extra = parser.parse_known_args()
     quiet_when_not_a_terminal()
-    max_tokens = args.max_tokens or {"llama-3.2-1b": 2_000_000, "wide": 204_800, "tiny": 16384}[args.shape]
+    max_tokens = args.max_tokens or SHAPES[args.shape]["tokens"]
     print(json.dumps(run(args.shape, max_tokens, Path(args.shared), extra, args.profile)), flush=True)
 
 

@@ -133,8 +133,9 @@ def balance_head_norms(lorsa: nn.Module, ratio: float) -> None:
     and b_v are divided by). Adam moves every coordinate by about the learning rate, so a row turns by about
     lr * sqrt(D) / ||row|| per step: how a head's scale is split between w_v and w_o sets how fast each learns.
     Calibration leaves the split to the host (mean ||w_o|| 0.36 and ||w_v|| 1.2 on stories260K; 9.2 and 0.24 on
-    SmolLM2-135M, where the output directions then barely moved); training starts every head at one ratio, and
-    lets it drift from there (BENCHMARKS.md, "Recipe at scale": keeping it fixed at every step gave the same)."""
+    SmolLM2-135M, where the output directions then barely moved); training starts every head at one ratio and
+    lets it drift from there (BENCHMARKS.md, "Balanced heads": restoring it after every step gave the same FVU on
+    SmolLM2 and a worse one on stories260K)."""
     w_o, w_v = lorsa.w_o.norm(dim=-1), lorsa.w_v.norm(dim=-1)
     scale = (w_v / (ratio * w_o)).sqrt()  # the new ||w_o|| = sqrt(||w_v|| ||w_o|| / ratio) = scale * ||w_o||
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))  # a zero row stays

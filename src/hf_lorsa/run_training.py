@@ -151,14 +151,9 @@ def load_finished(output_dir: str, several: bool) -> dict[int, LorsaModel]:
 def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, device) -> None:
     """Normalisation factors from the first batches; with host initialisation, part of the same sample shares the
     QK heads among host heads by the variance of their outputs (not with `--init host_even`) and calibrates the
-    initial heads (`initialization.calibrate`)."""
+    initial heads (`initialization.calibrate`); then every head gets the norm ratio of `--norm_ratio`."""
     layer = lorsa.config.layer
     sample = activation_sample(host, layer, windows, data_args.batch_size, data_args.norm_batches, skip)
-    if model_args.init == "random":
-        lorsa.set_norm_factors(*norm_factors(*sample))
-        if model_args.norm_ratio > 0:
-            balance_head_norms(lorsa, model_args.norm_ratio)
-        return
     rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
     x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
     counted = sample[2][:rows].to(device)
@@ -167,8 +162,9 @@ def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, d
         logger.info("Host heads' output variance: %s", [round(v, 4) for v in variance.tolist()])
         initialize_from_host(lorsa, host, layer, head_weights=variance)
     lorsa.set_norm_factors(*norm_factors(*sample))
-    k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
-    logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
+    if model_args.init != "random":
+        k_start = model_args.k_anneal_start or lorsa.config.n_ov_heads
+        logger.info("Calibrated the initial Lorsa: %s", json.dumps(calibrate(lorsa, x, y, counted, k_start)))
     if model_args.norm_ratio > 0:
         balance_head_norms(lorsa, model_args.norm_ratio)
 
