@@ -266,6 +266,14 @@ def test_python_entry_point_is_the_same_run(tmp_path):
         assert torch.equal(p.cpu(), q.cpu())
 
 
+def test_batch_top_k_training_learns_a_threshold_that_keeps_k_heads_on_average(tmp_path):
+    lorsa = train(*parse(options(tmp_path / "btk", act_fn="batchtopk", max_tokens=256 * 6)))
+    loaded = LorsaModel.from_pretrained(tmp_path / "btk")
+    assert loaded.config.act_fn == "batchtopk" and float(loaded.threshold) > 0
+    torch.testing.assert_close(loaded.threshold, lorsa.threshold)
+    assert abs(lorsa.eval_results["l0"] - 8) < 2  # held-out positions keep K = 8 heads on average, not exactly
+
+
 def test_options_file_gives_the_same_arguments(tmp_path):
     import yaml
 

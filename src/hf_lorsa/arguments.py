@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from .configuration_lorsa import is_int
+from .configuration_lorsa import ACT_FNS, is_int
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("host", "host_even", "random")
@@ -99,18 +99,15 @@ class LorsaArguments:
     topk_rule: str = field(
         default="relu", metadata={"help": "rank heads by ReLU(z) ('relu', the authors' rule) or |z| ('abs')"}
     )
+    act_fn: str = field(default="topk", metadata={"help": "topk (K heads per position) or batchtopk (K on average)"})
     init: str = field(default="host", metadata={"help": "host (the layer's heads), host_even (evenly shared), random"})
     k_anneal_start: int | None = field(default=None, metadata={"help": "K at step 0 (None: n_ov_heads)"})
     k_anneal_fraction: float = field(default=0.05, metadata={"help": "fraction of training spent annealing K"})
     aux_k: int | None = field(default=None, metadata={"help": "dead heads used by AuxK (None: d_model / 2)"})
     aux_k_coef: float = field(default=1 / 32, metadata={"help": "weight of the AuxK loss (0 turns it off)"})
-    dead_tokens: int | None = field(
-        default=None,
-        metadata={"help": "heads silent for this many tokens are dead (None: see hf_lorsa.recipe.default_dead_tokens)"},
-    )
+    dead_tokens: int | None = field(default=None, metadata={"help": "heads silent this long are dead (None: by rule)"})
     revive_dead_heads: bool = field(
-        default=True,
-        metadata={"help": "raise the value bias of dead heads until they fire again (every dead_tokens / 3 tokens)"},
+        default=True, metadata={"help": "raise the value bias of dead heads until they fire (every dead_tokens / 3)"}
     )
     norm_ratio: float = field(default=4.0, metadata={"help": "start each head at ||w_v|| / ||w_o|| = this (0: off)"})
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
@@ -128,6 +125,7 @@ class LorsaArguments:
         check_int("n_qk_heads", self.n_qk_heads, optional=True)
         check_int("top_k", self.top_k)
         require(self.topk_rule in ("abs", "relu"), f"--topk_rule must be 'abs' or 'relu', got {self.topk_rule!r}.")
+        require(self.act_fn in ACT_FNS, f"--act_fn must be one of {', '.join(ACT_FNS)}, got {self.act_fn!r}.")
         require(self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}.")
         check_int("k_anneal_start", self.k_anneal_start, optional=True)
         if self.k_anneal_start is not None:

@@ -9,6 +9,7 @@ from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 TOPK_RULES = ("abs", "relu")
+ACT_FNS = ("topk", "batchtopk")
 
 
 def is_int(value) -> bool:
@@ -35,6 +36,10 @@ class LorsaConfig(PreTrainedConfig):
         top_k (`int`): OV heads kept active at each position.
         topk_rule (`str`): how heads are ranked for top-k: `"abs"` ranks |z| * ||w_o|| and keeps the
             signed z (LORSA.md); `"relu"` ranks ReLU(z) * ||w_o|| and keeps ReLU(z).
+        act_fn (`str`): `"topk"` keeps the `top_k` best heads at every position (the authors' Lorsa);
+            `"batchtopk"` keeps the `top_k` x N best of a training batch of N positions and, at inference, the
+            heads whose score passes a threshold learned in training (the buffer `threshold`), at most 4 x top_k
+            per position (`hf_lorsa.selection`).
         attn_scale (`float`, *optional*): factor applied to QK logits; defaults to 1/sqrt(d_qk_head).
         attn_logit_softcapping (`float`, *optional*): tanh soft-capping of the logits (Gemma 2).
         sliding_window (`int`, *optional*): a query at position q sees keys k with q - k < window.
@@ -82,6 +87,7 @@ class LorsaConfig(PreTrainedConfig):
     expansion_factor: int | None = None
     top_k: int = 16
     topk_rule: str = "abs"
+    act_fn: str = "topk"
     attn_scale: float | None = None
     attn_logit_softcapping: float | None = None
     sliding_window: int | None = None
@@ -137,6 +143,8 @@ class LorsaConfig(PreTrainedConfig):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed n_ov_heads ({self.n_ov_heads}); lower top_k.")
         if self.topk_rule not in TOPK_RULES:
             raise ValueError(f"topk_rule must be one of {TOPK_RULES}, got {self.topk_rule!r}.")
+        if self.act_fn not in ACT_FNS:
+            raise ValueError(f"act_fn must be one of {ACT_FNS}, got {self.act_fn!r}.")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}.")
         if self.rope_parameters is not None:

@@ -25,6 +25,7 @@ from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 from .input_checks import check_attention_input
 from .qk_norm import HeadRMSNorm, qk_norm
+from .selection import UNSET, batch_top_k, top_k
 
 # On the CPU the decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO:
 # on the 2-core CPU where the two cost the same (scripts/bench_decode.py), well before the gather's O(N * K * D)
@@ -107,6 +108,8 @@ class LorsaModel(LorsaPreTrainedModel):
         self.q_norm = qk_norm(c)
         self.k_norm = qk_norm(c)
         self.rotary_emb = LorsaRotaryEmbedding(c) if c.rope_parameters is not None else None
+        if c.act_fn == "batchtopk":  # the score a head must pass at inference, learned in training
+            self.register_buffer("threshold", torch.full((), UNSET))
         self.post_init()
 
     def reset_parameters(self) -> None:
@@ -251,15 +254,18 @@ class LorsaModel(LorsaPreTrainedModel):
         return q, k
 
     def select_top_k(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keep the k heads with the largest score at each position (LORSA.md: |z| * ||w_o|| or ReLU)."""
+        """Keep the k heads with the largest score at each position (LORSA.md: |z| * ||w_o|| or ReLU), or with
+        act_fn "batchtopk" k per position on average (`hf_lorsa.selection`)."""
         if not is_int(k) or not 0 < k <= self.config.n_ov_heads:
             raise ValueError(f"top_k must be in [1, n_ov_heads={self.config.n_ov_heads}], got {k}.")
         act = z.relu() if self.config.topk_rule == "relu" else z
         if k == self.config.n_ov_heads:  # every head (the start of K annealing): no ranking to do
             return act, torch.arange(k, device=z.device).expand_as(act)
         scores = (act.abs() if self.config.topk_rule == "abs" else act) * self.w_o.detach().norm(dim=-1).to(z.dtype)
-        indices = scores.topk(k, dim=-1, sorted=False).indices  # (B, T, K)
-        return act.gather(-1, indices), indices
+        if self.config.act_fn == "batchtopk":  # (B, T, 4K), zeros where a kept head is below the bar
+            learn = self.training and k == self.config.top_k
+            return batch_top_k(scores, act, k, self.threshold, self.training, learn)
+        return top_k(scores, act, k)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_k values_k w_o[indices_k] + b_D: (B, T, D).
@@ -372,6 +378,8 @@ class LorsaModel(LorsaPreTrainedModel):
             weight.mul_(input_scale)
         for weight in (self.w_o, self.b_D):  # everything that writes the output
             weight.mul_(output_scale)
+        if self.config.act_fn == "batchtopk":  # a score is |z| * ||w_o||: in the units of the output
+            self.threshold.copy_(torch.where(self.threshold < 0, self.threshold, self.threshold * output_scale))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

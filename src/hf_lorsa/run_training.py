@@ -209,9 +209,10 @@ def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: in
     sizes = dict(n_qk_heads=model_args.n_qk_heads, n_ov_heads=model_args.n_ov_heads, top_k=model_args.top_k)
     sizes["expansion_factor"] = None if model_args.n_ov_heads else model_args.expansion_factor
     if model_args.init == "host_even":
-        lorsa = LorsaModel.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes)
+        lorsa = LorsaModel.from_host(host, layer, topk_rule=model_args.topk_rule, act_fn=model_args.act_fn, **sizes)
     else:  # random, or host: initialised once its first batch is read (normalise_and_calibrate), unless resumed
-        lorsa = LorsaModel(LorsaConfig.from_host(host, layer, topk_rule=model_args.topk_rule, **sizes))
+        config = LorsaConfig.from_host(host, layer, topk_rule=model_args.topk_rule, act_fn=model_args.act_fn, **sizes)
+        lorsa = LorsaModel(config)
         if model_args.init == "host":
             lorsa.to(next(host.parameters()).device)  # where from_host would put it, for the calibration
     lorsa.config.base_model_name_or_path = model_args.model_name_or_path
