@@ -235,7 +235,9 @@ def test_what_their_format_cannot_hold_is_refused(tmp_path):
         export_llamascopium(LorsaModel.from_host(host, 1), tmp_path / "a", host)
     with pytest.raises(ValueError, match=r"needs the host model \(host=...\)"):
         export_llamascopium(LorsaModel.from_host(host, 1, topk_rule="relu"), tmp_path / "b")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.raises(ValueError, match="act_fn 'batchtopk'.*--act_fn topk"):
+        export_llamascopium(LorsaModel.from_host(host, 1, topk_rule="relu", act_fn="batchtopk"), tmp_path / "c", host)
+    assert not any((tmp_path / name).exists() for name in "abc")
 
 
 def test_a_lorsa_in_their_format_evaluates_and_analyses_from_the_command_line(tmp_path):

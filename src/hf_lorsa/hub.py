@@ -174,6 +174,7 @@ def model_card(config, eval_results: dict | None = None, repo_id: str | None = N
         "attention input": config.attn_input_module, "attention output": config.attn_output_module,
         "d_model": config.d_model, "QK heads": config.n_qk_heads, "QK head width": config.d_qk_head,
         "OV heads": config.n_ov_heads, "top-k": config.top_k, "top-k rule": config.topk_rule,
+        "selection": {"topk": "top-k per position", "batchtopk": "BatchTopK (top-k is the mean)"}[config.act_fn],
         "training data": dataset, "tokens trained": getattr(config, "tokens_trained", None),
     }  # fmt: skip
     table = "\n".join(f"| {k} | {v} |" for k, v in fields.items() if v is not None)

@@ -51,6 +51,9 @@ def check_exportable(c, n_ctx: int | None = None) -> int:
     """Refuse, before anything is loaded or written, what their format cannot hold; returns the n_ctx to write."""
     require_that(c.topk_rule == "relu", "Their Lorsa keeps ReLU(z) of the heads ranked by ReLU(z) x ||w_o|| (topk_rule "
              "'relu'); this one keeps signed activations (topk_rule 'abs'), which their format cannot express.")  # fmt: skip
+    require_that(c.act_fn == "topk", "Their Lorsa keeps the top-k heads at each position (act_fn 'topk'); this one was "
+                 "trained with act_fn 'batchtopk' and keeps the heads above a learned threshold, which their Lorsa "
+                 "format does not hold. Train with --act_fn topk to export.")  # fmt: skip
     require_that(c.attn_logit_softcapping is None, "Their Lorsa has no attention logit soft-capping; this one uses "
                                                f"{c.attn_logit_softcapping}.")  # fmt: skip
     rope_type = (c.rope_parameters or {}).get("rope_type", "default")
