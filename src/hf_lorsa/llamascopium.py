@@ -33,8 +33,19 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 PICKLED_FILES = ("sae_weights.pt", "sae_weights.dcp/.metadata", "checkpoints/final.pt")
 BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")  # their model's precomputed buffers, recomputed here
 STASH_KEY = "hf_lorsa"  # our own config, kept in an exported config.json (their loader ignores unknown keys)
-STRUCTURE = ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k", "rope_parameters", "rope_interleaved")
+STRUCTURE = (
+    "d_model",
+    "n_qk_heads",
+    "d_qk_head",
+    "n_ov_heads",
+    "top_k",
+    "act_fn",
+    "rope_parameters",
+    "rope_interleaved",
+)
 LAYER_PATTERN = re.compile(r"^blocks\.(\d+)\.")
+THRESHOLD_KEY = "activation_function.log_jumprelu_threshold"  # their JumpReLU's per-head log threshold
+ACT_FNS = {"topk": "topk", "batchtopk": "batchtopk", "jumprelu": "batchtopk"}  # theirs -> ours
 
 
 def is_llamascopium_config(config: dict) -> bool:
@@ -68,8 +79,8 @@ def _translate(cfg: dict, norms: dict[str, float] | None, layer: int | None, whe
     missing = [key for key in needed if cfg.get(key) is None]
     require_that(not missing, f"The config.json of the Lorsa at {where} lacks {missing}.")
     act_fn = cfg.get("act_fn", "relu")
-    require_that(act_fn == "topk", f"{where}: act_fn {act_fn!r} is not supported; hf_lorsa Lorsas keep the top-k heads "
-                               "(act_fn 'topk').")  # fmt: skip
+    require_that(act_fn in ACT_FNS, f"{where}: act_fn {act_fn!r} is not supported; hf_lorsa reads Lorsas that keep the "
+                                "top-k heads ('topk', 'batchtopk') or those above one threshold ('jumprelu').")  # fmt: skip
     require_that(cfg.get("sparsity_include_decoder_norm", True), f"{where}: sparsity_include_decoder_norm false ranks "
              "heads by ReLU(z) alone; hf_lorsa ranks by ReLU(z) x ||w_o|| (their default) and cannot load it exactly.")  # fmt: skip
     mode = cfg.get("norm_activation", "dataset-wise")
@@ -97,6 +108,7 @@ def _translate(cfg: dict, norms: dict[str, float] | None, layer: int | None, whe
     return {
         "d_model": d_model, "n_qk_heads": int(cfg["n_qk_heads"]), "d_qk_head": d_qk,
         "n_ov_heads": int(d_model * cfg["expansion_factor"]), "top_k": int(cfg["top_k"]), "topk_rule": "relu",
+        "act_fn": ACT_FNS[act_fn],
         "attn_scale": 1.0 / scale, "rope_parameters": rope_parameters(cfg) if rotary else None,
         "rope_interleaved": bool(cfg.get("rotary_adjacent_pairs", True)) if rotary else False,
         "max_position_embeddings": int(cfg.get("n_ctx") or 2048), "qk_norm": qk_norm,
@@ -190,6 +202,8 @@ def from_llamascopium(cfg: dict, weights: dict[str, torch.Tensor], layer: int | 
         fields["qk_norm_per_head"] = not shared
         if shared:
             state.update({n: state[n][0] for n in ("q_norm.weight", "k_norm.weight")})
+    if cfg.get("act_fn") == "jumprelu":
+        state["threshold"] = shared_threshold(weights, where)
     lorsa = LorsaModel(LorsaConfig(**fields))
     expected = {name: tuple(t.shape) for name, t in lorsa.state_dict().items() if name in state}
     wrong = [f"{theirs} {tuple(weights[theirs].shape)} (expected {expected[ours]})"
@@ -197,6 +211,15 @@ def from_llamascopium(cfg: dict, weights: dict[str, torch.Tensor], layer: int | 
     require_that(not wrong, f"The weights of the Lorsa at {where} do not match its config.json: {', '.join(wrong)}.")
     lorsa.load_state_dict(state, strict=False)
     return lorsa.eval()
+
+
+def shared_threshold(weights: dict[str, torch.Tensor], where: str) -> torch.Tensor:
+    """Their JumpReLU thresholds as our one BatchTopK threshold: they must be the same for every head."""
+    require_that(THRESHOLD_KEY in weights, f"The weights of the JumpReLU Lorsa at {where} lack {THRESHOLD_KEY}.")
+    thresholds = weights[THRESHOLD_KEY].double().exp()
+    require_that(bool(torch.allclose(thresholds, thresholds[0], rtol=1e-6, atol=0)), f"{where}: its JumpReLU "
+             "thresholds differ between heads; hf_lorsa keeps one threshold for all heads (a BatchTopK Lorsa's).")  # fmt: skip
+    return thresholds[0].float()
 
 
 def _stashed(stash: dict | None, fields: dict) -> dict:

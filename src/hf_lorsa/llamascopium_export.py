@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .llamascopium import STASH_KEY, WEIGHTS_FILE, require_that, transform_input
+from .llamascopium import STASH_KEY, THRESHOLD_KEY, WEIGHTS_FILE, require_that, transform_input
 
 
 def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None = None) -> Path:
@@ -41,19 +41,30 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
             transform_input(exported, gain, bias, fold=False)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_their_weights(exported, n_ctx), folder / WEIGHTS_FILE, {"format": "pt", "written_by": "hf_lorsa"})
+    act_fn = their_act_fn(exported)
+    weights = _their_weights(exported, n_ctx)
+    if act_fn == "jumprelu":  # one threshold for every head, on ReLU(z) x ||w_o|| as ours (their decoder-norm rule)
+        weights[THRESHOLD_KEY] = exported.threshold.float().log().expand(c.n_ov_heads).contiguous()
+    save_file(weights, folder / WEIGHTS_FILE, {"format": "pt", "written_by": "hf_lorsa"})
     stash = c.to_dict()
-    (folder / "config.json").write_text(json.dumps({**_their_config(c, n_ctx), STASH_KEY: stash}, indent=4))
+    their_config = {**_their_config(c, n_ctx), "act_fn": act_fn}
+    (folder / "config.json").write_text(json.dumps({**their_config, STASH_KEY: stash}, indent=4))
     return folder
+
+
+def their_act_fn(lorsa) -> str:
+    """Their name for what selects our heads: top-k per position ('topk'); a BatchTopK Lorsa's learned threshold
+    is their 'jumprelu' with the same threshold for every head, and before it is learned their 'batchtopk' (top-k
+    over the batch at inference too, as ours does then). Their JumpReLU has no cap of 4K heads per position."""
+    if lorsa.config.act_fn == "topk":
+        return "topk"
+    return "jumprelu" if float(lorsa.threshold) >= 0 else "batchtopk"
 
 
 def check_exportable(c, n_ctx: int | None = None) -> int:
     """Refuse, before anything is loaded or written, what their format cannot hold; returns the n_ctx to write."""
     require_that(c.topk_rule == "relu", "Their Lorsa keeps ReLU(z) of the heads ranked by ReLU(z) x ||w_o|| (topk_rule "
              "'relu'); this one keeps signed activations (topk_rule 'abs'), which their format cannot express.")  # fmt: skip
-    require_that(c.act_fn == "topk", "Their Lorsa keeps the top-k heads at each position (act_fn 'topk'); this one was "
-                 "trained with act_fn 'batchtopk' and keeps the heads above a learned threshold, which their Lorsa "
-                 "format does not hold. Train with --act_fn topk to export.")  # fmt: skip
     require_that(c.attn_logit_softcapping is None, "Their Lorsa has no attention logit soft-capping; this one uses "
                                                f"{c.attn_logit_softcapping}.")  # fmt: skip
     rope_type = (c.rope_parameters or {}).get("rope_type", "default")
