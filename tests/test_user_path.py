@@ -182,7 +182,8 @@ def test_a_gguf_host_trains_and_reopens_from_its_recorded_file(tmp_path):
     assert (config.base_model_gguf_file, config.document_separator, config.skip_token_ids) == (SMOLLM2_GGUF, 2, [1, 2])
     assert config.host_model_type == "llama" and config.n_ov_heads == 576
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert math.isfinite(results["fvu"]) and results["fvu"] > 0 and results["l0"] == 8  # one step: no quality asked
+    assert math.isfinite(results["fvu"]) and results["fvu"] > 0  # four steps: no quality asked
+    assert 4 < results["l0"] < 16  # BatchTopK's threshold, learned in three steps, keeps about K = 8 heads
 
     from hf_lorsa.loading import load_lorsa_and_host
 

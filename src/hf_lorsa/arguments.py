@@ -99,7 +99,7 @@ class LorsaArguments:
     topk_rule: str = field(
         default="relu", metadata={"help": "rank heads by ReLU(z) ('relu', the authors' rule) or |z| ('abs')"}
     )
-    act_fn: str = field(default="topk", metadata={"help": "topk (K heads per position) or batchtopk (K on average)"})
+    act_fn: str = field(default="batchtopk", metadata={"help": "batchtopk (K on average) or topk (K per position)"})
     init: str = field(default="host", metadata={"help": "host (the layer's heads), host_even (evenly shared), random"})
     k_anneal_start: int | None = field(default=None, metadata={"help": "K at step 0 (None: n_ov_heads)"})
     k_anneal_fraction: float = field(default=0.05, metadata={"help": "fraction of training spent annealing K"})

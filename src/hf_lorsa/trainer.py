@@ -215,6 +215,16 @@ class LorsaTrainer(Trainer):
             counters[dead.to(counters.device)] = 0
             self._record(self.metric_name(layer, "revived"), dead.numel())
 
+    @torch.no_grad()
+    def share_thresholds(self) -> None:
+        """With several processes, each BatchTopK Lorsa's threshold becomes the mean of the processes' (each learns
+        from its own batches), so that every process holds the same Lorsa. One scalar per Lorsa, no host sync."""
+        if self.accelerator.num_processes == 1:
+            return
+        for lorsa in self.lorsas().values():
+            if lorsa.config.act_fn == "batchtopk":
+                lorsa.threshold.copy_(self.accelerator.reduce(lorsa.threshold.clone(), reduction="mean"))
+
     def silent_heads(self, layer: int | None = None) -> torch.Tensor:
         """(Hov,) True for heads (of `layer`'s Lorsa; default the first) that have not fired for more than
         dead_tokens tokens: the set AuxK trains and revival wakes, logged as `silent_heads`."""
@@ -344,6 +354,7 @@ class TrainerStateCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.apply_revival()
+        self.trainer.share_thresholds()
 
     def on_save(self, args, state, control, **kwargs):
         if not args.should_save:
