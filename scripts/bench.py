@@ -4,6 +4,7 @@ python scripts/bench.py                 # configs a and b on the CPU (c too on C
 python scripts/bench.py --configs c --device cuda
 python scripts/bench.py --configs c --device cuda --top_k 32768   # K = n_ov (the start of K annealing): memory
 python scripts/bench.py --decode auto,gather --optimizer adam,fused   # every pair: the decodes; fused Adam (the Trainer's)
+python scripts/bench.py --act_fn topk,batchtopk    # per-position top-k against BatchTopK (training's default)
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
@@ -18,6 +19,7 @@ import time
 import torch
 
 from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa.selection import BATCH_TOPK_CAP
 
 CONFIGS = {
     "a": dict(d_model=64, n_qk_heads=64, d_qk_head=8, n_ov_heads=512, top_k=16, batch=32, context=256),
@@ -39,13 +41,17 @@ def bench(
     top_k: int | None = None,
     decode: str = "auto",
     optimizer: str = "adam",
+    act_fn: str = "topk",
 ) -> dict:
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
     if top_k is not None:
         spec["top_k"] = min(top_k, spec["n_ov_heads"])
     config = LorsaConfig(
-        **spec, max_position_embeddings=context, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}
+        **spec,
+        max_position_embeddings=context,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        act_fn=act_fn,
     )
     torch.manual_seed(0)
     with device:  # built on the device: no CPU initialisation of large weights
@@ -76,7 +82,8 @@ def bench(
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "top_k": config.top_k,
-        "decode": "dense" if model.uses_dense_decode(config.top_k, device) else "gather",
+        "act_fn": act_fn,
+        "decode": "dense" if model.uses_dense_decode(kept_per_position(config), device) else "gather",
         "optimizer": "fused Adam" if fused else "Adam",
         "tokens_per_step": batch * context,
         "median_step_s": round(median, 5),
@@ -85,6 +92,11 @@ def bench(
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
+
+
+def kept_per_position(config: LorsaConfig) -> int:
+    """Heads a position keeps room for: K, or under batchtopk BATCH_TOPK_CAP x K (hf_lorsa.selection)."""
+    return config.top_k if config.act_fn == "topk" else min(config.n_ov_heads, BATCH_TOPK_CAP * config.top_k)
 
 
 def main() -> None:
@@ -105,6 +117,9 @@ def main() -> None:
         help="comma-separated adam (torch.optim.Adam, as in the "
         "authors' benchmark), fused (fused Adam, as the Trainer uses)",
     )
+    parser.add_argument(
+        "--act_fn", default="topk", help="comma-separated topk (the authors' rule), batchtopk (training's default)"
+    )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()
     if args.pipeline:
@@ -116,15 +131,21 @@ def main() -> None:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
     device = torch.device(args.device)
     names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
-    decodes, optimizers = args.decode.split(","), args.optimizer.split(",")
-    for choice, allowed in ((decodes, ("auto", "dense", "gather")), (optimizers, ("adam", "fused"))):
+    decodes, optimizers, act_fns = args.decode.split(","), args.optimizer.split(","), args.act_fn.split(",")
+    choices = (
+        (decodes, ("auto", "dense", "gather")),
+        (optimizers, ("adam", "fused")),
+        (act_fns, ("topk", "batchtopk")),
+    )
+    for choice, allowed in choices:
         if not set(choice) <= set(allowed):
             parser.error(f"choose among {', '.join(allowed)}, got {','.join(choice)}")
     for name in names:
         for decode in decodes:
             for optimizer in optimizers:
-                result = bench(name, device, args.steps, args.warmup, args.top_k, decode, optimizer)
-                print(json.dumps(result), flush=True)
+                for act_fn in act_fns:
+                    result = bench(name, device, args.steps, args.warmup, args.top_k, decode, optimizer, act_fn)
+                    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

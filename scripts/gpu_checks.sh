@@ -68,6 +68,7 @@ else
 fi
 step anchor-1 240 env PYTHONPATH="$ANCHOR_PATH" $ANCHOR_PY "$SHARED/anchor-bench/bench_anchor.py" --device $DEV --configs $CONFIGS $STEPS
 step hf_lorsa 300 $PY scripts/bench.py --device $DEV --configs $CONFIGS --decode auto,gather --optimizer adam,fused $STEPS
+step batchtopk 120 $PY scripts/bench.py --device $DEV --configs $CONFIGS --optimizer fused --act_fn topk,batchtopk $STEPS
 step memory-k-n_ov 120 $PY scripts/bench.py --device $DEV $KMAX $STEPS
 step pipeline 400 $PY scripts/bench_pipeline.py --shared "$SHARED" --profile $PIPE
 step recipe-stories 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories" $TOKENS

@@ -65,22 +65,29 @@ def test_dense_and_gathering_decode_agree_with_gradients(bf16):
             assert relative_error(got, want) < (2e-2 if bf16 else 1e-5)
 
 
+@pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_train_step_loss_and_gradients_match_the_cpu(bf16):
-    model = make(top_k=8)
+def test_train_step_loss_and_gradients_match_the_cpu(bf16, act_fn):
+    model = make(top_k=8, act_fn=act_fn).train()  # batchtopk learns its threshold in training
     torch.manual_seed(2)
     x, y = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
     loss = (model(x).reconstruction - y).pow(2).mean()
     loss.backward()
     cpu_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    cpu_threshold = model.threshold.clone() if act_fn == "batchtopk" else None
     model.zero_grad()
     model.to(CUDA)
     with autocast(bf16):
         gpu_loss = (model(x.to(CUDA)).reconstruction.float() - y.to(CUDA)).pow(2).mean()
     gpu_loss.backward()
     assert abs(float(gpu_loss.detach()) - float(loss.detach())) / float(loss.detach()) < (1e-2 if bf16 else 1e-5)
+    # under bf16 a few heads near the bar change sides; BatchTopK's single bar for the batch has more of them (the
+    # same test with the CPU's bf16 autocast: 6.4% for W_Q's gradient)
+    bound = (1e-1 if act_fn == "batchtopk" else 5e-2) if bf16 else 1e-4
     for name, p in model.named_parameters():
-        assert relative_error(p.grad, cpu_grads[name]) < (5e-2 if bf16 else 1e-4), name
+        assert relative_error(p.grad, cpu_grads[name]) < bound, name
+    if act_fn == "batchtopk":  # the CPU step set the threshold to its bar; the GPU's bar, the same batch's, moved it 1%
+        assert relative_error(model.threshold, cpu_threshold) < (1e-2 if bf16 else 1e-5)
 
 
 @torch.no_grad()
