@@ -11,10 +11,11 @@ import json, resource, sys, torch
 import hf_lorsa.modeling_lorsa as M
 from hf_lorsa import LorsaConfig, LorsaModel
 torch.manual_seed(0)
-k, naive = int(sys.argv[1]), sys.argv[2] == "naive"
+k, naive, act_fn = int(sys.argv[1]), sys.argv[2] == "naive", sys.argv[3]
 if naive:  # a decode that materialises the K selected rows of w_o for every token: N x K x D floats
     M.LorsaModel.decode = lambda self, v, i: (v[..., None] * self.w_o[i]).sum(-2) + self.b_D
-lorsa = LorsaModel(LorsaConfig(d_model=256, n_qk_heads=64, d_qk_head=64, n_ov_heads=4096, top_k=16))
+lorsa = LorsaModel(LorsaConfig(d_model=256, n_qk_heads=64, d_qk_head=64, n_ov_heads=4096, top_k=16, act_fn=act_fn))
+lorsa.train()
 x = torch.randn(2, 256, 256)
 lorsa(x, top_k=16).reconstruction.sum().backward()  # everything allocated once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -25,9 +26,10 @@ print(json.dumps({"extra_mib": (after - before) / 1024}))
 """
 
 
-def extra_memory_mib(k: int, decode: str = "lorsa") -> float:
+def extra_memory_mib(k: int, decode: str = "lorsa", act_fn: str = "topk") -> float:
     """Peak memory (MiB) a forward + backward at K adds over one at K = 16, in a fresh process."""
-    run = subprocess.run([sys.executable, "-c", PROBE, str(k), decode], capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", PROBE, str(k), decode, act_fn]
+    run = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])["extra_mib"]
 
 
@@ -38,3 +40,9 @@ def test_a_step_at_k_equal_n_ov_needs_no_more_than_tokens_times_heads():
     extra = extra_memory_mib(4096)
     assert extra < 160, extra
     assert extra_memory_mib(4096, "naive") > 1500  # the probe sees an O(N x K x D) decode
+
+
+def test_batch_top_k_stays_within_the_same_bound_while_k_anneals():
+    # K = 1024: BatchTopK keeps room for 4K = 4096 heads per position and ranks N x 4096 scores for the batch's bar
+    extra = extra_memory_mib(1024, act_fn="batchtopk")
+    assert extra < 160, extra
