@@ -36,7 +36,8 @@ def batch_top_k(scores: torch.Tensor, act: torch.Tensor, k: int, threshold: torc
     best = scores.topk(cap, dim=-1, sorted=False)
     flat = best.values.flatten().float()
     n_kept = min(flat.numel(), k * flat.numel() // cap)  # k x N
-    bar = flat.kthvalue(flat.numel() - n_kept + 1).values  # the k x N-th largest score of the batch
+    # the k x N-th largest score of the batch (a top-k, not kthvalue: CUDA's kthvalue gives a whole slice to one block)
+    bar = flat.topk(n_kept, sorted=False).values.min()
     if learn:
         with torch.no_grad():
             running = THRESHOLD_DECAY * threshold + (1 - THRESHOLD_DECAY) * bar
