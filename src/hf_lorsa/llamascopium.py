@@ -33,16 +33,8 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 PICKLED_FILES = ("sae_weights.pt", "sae_weights.dcp/.metadata", "checkpoints/final.pt")
 BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")  # their model's precomputed buffers, recomputed here
 STASH_KEY = "hf_lorsa"  # our own config, kept in an exported config.json (their loader ignores unknown keys)
-STRUCTURE = (
-    "d_model",
-    "n_qk_heads",
-    "d_qk_head",
-    "n_ov_heads",
-    "top_k",
-    "act_fn",
-    "rope_parameters",
-    "rope_interleaved",
-)
+STRUCTURE = ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k", "act_fn", "rope_parameters",
+             "rope_interleaved")  # fmt: skip
 LAYER_PATTERN = re.compile(r"^blocks\.(\d+)\.")
 THRESHOLD_KEY = "activation_function.log_jumprelu_threshold"  # their JumpReLU's per-head log threshold
 ACT_FNS = {"topk": "topk", "batchtopk": "batchtopk", "jumprelu": "batchtopk"}  # theirs -> ours

@@ -4,7 +4,7 @@
 the K x N best scores of a training batch of N positions, wherever they fall, so that a position with more going
 on gets more heads and one with less gets fewer, at the same mean; inference, where there is no batch to rank in,
 keeps the heads whose score passes a threshold learned during training (a running mean of the batches' K x N-th
-score), so that a position's heads never depend on what else is in the batch. Under either, a position keeps at
+score), so that a position's heads never depend on what else is in the batch. Under batchtopk a position keeps at
 most BATCH_TOPK_CAP x K heads, so that outputs keep a fixed (..., K') shape.
 
 Axes: N positions (all leading axes together), Hov OV heads, K active heads per position on average.
