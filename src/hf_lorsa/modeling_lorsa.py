@@ -25,7 +25,7 @@ from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 from .input_checks import check_attention_input
 from .qk_norm import HeadRMSNorm, qk_norm
-from .selection import UNSET, batch_top_k, top_k
+from .selection import UNSET, batch_top_k, top_k_per_position
 
 # On the CPU the decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO:
 # on the 2-core CPU where the two cost the same (scripts/bench_decode.py), well before the gather's O(N * K * D)
@@ -265,7 +265,7 @@ class LorsaModel(LorsaPreTrainedModel):
         if self.config.act_fn == "batchtopk":  # (B, T, 4K), zeros where a kept head is below the bar
             learn = self.training and k == self.config.top_k
             return batch_top_k(scores, act, k, self.threshold, self.training, learn)
-        return top_k(scores, act, k)
+        return top_k_per_position(scores, act, k)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_k values_k w_o[indices_k] + b_D: (B, T, D).

@@ -19,7 +19,7 @@ THRESHOLD_DECAY = 0.99  # the threshold follows the batches' K x N-th score with
 UNSET = -1.0  # the threshold before training has estimated it
 
 
-def top_k(scores: torch.Tensor, act: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_per_position(scores: torch.Tensor, act: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k best `scores` at each position, values read from `act` (..., Hov)."""
     indices = scores.topk(k, dim=-1, sorted=False).indices  # (..., K)
     return act.gather(-1, indices), indices
