@@ -19,7 +19,7 @@ import time
 import torch
 
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.selection import BATCH_TOPK_CAP
+from hf_lorsa.selection import room_per_position
 
 CONFIGS = {
     "a": dict(d_model=64, n_qk_heads=64, d_qk_head=8, n_ov_heads=512, top_k=16, batch=32, context=256),
@@ -77,13 +77,14 @@ def bench(
         if step >= warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    room = room_per_position(config.n_ov_heads, config.top_k, act_fn)  # K' of the decode
     result = {
         "config": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "top_k": config.top_k,
         "act_fn": act_fn,
-        "decode": "dense" if model.uses_dense_decode(kept_per_position(config), device) else "gather",
+        "decode": "dense" if model.uses_dense_decode(room, device) else "gather",
         "optimizer": "fused Adam" if fused else "Adam",
         "tokens_per_step": batch * context,
         "median_step_s": round(median, 5),
@@ -92,11 +93,6 @@ def bench(
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
-
-
-def kept_per_position(config: LorsaConfig) -> int:
-    """Heads a position keeps room for: K, or under batchtopk BATCH_TOPK_CAP x K (hf_lorsa.selection)."""
-    return config.top_k if config.act_fn == "topk" else min(config.n_ov_heads, BATCH_TOPK_CAP * config.top_k)
 
 
 def main() -> None:

@@ -22,6 +22,11 @@ THRESHOLD_DECAY = 0.9
 UNSET = -1.0  # the threshold before training has estimated it
 
 
+def room_per_position(n_ov_heads: int, k: int, act_fn: str) -> int:
+    """How many heads a position's outputs hold (K'): k, or under batchtopk min(Hov, BATCH_TOPK_CAP * k)."""
+    return k if act_fn == "topk" else min(n_ov_heads, BATCH_TOPK_CAP * k)
+
+
 def top_k_per_position(scores: torch.Tensor, act: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices) of the k best `scores` at each position, values read from `act` (..., Hov)."""
     indices = scores.topk(k, dim=-1, sorted=False).indices  # (..., K)
@@ -35,7 +40,7 @@ def batch_top_k(scores: torch.Tensor, act: torch.Tensor, k: int, threshold: torc
     `threshold` (a 0-d buffer, in the units of `scores`) at inference; a threshold not yet learned (UNSET) falls
     back to the batch's bar. With `learn`, the batch's bar updates the threshold's running mean in place.
     Scores must be >= 0 (ReLU(z) or |z|, times ||w_o||). No value reaches the host: no sync per step."""
-    cap = min(scores.shape[-1], BATCH_TOPK_CAP * k)
+    cap = room_per_position(scores.shape[-1], k, "batchtopk")
     best = scores.topk(cap, dim=-1, sorted=False)
     flat = best.values.flatten().float()
     n_kept = min(flat.numel(), k * flat.numel() // cap)  # k x N
