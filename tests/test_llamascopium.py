@@ -157,29 +157,44 @@ def test_ours_to_theirs_to_ours_is_exact(tmp_path):
     assert all(torch.equal(back.state_dict()[name], t) for name, t in lorsa.state_dict().items())
 
 
-def test_a_batch_top_k_lorsa_travels_as_their_jumprelu_with_one_threshold(tmp_path):
+def test_a_batch_top_k_lorsa_travels_as_their_jumprelu_with_a_threshold_per_head(tmp_path):
     host = build_host("llama")
     lorsa = LorsaModel.from_host(host, 1, n_ov_heads=64, top_k=8, topk_rule="relu", act_fn="batchtopk")
     untrained = export_llamascopium(lorsa, tmp_path / "untrained", host)
     assert json.loads((untrained / "config.json").read_text())["act_fn"] == "batchtopk"  # theirs ranks the batch too
     assert float(LorsaModel.from_pretrained(untrained, host=host).threshold) < 0
+    x = collect(host, 1, input_ids=token_batch()).hidden_states
     with torch.no_grad():
         lorsa.set_norm_factors(0.5, 2.0)
-        lorsa.threshold.fill_(0.3)
+        scores = lorsa.pre_activations(x).relu() * lorsa.w_o.norm(dim=-1)
+        threshold = float(scores.flatten().quantile(0.95))  # about 3 of the 64 heads pass at a position
+        lorsa.threshold.fill_(threshold)
     folder = export_llamascopium(lorsa, tmp_path / "theirs", host)
     assert json.loads((folder / "config.json").read_text())["act_fn"] == "jumprelu"
     weights = load_file(folder / "sae_weights.safetensors")
-    torch.testing.assert_close(weights["activation_function.log_jumprelu_threshold"], torch.full((64,), 0.3).log())
+    torch.testing.assert_close(
+        weights["activation_function.log_jumprelu_threshold"], torch.full((64,), threshold).log()
+    )
     back = LorsaModel.from_pretrained(folder, host=host)
     assert back.config.to_dict() == lorsa.config.to_dict()
-    for name, tensor in lorsa.state_dict().items():
+    for name, tensor in lorsa.state_dict().items():  # one threshold for all: the same buffers, scales of 1
         torch.testing.assert_close(back.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
-    x = collect(host, 1, input_ids=token_batch()).hidden_states
     torch.testing.assert_close(back.eval()(x).reconstruction, lorsa.eval()(x).reconstruction)
-    weights["activation_function.log_jumprelu_threshold"][3] += 0.1  # their JumpReLU training gives each its own
-    save_file(weights, folder / "sae_weights.safetensors")
-    with pytest.raises(ValueError, match="thresholds differ between heads"):
-        LorsaModel.from_pretrained(folder)
+    assert (lorsa(x).top_k_values != 0).sum() > 0
+    # heads with their own thresholds (hf_lorsa.head_balance): theirs per head, and back
+    with torch.no_grad():
+        lorsa.threshold_scale.copy_(torch.linspace(0.2, 1.5, 64))
+    folder = export_llamascopium(lorsa, tmp_path / "per-head", host)
+    weights = load_file(folder / "sae_weights.safetensors")
+    expected = (threshold * torch.linspace(0.2, 1.5, 64)).log()
+    torch.testing.assert_close(weights["activation_function.log_jumprelu_threshold"], expected)
+    back = LorsaModel.from_pretrained(folder, host=host).eval()
+    torch.testing.assert_close(back.threshold * back.threshold_scale, lorsa.threshold * lorsa.threshold_scale)
+    assert back.threshold_scale.max() == 1  # the largest is the shared threshold
+    torch.testing.assert_close(back(x).reconstruction, lorsa(x).reconstruction)
+    with torch.no_grad():
+        lorsa.threshold_scale.fill_(1.0)
+    assert not torch.equal(back(x).top_k_values != 0, lorsa(x).top_k_values != 0)  # the heads' own thresholds count
 
 
 def test_their_files_hold_what_their_loader_expects(tmp_path):

@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
+from hf_lorsa.head_balance import MAX_FREQUENCY, balance_thresholds
 from hf_lorsa.run_training import parse, train
 from hf_lorsa.trainer import annealed_k
 
@@ -49,9 +50,16 @@ class InitialNormRatio(TrainerCallback):
         self.ratio = (model.w_v.norm(dim=-1) / model.w_o.norm(dim=-1)).detach().clone()
 
 
-def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
+def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
     out = tmp_path / "run"
     start = InitialNormRatio()
+    balanced = []  # each step's heads' own thresholds (hf_lorsa.head_balance), as the trainer updated them
+
+    def recording(scale, fired, positions, since, rare_tokens, max_frequency):
+        balance_thresholds(scale, fired, positions, since, rare_tokens, max_frequency)
+        balanced.append((scale.clone(), int(fired.sum()), int(positions), rare_tokens, max_frequency))
+
+    monkeypatch.setattr("hf_lorsa.trainer.balance_thresholds", recording)
     final = train(*parse(options(out, eval_strategy="steps", eval_steps=6, keep_checkpoints="true")), [start])
     # every head starts with ||w_v|| / ||w_o|| = --norm_ratio (4); calibration alone leaves them from 0.3 to 1.8 here
     torch.testing.assert_close(start.ratio, torch.full_like(start.ratio, 4.0))
@@ -65,6 +73,12 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     # the default BatchTopK keeps K = 8 heads per position on average: the threshold it learned, on held-out text
     assert abs(results["l0"] - 8) < 2 and 0 < results["fvu"] < 1 and results["n_tokens"] > 0
     assert c.act_fn == "batchtopk" and float(loaded.threshold) > 0
+    # every step at the final K balanced the heads' thresholds, with the rule's window (20 x 128 / 8 tokens) and the
+    # default bound; the Lorsa keeps the last step's scales
+    assert len(balanced) == 11 and {row[3:] for row in balanced} == {(320, MAX_FREQUENCY)}
+    assert all(7 < fired / positions < 9 for _, fired, positions, _, _ in balanced)  # K 8 heads a position on average
+    torch.testing.assert_close(loaded.threshold_scale, balanced[-1][0])
+    assert (loaded.threshold_scale != 1).any()
     assert "fvu" in (out / "README.md").read_text()
     # folding kept the function: the last checkpoint (normalised units) and the saved Lorsa agree
     checkpoint = LorsaModel.from_pretrained(out / "checkpoint-12")
@@ -75,6 +89,8 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path):
     state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
     logged = [row for row in state["log_history"] if "fvu" in row]
     assert {"mse", "fvu", "l0", "k", "silent_heads", "learning_rate", "tokens"} <= set(logged[0])
+    lowered = [int((scale < 1).sum()) for scale, *_ in balanced[-3:]]  # the log of steps 10-12 averages them
+    assert logged[-1]["thresholds_lowered"] == pytest.approx(sum(lowered) / 3) and "thresholds_raised" in logged[-1]
     assert logged[0]["k"] > logged[-1]["k"] == 8  # K annealed down to top_k
     evaluations = [row for row in state["log_history"] if "eval_fvu" in row]
     assert [row["step"] for row in evaluations] == [6, 12] and evaluations[-1]["eval_l0"] == results["l0"]

@@ -18,6 +18,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_lorsa import ACT_FNS, is_int
+from .head_balance import MAX_FREQUENCY
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("host", "host_even", "random")
@@ -109,6 +110,12 @@ class LorsaArguments:
     revive_dead_heads: bool = field(
         default=True, metadata={"help": "raise the value bias of dead heads until they fire (every dead_tokens / 3)"}
     )
+    rare_head_tokens: int | None = field(
+        default=None, metadata={"help": "lower a head's threshold while silent this long (None: by rule; 0: never)"}
+    )
+    max_head_frequency: float = field(
+        default=MAX_FREQUENCY, metadata={"help": "raise a head's threshold while it fires on more positions (1: never)"}
+    )
     norm_ratio: float = field(default=4.0, metadata={"help": "start each head at ||w_v|| / ||w_o|| = this (0: off)"})
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
     device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})
@@ -134,6 +141,8 @@ class LorsaArguments:
         check_int("aux_k", self.aux_k, optional=True)
         check_float("aux_k_coef", self.aux_k_coef, 0.0, 1e6)
         check_int("dead_tokens", self.dead_tokens, optional=True)
+        check_int("rare_head_tokens", self.rare_head_tokens, optional=True, minimum=0)
+        check_float("max_head_frequency", self.max_head_frequency, 0.0, 1.0)
         check_float("norm_ratio", self.norm_ratio, 0.0, 1e6)
         require(self.torch_dtype in DTYPES, f"--torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}.")
 
@@ -313,60 +322,6 @@ def run_signature(model_args: LorsaArguments, data_args: DataArguments) -> dict:
 def tokens_per_step(data_args: DataArguments, args: TrainingArguments) -> int:
     """Training tokens per optimiser step, all processes together."""
     return data_args.batch_size * data_args.context_length * args.world_size * args.gradient_accumulation_steps
-
-
-def check_against_host(model_args: LorsaArguments, data_args: DataArguments, args: TrainingArguments) -> None:
-    """Sizes checked against the host's config (no weights loaded) and the budget."""
-    from transformers import AutoConfig
-
-    from .loading import check_gguf_file
-
-    check_gguf_file(model_args.model_name_or_path, model_args.gguf_file)
-    gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
-    try:
-        host_config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **gguf
-        )
-    except (OSError, ValueError) as err:
-        raise UsageError(
-            f"Cannot read the config of --model_name_or_path {model_args.model_name_or_path}: {err}"
-        ) from err
-    text = host_config.get_text_config()
-    n_layers = text.num_hidden_layers
-    if model_args.layer is not None:
-        require(
-            0 <= model_args.layer < n_layers,
-            f"--layer must be in [0, {n_layers - 1}] for {model_args.model_name_or_path}, got {model_args.layer}.",
-        )
-    layers = model_args.layer_list(n_layers)
-    require(not (model_args.several and data_args.activation_cache), "--activation_cache stores one layer's "
-            "activations; with --layers the host runs once per step for all of them: drop --activation_cache.")  # fmt: skip
-    max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    if max_positions:
-        require(
-            data_args.context_length <= max_positions,
-            f"--context_length {data_args.context_length} exceeds the model's {max_positions} positions.",
-        )
-    d_model = text.hidden_size
-    head_dim = getattr(text, "head_dim", None) or d_model // text.num_attention_heads
-    n_ov = model_args.n_ov_for(d_model)
-    require(model_args.top_k <= n_ov, f"--top_k {model_args.top_k} exceeds the {n_ov} OV heads; lower --top_k.")
-    n_qk = model_args.n_qk_heads or max(n_ov // head_dim, 1)
-    require(
-        n_ov % n_qk == 0,
-        f"--n_qk_heads {n_qk} must divide the {n_ov} OV heads (the usual choice is n_ov / head_dim = {n_ov // head_dim}).",
-    )
-    if model_args.k_anneal_start is not None:
-        require(model_args.k_anneal_start <= n_ov, f"--k_anneal_start cannot exceed the {n_ov} OV heads.")
-    from .release import check_memory
-
-    check_memory(layers, d_model, n_ov, n_qk, head_dim, args)
-    per_step = tokens_per_step(data_args, args)
-    require(
-        data_args.max_tokens >= per_step,
-        f"--max_tokens {data_args.max_tokens} is smaller than one step ({per_step} tokens = batch_size x "
-        "context_length x processes x accumulation); raise the budget or shrink the batch.",
-    )
 
 
 def quiet_when_not_a_terminal() -> None:

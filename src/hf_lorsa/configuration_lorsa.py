@@ -38,8 +38,8 @@ class LorsaConfig(PreTrainedConfig):
             signed z (LORSA.md); `"relu"` ranks ReLU(z) * ||w_o|| and keeps ReLU(z).
         act_fn (`str`): `"topk"` keeps the `top_k` best heads at every position (the authors' Lorsa);
             `"batchtopk"` keeps the `top_k` x N best of a training batch of N positions and, at inference, the
-            heads whose score passes a threshold learned in training (the buffer `threshold`), at most 4 x top_k
-            per position (`hf_lorsa.selection`).
+            heads whose score passes a threshold learned in training (the buffer `threshold`, times each head's
+            `threshold_scale`, `hf_lorsa.head_balance`), at most 4 x top_k per position (`hf_lorsa.selection`).
         attn_scale (`float`, *optional*): factor applied to QK logits; defaults to 1/sqrt(d_qk_head).
         attn_logit_softcapping (`float`, *optional*): tanh soft-capping of the logits (Gemma 2).
         sliding_window (`int`, *optional*): a query at position q sees keys k with q - k < window.

@@ -125,10 +125,14 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
     return config
 
 
+# may be absent: BatchTopK Lorsas saved before heads had their own thresholds hold every head at the shared one
+MAY_BE_MISSING = {"threshold_scale"}
+
+
 def check_loading_info(name_or_path, info: dict) -> None:
     """Every weight must come from the checkpoint: a missing or misshapen tensor is refused, not made up."""
     problems = {
-        "missing": sorted(info.get("missing_keys") or []),
+        "missing": sorted(set(info.get("missing_keys") or []) - MAY_BE_MISSING),
         "unexpected": sorted(info.get("unexpected_keys") or []),
         "of the wrong shape": sorted(str(k[0]) if isinstance(k, tuple) else str(k)
                                      for k in info.get("mismatched_keys") or []),

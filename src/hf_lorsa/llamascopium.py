@@ -72,7 +72,7 @@ def _translate(cfg: dict, norms: dict[str, float] | None, layer: int | None, whe
     require_that(not missing, f"The config.json of the Lorsa at {where} lacks {missing}.")
     act_fn = cfg.get("act_fn", "relu")
     require_that(act_fn in ACT_FNS, f"{where}: act_fn {act_fn!r} is not supported; hf_lorsa reads Lorsas that keep the "
-                                "top-k heads ('topk', 'batchtopk') or those above one threshold ('jumprelu').")  # fmt: skip
+                                "top-k heads ('topk', 'batchtopk') or those above their thresholds ('jumprelu').")  # fmt: skip
     require_that(cfg.get("sparsity_include_decoder_norm", True), f"{where}: sparsity_include_decoder_norm false ranks "
              "heads by ReLU(z) alone; hf_lorsa ranks by ReLU(z) x ||w_o|| (their default) and cannot load it exactly.")  # fmt: skip
     mode = cfg.get("norm_activation", "dataset-wise")
@@ -195,7 +195,7 @@ def from_llamascopium(cfg: dict, weights: dict[str, torch.Tensor], layer: int | 
         if shared:
             state.update({n: state[n][0] for n in ("q_norm.weight", "k_norm.weight")})
     if cfg.get("act_fn") == "jumprelu":
-        state["threshold"] = shared_threshold(weights, where)
+        state["threshold"], state["threshold_scale"] = head_thresholds(weights, where)
     lorsa = LorsaModel(LorsaConfig(**fields))
     expected = {name: tuple(t.shape) for name, t in lorsa.state_dict().items() if name in state}
     wrong = [f"{theirs} {tuple(weights[theirs].shape)} (expected {expected[ours]})"
@@ -205,13 +205,16 @@ def from_llamascopium(cfg: dict, weights: dict[str, torch.Tensor], layer: int | 
     return lorsa.eval()
 
 
-def shared_threshold(weights: dict[str, torch.Tensor], where: str) -> torch.Tensor:
-    """Their JumpReLU thresholds as our one BatchTopK threshold: they must be the same for every head."""
+def head_thresholds(weights: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Their JumpReLU thresholds (one per head) as our BatchTopK threshold and each head's scale of it
+    (hf_lorsa.head_balance): the largest threshold, and every head's as a fraction of it (1 where all agree)."""
     require_that(THRESHOLD_KEY in weights, f"The weights of the JumpReLU Lorsa at {where} lack {THRESHOLD_KEY}.")
     thresholds = weights[THRESHOLD_KEY].double().exp()
-    require_that(bool(torch.allclose(thresholds, thresholds[0], rtol=1e-6, atol=0)), f"{where}: its JumpReLU "
-             "thresholds differ between heads; hf_lorsa keeps one threshold for all heads (a BatchTopK Lorsa's).")  # fmt: skip
-    return thresholds[0].float()
+    largest = thresholds.max()
+    require_that(
+        bool(largest > 0) and bool(torch.isfinite(largest)), f"{where}: its JumpReLU thresholds are not finite."
+    )
+    return largest.float(), (thresholds / largest).float()
 
 
 def _stashed(stash: dict | None, fields: dict) -> dict:

@@ -43,8 +43,8 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
     folder.mkdir(parents=True, exist_ok=True)
     act_fn = their_act_fn(exported)
     weights = _their_weights(exported, n_ctx)
-    if act_fn == "jumprelu":  # one threshold for every head, on ReLU(z) x ||w_o|| as ours (their decoder-norm rule)
-        weights[THRESHOLD_KEY] = exported.threshold.float().log().expand(c.n_ov_heads).contiguous()
+    if act_fn == "jumprelu":  # each head's threshold, on ReLU(z) x ||w_o|| as ours (their decoder-norm rule)
+        weights[THRESHOLD_KEY] = (exported.threshold * exported.threshold_scale).float().log().contiguous()
     save_file(weights, folder / WEIGHTS_FILE, {"format": "pt", "written_by": "hf_lorsa"})
     stash = c.to_dict()
     their_config = {**_their_config(c, n_ctx), "act_fn": act_fn}
@@ -54,7 +54,7 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
 
 def their_act_fn(lorsa) -> str:
     """Their name for what selects our heads: top-k per position ('topk'); a BatchTopK Lorsa's learned threshold
-    is their 'jumprelu' with the same threshold for every head, and before it is learned their 'batchtopk' (top-k
+    is their 'jumprelu' with each head's own threshold, and before it is learned their 'batchtopk' (top-k
     over the batch at inference too, as ours does then). Their JumpReLU has no cap of 4K heads per position."""
     if lorsa.config.act_fn == "topk":
         return "topk"

@@ -110,6 +110,7 @@ class LorsaModel(LorsaPreTrainedModel):
         self.rotary_emb = LorsaRotaryEmbedding(c) if c.rope_parameters is not None else None
         if c.act_fn == "batchtopk":  # the score a head must pass at inference, learned in training
             self.register_buffer("threshold", torch.full((), UNSET))
+            self.register_buffer("threshold_scale", torch.ones(c.n_ov_heads))  # per head (hf_lorsa.head_balance)
         self.post_init()
 
     def reset_parameters(self) -> None:
@@ -123,6 +124,8 @@ class LorsaModel(LorsaPreTrainedModel):
         init.copy_(self.w_o, F.normalize(torch.randn(self.w_o.shape, device=self.w_o.device), dim=-1))
         for bias in (self.b_Q, self.b_K, self.b_v, self.b_D):
             init.zeros_(bias)
+        if self.config.act_fn == "batchtopk":  # a checkpoint saved before heads had their own thresholds
+            init.ones_(self.threshold_scale)
 
     @classmethod
     def from_host(cls, model, layer: int, seed: int = 0, head_weights=None, **sizes) -> LorsaModel:
@@ -261,9 +264,11 @@ class LorsaModel(LorsaPreTrainedModel):
         act = z.relu() if self.config.topk_rule == "relu" else z
         if k == self.config.n_ov_heads:  # every head (the start of K annealing): no ranking to do
             return act, torch.arange(k, device=z.device).expand_as(act)
-        scores = (act.abs() if self.config.topk_rule == "abs" else act) * self.w_o.detach().norm(dim=-1).to(z.dtype)
-        if self.config.act_fn == "batchtopk":  # (B, T, 4K), zeros where a kept head is below the bar
+        norms = self.w_o.detach().norm(dim=-1).to(z.dtype)
+        scores = (act.abs() if self.config.topk_rule == "abs" else act).detach() * norms  # ranks only: no gradient
+        if self.config.act_fn == "batchtopk":  # (B, T, 4K), zeros where a kept head is below its bar
             learn = self.training and k == self.config.top_k
+            scores = scores / self.threshold_scale.to(scores.dtype)  # each head's own threshold (head_balance)
             return batch_top_k(scores, act, k, self.threshold, self.training, learn)
         return top_k_per_position(scores, act, k)
 

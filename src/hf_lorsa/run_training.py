@@ -35,7 +35,6 @@ from .arguments import (
     LorsaArguments,
     LorsaTrainingArguments,
     UsageError,
-    check_against_host,
     command_line,
     parse,
     parse_dict,
@@ -43,6 +42,8 @@ from .arguments import (
     tokens_per_step,
 )
 from .configuration_lorsa import LorsaConfig
+from .head_balance import default_rare_tokens
+from .host_checks import check_against_host
 from .hosts import num_layers
 from .initialization import balance_head_norms, calibrate, head_output_variance, initialize_from_host
 from .launch import relaunch_on_cpu, release_process_group_at_exit
@@ -253,6 +254,8 @@ def build_trainer(model_args, data_args, args, model, host, train_data, eval_win
         k_anneal_fraction=model_args.k_anneal_fraction,
         aux_k=model_args.aux_k or default_aux_k(c.d_model, c.n_ov_heads), aux_k_coef=model_args.aux_k_coef,
         dead_tokens=dead_tokens, revive_every=revive_every(dead_tokens, per_step) if model_args.revive_dead_heads else 0,
+        rare_tokens=default_rare_tokens(c.n_ov_heads, c.top_k, per_step) if model_args.rare_head_tokens is None
+        else model_args.rare_head_tokens, max_head_frequency=model_args.max_head_frequency,
         tokens_per_step=per_step, eval_tokens=data_args.eval_tokens, run_signature=signature,
     )  # fmt: skip
 

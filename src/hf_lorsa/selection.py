@@ -5,7 +5,8 @@ the K x N best scores of a training batch of N positions, wherever they fall, so
 on gets more heads and one with less gets fewer, at the same mean; inference, where there is no batch to rank in,
 keeps the heads whose score passes a threshold learned during training (a running mean of the batches' K x N-th
 score), so that a position's heads never depend on what else is in the batch. Under batchtopk a position keeps at
-most BATCH_TOPK_CAP x K heads, so that outputs keep a fixed (..., K') shape.
+most BATCH_TOPK_CAP x K heads, so that outputs keep a fixed (..., K') shape. The scores given here are already
+divided by each head's own scale of the threshold (`hf_lorsa.head_balance`).
 
 Axes: N positions (all leading axes together), Hov OV heads, K active heads per position on average.
 """

@@ -8,7 +8,6 @@ Axes: B batch, T positions, D d_model, Hov OV heads, K active heads.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -20,7 +19,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .attention_mask import counted_positions
 from .configuration_lorsa import LorsaConfig
+from .head_balance import balance_thresholds
 from .hooks import collect_layers
+from .json_logs import JsonLogPrinter, JsonLogProgress
 from .release import LorsaLayers
 
 STATE_FILE = "lorsa_trainer_state.safetensors"
@@ -54,13 +55,16 @@ class LorsaTrainer(Trainer):
     """
 
     def __init__(self, *args, host, k_start: int, k_anneal_fraction: float, aux_k: int, aux_k_coef: float,
-                 dead_tokens: int, tokens_per_step: int, revive_every: int = 0, eval_tokens: int = 100_000,
-                 run_signature: dict | None = None, **kwargs):  # fmt: skip
+                 dead_tokens: int, tokens_per_step: int, revive_every: int = 0, rare_tokens: int = 0,
+                 max_head_frequency: float = 1.0, eval_tokens: int = 100_000, run_signature: dict | None = None,
+                 **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.host = host
         self.k_start, self.k_anneal_fraction = k_start, k_anneal_fraction
         self.aux_k, self.aux_k_coef, self.dead_tokens = aux_k, aux_k_coef, dead_tokens
         self.revive_every = revive_every  # steps between revivals of dead heads (0: never)
+        # BatchTopK heads' own thresholds (hf_lorsa.head_balance); 0 and 1: not lowered, not raised
+        self.rare_tokens, self.max_head_frequency = rare_tokens, max_head_frequency
         self.tokens_per_step = tokens_per_step  # all processes together (hf_lorsa.arguments.tokens_per_step)
         self.eval_tokens = eval_tokens
         self.run_signature = run_signature  # written into every checkpoint, checked on resume
@@ -165,7 +169,13 @@ class LorsaTrainer(Trainer):
             if pending is not None:
                 self._pending_revival[layer] = pending
         values = out.top_k_values.flatten(0, 1) * weight  # uncounted positions fire nothing
-        self._update_fired(layer, out.top_k_indices.flatten(0, 1), values, n)
+        fired = self._update_fired(layer, out.top_k_indices.flatten(0, 1), values, n)
+        if lorsa.config.act_fn == "batchtopk" and k == lorsa.config.top_k:  # K annealed: the bounds hold
+            rare = self.rare_tokens or torch.iinfo(torch.long).max
+            scale = lorsa.threshold_scale
+            balance_thresholds(scale, fired, n, self.tokens_since_fired[layer], rare, self.max_head_frequency)
+            self._record(self.metric_name(layer, "thresholds_lowered"), (scale < 1).sum())
+            self._record(self.metric_name(layer, "thresholds_raised"), (scale > 1).sum())
         with torch.no_grad():
             self._record(self.metric_name(layer, "mse"), mse)
             self._record(self.metric_name(layer, "fvu"), squared_error / masked_variance(target, weight))
@@ -223,7 +233,8 @@ class LorsaTrainer(Trainer):
             return
         for lorsa in self.lorsas().values():
             if lorsa.config.act_fn == "batchtopk":
-                lorsa.threshold.copy_(self.accelerator.reduce(lorsa.threshold.clone(), reduction="mean"))
+                for buffer in (lorsa.threshold, lorsa.threshold_scale):
+                    buffer.copy_(self.accelerator.reduce(buffer.clone(), reduction="mean"))
 
     def silent_heads(self, layer: int | None = None) -> torch.Tensor:
         """(Hov,) True for heads (of `layer`'s Lorsa; default the first) that have not fired for more than
@@ -231,13 +242,15 @@ class LorsaTrainer(Trainer):
         return self.tokens_since_fired[self.lorsa.config.layer if layer is None else layer] > self.dead_tokens
 
     @torch.no_grad()
-    def _update_fired(self, layer: int, indices: torch.Tensor, values: torch.Tensor, n: torch.Tensor) -> None:
-        """Counters stay on the Lorsa's device: no transfer per step. `n`: the positions counted (a tensor)."""
+    def _update_fired(self, layer: int, indices: torch.Tensor, values: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        """Counters stay on the Lorsa's device: no transfer per step. `n`: the positions counted (a tensor).
+        Returns (Hov,) how many positions each head fired at."""
         counters = self.tokens_since_fired[layer].to(indices.device)
         hits = torch.zeros_like(counters).index_add_(0, indices.flatten(), (values != 0).flatten().long())
         counters += n.long()
         counters.masked_fill_(hits > 0, 0)  # no boolean indexing: no host sync
         self.tokens_since_fired[layer] = counters
+        return hits
 
     def _clip_grad_norm(self, model):
         """Each Lorsa's gradient clipped to max_grad_norm on its own, as if it were trained alone; returns the
@@ -362,25 +375,3 @@ class TrainerStateCallback(TrainerCallback):
         checkpoint = Path(args.output_dir, f"checkpoint-{state.global_step}")
         if checkpoint.is_dir():
             self.trainer.save_extra_state(checkpoint)
-
-
-def json_line(logs: dict) -> str:
-    """One log as a JSON line: numbers stay numbers (6 significant digits)."""
-    shown = {k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in logs.items() if k != "total_flos"}
-    return json.dumps(shown)
-
-
-class JsonLogPrinter(TrainerCallback):
-    """Prints each log as a JSON line (output that is not a terminal: no progress bars)."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            print(json_line(logs), flush=True)
-
-
-class JsonLogProgress(ProgressCallback):
-    """transformers' progress bars, with each log written above them as a JSON line."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            (self.training_bar.write if self.training_bar is not None else print)(json_line(logs))

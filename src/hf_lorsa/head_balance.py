@@ -1,0 +1,52 @@
+"""Per-head thresholds that keep every BatchTopK head between rare and dense, in training.
+
+A BatchTopK Lorsa's head h is active where its score reaches the shared threshold times `threshold_scale[h]`
+(in training: where score / threshold_scale[h] is among the batch's K x N best). The scales start at 1. After
+each step with K at its final value (`balance_thresholds`):
+
+- a head silent for more than `rare_tokens` tokens has its scale lowered by STEP (a factor e^-0.05), every step
+  until it fires: a head whose pre-activations are positive somewhere comes back within a few steps, long before
+  it would count as dead (the dead-head window, where AuxK and revival act, is 100K tokens or more);
+- a head active on more than `max_frequency` of the batch's positions has its scale raised by STEP, so that no
+  head becomes a dense direction that fires almost everywhere;
+- any other head that fired relaxes back towards 1 by RELAX per step, so that healthy heads keep the threshold
+  they share, and the bounds act only where they are needed.
+
+At inference each head keeps its own threshold (threshold x threshold_scale[h]): the authors' JumpReLU with a
+threshold per head (`hf_lorsa.llamascopium_export`). The scale has no units, so folding the normalisation
+factors or the decoder norms leaves it as it is.
+
+Axes: Hov OV heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+STEP = 0.05  # change of log(scale) per step, for a head that is too rare or too dense
+RELAX = STEP / 4  # change of log(scale) towards 0 per step, for a head within its bounds that fired
+LOG_RANGE = (math.log(1e-4), math.log(1e2))  # the scales stay within [1e-4, 100]
+RARE_INTERVALS = 20  # a head is rare when silent for this many times the average head's interval (Hov / K tokens)
+MAX_FREQUENCY = 0.45  # the default bound on the fraction of positions a head fires on
+
+
+def default_rare_tokens(n_ov_heads: int, top_k: int, tokens_per_step: int) -> int:
+    """Tokens of silence after which a head's threshold is lowered: RARE_INTERVALS times the interval at which
+    an average head fires (n_ov / K tokens), and at least one step's tokens."""
+    return max(tokens_per_step, RARE_INTERVALS * n_ov_heads // top_k)
+
+
+@torch.no_grad()
+def balance_thresholds(scale: torch.Tensor, fired: torch.Tensor, positions: torch.Tensor,
+                       tokens_since_fired: torch.Tensor, rare_tokens: int, max_frequency: float) -> None:  # fmt: skip
+    """Update `scale` (Hov,) in place from one step: `fired` (Hov,) how many of the step's `positions` (a 0-d
+    tensor) each head was active at; `tokens_since_fired` (Hov,) already counting this step. No host sync."""
+    log_scale = scale.float().log()
+    dense = fired > max_frequency * positions
+    rare = tokens_since_fired.to(scale.device) > rare_tokens
+    within = (fired > 0) & ~dense
+    relaxed = log_scale.sign() * (log_scale.abs() - RELAX).clamp_min(0)
+    pushed = log_scale + STEP * (dense.float() - rare.float())
+    scale.copy_(torch.where(within, relaxed, pushed).clamp(*LOG_RANGE).exp())

@@ -1,0 +1,84 @@
+"""Each BatchTopK head's own threshold (`hf_lorsa.head_balance`): lowered while rare, raised while dense."""
+
+import math
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa.head_balance import LOG_RANGE, RELAX, STEP, balance_thresholds, default_rare_tokens
+
+
+def batch_lorsa() -> LorsaModel:
+    torch.manual_seed(0)
+    config = LorsaConfig(d_model=16, n_qk_heads=4, d_qk_head=4, n_ov_heads=64, top_k=4, topk_rule="relu",
+                         act_fn="batchtopk")  # fmt: skip
+    return LorsaModel(config)
+
+
+def test_rare_heads_are_lowered_dense_ones_raised_and_the_rest_relax_towards_one():
+    # heads: rare / dense / fired, below 1 / fired, above 1 / fired, at 1 / silent, not yet rare / rare at the floor
+    scale = torch.tensor([1.0, 1.0, 0.5, 2.0, 1.0, 0.7, math.exp(LOG_RANGE[0])])
+    fired = torch.tensor([0, 60, 3, 10, 5, 0, 0])
+    since = torch.tensor([5000, 0, 0, 0, 0, 900, 5000])
+    balance_thresholds(scale, fired, torch.tensor(100), since, rare_tokens=1000, max_frequency=0.45)
+    expected = [
+        math.exp(-STEP), math.exp(STEP), 0.5 * math.exp(RELAX), 2.0 * math.exp(-RELAX), 1.0, 0.7,
+        math.exp(LOG_RANGE[0]),
+    ]  # fmt: skip
+    torch.testing.assert_close(scale, torch.tensor(expected))
+    small = torch.tensor([math.exp(-RELAX / 2), math.exp(RELAX / 2)])  # relaxing stops at 1, not past it
+    balance_thresholds(small, torch.tensor([1, 1]), torch.tensor(100), torch.zeros(2), 1000, 0.45)
+    torch.testing.assert_close(small, torch.ones(2))
+
+
+def test_the_rare_window_is_twenty_average_intervals_and_at_least_one_step():
+    assert default_rare_tokens(512, 16, 1024) == 1024  # stories260K: 640 tokens, less than a step
+    assert default_rare_tokens(2304, 32, 1024) == 1440  # SmolLM2-135M, expansion 4, K 32
+    assert default_rare_tokens(4608, 16, 1024) == 5760
+
+
+def test_each_head_passes_its_own_threshold_at_inference():
+    lorsa = batch_lorsa().train()
+    lorsa(torch.randn(2, 20, 16))  # learns the threshold
+    with torch.no_grad():
+        lorsa.threshold_scale.copy_(torch.rand(64) * 2)
+    lorsa.eval()
+    x = torch.randn(3, 20, 16)
+    z = lorsa.pre_activations(x).detach()
+    scores = z.relu() * lorsa.w_o.detach().norm(dim=-1)
+    out = lorsa(x)
+    active = torch.zeros(3, 20, 64).scatter(-1, out.top_k_indices, out.top_k_values.detach())
+    # reference: the 4K best of score / scale at each position, of those the ones at or above threshold x scale
+    adjusted = scores / lorsa.threshold_scale
+    kept = adjusted >= adjusted.topk(16, dim=-1).values[..., -1:]
+    expected = torch.where(kept & (scores >= lorsa.threshold * lorsa.threshold_scale), z.relu(), 0.0)
+    torch.testing.assert_close(active, expected)
+    assert 0 < (active != 0).sum() < 3 * 20 * 16
+
+
+def test_the_scales_are_saved_kept_by_folding_and_default_to_one_for_older_files(tmp_path):
+    lorsa = batch_lorsa().train()
+    lorsa.set_norm_factors(2.0, 3.0)
+    lorsa(torch.randn(2, 20, 16))
+    with torch.no_grad():
+        lorsa.threshold_scale.copy_(torch.rand(64) + 0.5)
+    scales = lorsa.threshold_scale.clone()
+    lorsa.eval()
+    x = torch.randn(2, 20, 16)
+    before = lorsa(x).reconstruction
+    lorsa.fold_norm_factors()
+    lorsa.normalize_decoder()
+    torch.testing.assert_close(lorsa.threshold_scale, scales)  # no units: folding leaves them
+    lorsa.save_pretrained(tmp_path / "new")
+    loaded = LorsaModel.from_pretrained(tmp_path / "new")
+    torch.testing.assert_close(loaded.threshold_scale, scales)
+    torch.testing.assert_close(loaded(x).reconstruction, before, atol=1e-5, rtol=1e-5)
+    # a BatchTopK Lorsa saved before heads had their own thresholds: every head at the shared one
+    lorsa.save_pretrained(tmp_path / "old")
+    weights = load_file(tmp_path / "old" / "model.safetensors")
+    del weights["threshold_scale"]
+    save_file(weights, tmp_path / "old" / "model.safetensors", {"format": "pt"})
+    old = LorsaModel.from_pretrained(tmp_path / "old")
+    torch.testing.assert_close(old.threshold_scale, torch.ones(64))
+    torch.testing.assert_close(old.threshold, lorsa.threshold)
