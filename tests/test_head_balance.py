@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.head_balance import LOG_RANGE, RELAX, STEP, balance_thresholds, default_rare_tokens
+from hf_lorsa.head_balance import LOG_RANGE, STEP, balance_thresholds, default_rare_tokens
 
 
 def batch_lorsa() -> LorsaModel:
@@ -16,26 +16,27 @@ def batch_lorsa() -> LorsaModel:
     return LorsaModel(config)
 
 
-def test_rare_heads_are_lowered_dense_ones_raised_and_the_rest_relax_towards_one():
+def test_rare_heads_are_lowered_dense_ones_raised_and_the_rest_move_back_towards_one():
     # heads: rare / dense / fired, below 1 / fired, above 1 / fired, at 1 / silent, not yet rare / rare at the floor
     scale = torch.tensor([1.0, 1.0, 0.5, 2.0, 1.0, 0.7, math.exp(LOG_RANGE[0])])
     fired = torch.tensor([0, 60, 3, 10, 5, 0, 0])
     since = torch.tensor([5000, 0, 0, 0, 0, 900, 5000])
     balance_thresholds(scale, fired, torch.tensor(100), since, rare_tokens=1000, max_frequency=0.45)
     expected = [
-        math.exp(-STEP), math.exp(STEP), 0.5 * math.exp(RELAX), 2.0 * math.exp(-RELAX), 1.0, 0.7,
+        math.exp(-STEP), math.exp(STEP), 0.5 * math.exp(STEP), 2.0 * math.exp(-STEP), 1.0, 0.7 * math.exp(STEP),
         math.exp(LOG_RANGE[0]),
     ]  # fmt: skip
     torch.testing.assert_close(scale, torch.tensor(expected))
-    small = torch.tensor([math.exp(-RELAX / 2), math.exp(RELAX / 2)])  # relaxing stops at 1, not past it
+    small = torch.tensor([math.exp(-STEP / 2), math.exp(STEP / 2)])  # moving back stops at 1, not past it
     balance_thresholds(small, torch.tensor([1, 1]), torch.tensor(100), torch.zeros(2), 1000, 0.45)
     torch.testing.assert_close(small, torch.ones(2))
 
 
-def test_the_rare_window_is_twenty_average_intervals_and_at_least_one_step():
-    assert default_rare_tokens(512, 16, 1024) == 1024  # stories260K: 640 tokens, less than a step
-    assert default_rare_tokens(2304, 32, 1024) == 1440  # SmolLM2-135M, expansion 4, K 32
-    assert default_rare_tokens(4608, 16, 1024) == 5760
+def test_the_rare_window_is_five_average_intervals_and_at_least_one_step():
+    assert default_rare_tokens(512, 16, 1024) == 1024  # stories260K: 160 tokens, less than a step
+    assert default_rare_tokens(2304, 32, 1024) == 1024  # SmolLM2-135M layer 3, expansion 4, K 32: 360
+    assert default_rare_tokens(4608, 16, 1024) == 1440  # layer 15, expansion 8, K 16
+    assert default_rare_tokens(32768, 128, 4096) == 4096  # Llama-3-8B size, 4 x 1024 tokens a step
 
 
 def test_each_head_passes_its_own_threshold_at_inference():

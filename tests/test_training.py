@@ -73,9 +73,9 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
     # the default BatchTopK keeps K = 8 heads per position on average: the threshold it learned, on held-out text
     assert abs(results["l0"] - 8) < 2 and 0 < results["fvu"] < 1 and results["n_tokens"] > 0
     assert c.act_fn == "batchtopk" and float(loaded.threshold) > 0
-    # every step at the final K balanced the heads' thresholds, with the rule's window (20 x 128 / 8 tokens) and the
+    # every step at the final K balanced the heads' thresholds, with the rule's window (one step's 256 tokens) and the
     # default bound; the Lorsa keeps the last step's scales
-    assert len(balanced) == 11 and {row[3:] for row in balanced} == {(320, MAX_FREQUENCY)}
+    assert len(balanced) == 11 and {row[3:] for row in balanced} == {(256, MAX_FREQUENCY)}
     assert all(7 < fired / positions < 9 for _, fired, positions, _, _ in balanced)  # K 8 heads a position on average
     torch.testing.assert_close(loaded.threshold_scale, balanced[-1][0])
     assert (loaded.threshold_scale != 1).any()

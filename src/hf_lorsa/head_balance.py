@@ -9,8 +9,11 @@ each step with K at its final value (`balance_thresholds`):
   it would count as dead (the dead-head window, where AuxK and revival act, is 100K tokens or more);
 - a head active on more than `max_frequency` of the batch's positions has its scale raised by STEP, so that no
   head becomes a dense direction that fires almost everywhere;
-- any other head that fired relaxes back towards 1 by RELAX per step, so that healthy heads keep the threshold
-  they share, and the bounds act only where they are needed.
+- every other head moves back towards 1 by STEP per step, so that healthy heads keep the threshold they share.
+  A head kept alive this way is lowered while silent and raised for as long again after it fires: it settles
+  near one firing in 2 x rare_tokens tokens, so that the heads kept alive take a small part of the K heads a
+  position has (moving back only on the steps a head fired let thousands of heads, lowered at once on a large,
+  short run, fire far more often than that: the held-out FVU of SmolLM2 layer 15 went from 0.35 to 0.71).
 
 At inference each head keeps its own threshold (threshold x threshold_scale[h]): the authors' JumpReLU with a
 threshold per head (`hf_lorsa.llamascopium_export`). The scale has no units, so folding the normalisation
@@ -25,10 +28,11 @@ import math
 
 import torch
 
-STEP = 0.05  # change of log(scale) per step, for a head that is too rare or too dense
-RELAX = STEP / 4  # change of log(scale) towards 0 per step, for a head within its bounds that fired
+STEP = 0.05  # change of log(scale) per step: down for a rare head, up for a dense one, towards 0 for the others
 LOG_RANGE = (math.log(1e-4), math.log(1e2))  # the scales stay within [1e-4, 100]
-RARE_INTERVALS = 20  # a head is rare when silent for this many times the average head's interval (Hov / K tokens)
+# A head is rare when silent for this many times the average head's interval (Hov / K tokens). On SmolLM2-135M
+# layer 15 (4,608 heads, K 16, 300K tokens) 10 left 275 heads (6%) that never fired on the held-out text, 5 left 101.
+RARE_INTERVALS = 5
 MAX_FREQUENCY = 0.45  # the default bound on the fraction of positions a head fires on
 
 
@@ -46,7 +50,7 @@ def balance_thresholds(scale: torch.Tensor, fired: torch.Tensor, positions: torc
     log_scale = scale.float().log()
     dense = fired > max_frequency * positions
     rare = tokens_since_fired.to(scale.device) > rare_tokens
-    within = (fired > 0) & ~dense
-    relaxed = log_scale.sign() * (log_scale.abs() - RELAX).clamp_min(0)
+    within = ~dense & ~rare
+    relaxed = log_scale.sign() * (log_scale.abs() - STEP).clamp_min(0)
     pushed = log_scale + STEP * (dense.float() - rare.float())
     scale.copy_(torch.where(within, relaxed, pushed).clamp(*LOG_RANGE).exp())
