@@ -77,7 +77,7 @@ def bench(
         if step >= warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    room = room_per_position(config.n_ov_heads, config.top_k, act_fn)  # K' of the decode
+    room = room_per_position(config.n_ov_heads, config.top_k, act_fn)  # K' of the decode (K active on average)
     result = {
         "config": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -92,3 +92,18 @@ def test_a_lorsa_not_yet_trained_ranks_over_the_batch_and_topk_lorsas_have_no_th
     assert "threshold" not in plain.state_dict()
     with pytest.raises(ValueError, match="act_fn must be one of"):
         LorsaConfig(act_fn="jumprelu")
+
+
+def test_gathering_only_the_active_heads_decodes_as_the_dense_product():
+    lorsa = batch_lorsa().train()
+    x = torch.randn(3, 20, 16)
+    results = []
+    for dense in (True, False):  # False: the CPU's gather, of the active entries only (about K of the 4K)
+        lorsa.dense_decode = dense
+        lorsa.zero_grad()
+        out = lorsa(x)
+        out.reconstruction.pow(2).sum().backward()
+        assert (out.top_k_values == 0).any()  # room for 4K heads, fewer active
+        results.append((out.reconstruction.detach(), lorsa.w_o.grad.clone(), lorsa.w_v.grad.clone()))
+    for dense, gathered in zip(*results):
+        torch.testing.assert_close(gathered, dense, rtol=1e-5, atol=1e-5)

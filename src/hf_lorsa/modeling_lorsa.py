@@ -15,8 +15,6 @@ from einops import einsum, rearrange
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
-from transformers.models.llama.modeling_llama import rotate_half
 from transformers.utils import ModelOutput
 
 from . import hub
@@ -25,7 +23,8 @@ from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 from .input_checks import check_attention_input
 from .qk_norm import HeadRMSNorm, qk_norm
-from .selection import UNSET, batch_top_k, top_k_per_position
+from .rotary import LorsaRotaryEmbedding, apply_rotary
+from .selection import BATCH_TOPK_CAP, UNSET, batch_top_k, top_k_per_position
 
 # On the CPU the decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO:
 # on the 2-core CPU where the two cost the same (scripts/bench_decode.py), well before the gather's O(N * K * D)
@@ -49,26 +48,6 @@ class LorsaOutput(ModelOutput):
     top_k_values: torch.Tensor | None = None
     top_k_indices: torch.Tensor | None = None
     pre_activations: torch.Tensor | None = None
-
-
-class LorsaRotaryEmbedding(GPTNeoXRotaryEmbedding):
-    """transformers' rotary embedding (all rope types, partial rotary), read from a LorsaConfig."""
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] dims of x (B, H, T, dqk); cos/sin are (B, T, rot) as the host passes them."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, rot)
-    rot = cos.shape[-1]
-    partial = rot < x.shape[-1]  # slicing and concatenating cost a copy each way: only when there is a pass part
-    x_rot, x_pass = (x[..., :rot], x[..., rot:]) if partial else (x, None)
-    if interleaved:
-        cos = cos[..., : rot // 2].repeat_interleave(2, dim=-1)
-        sin = sin[..., : rot // 2].repeat_interleave(2, dim=-1)
-        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
-    else:
-        rotated = rotate_half(x_rot)
-    rotated = x_rot * cos + rotated * sin
-    return torch.cat((rotated, x_pass), dim=-1) if partial else rotated
 
 
 class LorsaPreTrainedModel(PreTrainedModel):
@@ -287,15 +266,27 @@ class LorsaModel(LorsaPreTrainedModel):
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w_o.dtype
             dense = values.new_zeros(values.shape[0], self.config.n_ov_heads, dtype=dtype)
             flat = dense.scatter(-1, indices, values.to(dtype)) @ self.w_o
+        elif self.holds_inactive(k):  # gather only the active entries (their count reaches the host: CPU only)
+            active = values != 0
+            offsets = active.sum(-1).cumsum(0).roll(1)
+            offsets[0] = 0
+            weights = values[active].to(self.w_o.dtype)
+            flat = F.embedding_bag(indices[active], self.w_o, offsets, per_sample_weights=weights, mode="sum")
         else:
             flat = F.embedding_bag(indices, self.w_o, per_sample_weights=values.to(self.w_o.dtype), mode="sum")
         out = flat.view(*batch_shape, -1) + self.b_D
         return out / self.config.output_norm_factor
 
     def uses_dense_decode(self, k: int, device: torch.device) -> bool:
+        """Whether `decode` of (..., k) values takes the dense product (always on a GPU) or gathers rows of w_o."""
         if self.dense_decode is not None:
             return self.dense_decode
-        return device.type != "cpu" or k * DENSE_DECODE_RATIO >= self.config.n_ov_heads
+        active = k // BATCH_TOPK_CAP if self.holds_inactive(k) else k  # rows the gather would read per position
+        return device.type != "cpu" or active * DENSE_DECODE_RATIO >= self.config.n_ov_heads
+
+    def holds_inactive(self, k: int) -> bool:
+        """Under batchtopk, outputs of width k < Hov have room for 4x the heads active on average (K of 4K)."""
+        return self.config.act_fn == "batchtopk" and k < self.config.n_ov_heads
 
     # ---- explicit path (analysis) --------------------------------------------------------------------
 
