@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.head_balance import MAX_FREQUENCY, balance_thresholds
+from hf_lorsa.hub import SELECTIONS
 from hf_lorsa.run_training import parse, train
 from hf_lorsa.trainer import annealed_k
 
@@ -79,7 +80,8 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
     assert all(7 < fired / positions < 9 for _, fired, positions, _, _ in balanced)  # K 8 heads a position on average
     torch.testing.assert_close(loaded.threshold_scale, balanced[-1][0])
     assert (loaded.threshold_scale != 1).any()
-    assert "fvu" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "fvu" in card and f"| selection | {SELECTIONS['batchtopk']} |" in card
     # folding kept the function: the last checkpoint (normalised units) and the saved Lorsa agree
     checkpoint = LorsaModel.from_pretrained(out / "checkpoint-12")
     assert checkpoint.config.input_norm_factor != 1.0

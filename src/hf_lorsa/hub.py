@@ -125,6 +125,10 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
     return config
 
 
+SELECTIONS = {  # how the card names a Lorsa's act_fn
+    "topk": "top-k per position",
+    "batchtopk": "BatchTopK (top-k is the mean; at inference each head passes its own threshold)",
+}
 # may be absent: BatchTopK Lorsas saved before heads had their own thresholds hold every head at the shared one
 MAY_BE_MISSING = {"threshold_scale"}
 
@@ -178,7 +182,7 @@ def model_card(config, eval_results: dict | None = None, repo_id: str | None = N
         "attention input": config.attn_input_module, "attention output": config.attn_output_module,
         "d_model": config.d_model, "QK heads": config.n_qk_heads, "QK head width": config.d_qk_head,
         "OV heads": config.n_ov_heads, "top-k": config.top_k, "top-k rule": config.topk_rule,
-        "selection": {"topk": "top-k per position", "batchtopk": "BatchTopK (top-k is the mean)"}[config.act_fn],
+        "selection": SELECTIONS[config.act_fn],
         "training data": dataset, "tokens trained": getattr(config, "tokens_trained", None),
     }  # fmt: skip
     table = "\n".join(f"| {k} | {v} |" for k, v in fields.items() if v is not None)
