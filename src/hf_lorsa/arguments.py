@@ -142,7 +142,7 @@ class LorsaArguments:
         check_float("aux_k_coef", self.aux_k_coef, 0.0, 1e6)
         check_int("dead_tokens", self.dead_tokens, optional=True)
         check_int("rare_head_tokens", self.rare_head_tokens, optional=True, minimum=0)
-        check_float("max_head_frequency", self.max_head_frequency, 0.0, 1.0)
+        check_float("max_head_frequency", self.max_head_frequency, 0.0, 1.0, low_open=True)
         check_float("norm_ratio", self.norm_ratio, 0.0, 1e6)
         require(self.torch_dtype in DTYPES, f"--torch_dtype must be one of {DTYPES}, got {self.torch_dtype!r}.")
 
