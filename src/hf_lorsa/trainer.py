@@ -48,7 +48,8 @@ def masked_variance(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 class LorsaTrainer(Trainer):
     """Trains a LorsaModel on one layer of a frozen host, or a LorsaLayers (one Lorsa per layer, all fed by one
     host pass per batch). Each Lorsa has its own K schedule position, dead-head counters, revival, AuxK, heads'
-    thresholds (hf_lorsa.head_balance), gradient clipping and metrics (prefixed `layer{L}/` when there are several); Adam's state is per parameter anyway.
+    thresholds (hf_lorsa.head_balance), gradient clipping and metrics (prefixed `layer{L}/` when there are
+    several); Adam's state is per parameter anyway.
 
     Batches hold either `input_ids` (activations computed on the fly) or cached `hidden_states` and
     `attention_output` with their `input_ids`.
