@@ -244,6 +244,9 @@ def build_trainer(model_args, data_args, args, model, host, train_data, eval_win
     lorsa = next(iter(model.by_layer().values())) if isinstance(model, LorsaLayers) else model
     c = lorsa.config
     dead_tokens = model_args.dead_tokens or default_dead_tokens(data_args.max_tokens, c.n_ov_heads, c.top_k)
+    rare_tokens = model_args.rare_head_tokens
+    if rare_tokens is None:
+        rare_tokens = default_rare_tokens(c.n_ov_heads, c.top_k, per_step)
     if args.learning_rate is None:
         args.learning_rate = default_learning_rate(c.d_model)
     scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
@@ -254,8 +257,7 @@ def build_trainer(model_args, data_args, args, model, host, train_data, eval_win
         k_anneal_fraction=model_args.k_anneal_fraction,
         aux_k=model_args.aux_k or default_aux_k(c.d_model, c.n_ov_heads), aux_k_coef=model_args.aux_k_coef,
         dead_tokens=dead_tokens, revive_every=revive_every(dead_tokens, per_step) if model_args.revive_dead_heads else 0,
-        rare_tokens=default_rare_tokens(c.n_ov_heads, c.top_k, per_step) if model_args.rare_head_tokens is None
-        else model_args.rare_head_tokens, max_head_frequency=model_args.max_head_frequency,
+        rare_tokens=rare_tokens, max_head_frequency=model_args.max_head_frequency,
         tokens_per_step=per_step, eval_tokens=data_args.eval_tokens, run_signature=signature,
     )  # fmt: skip
 

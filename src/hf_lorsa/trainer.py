@@ -64,8 +64,9 @@ class LorsaTrainer(Trainer):
         self.k_start, self.k_anneal_fraction = k_start, k_anneal_fraction
         self.aux_k, self.aux_k_coef, self.dead_tokens = aux_k, aux_k_coef, dead_tokens
         self.revive_every = revive_every  # steps between revivals of dead heads (0: never)
-        # BatchTopK heads' own thresholds (hf_lorsa.head_balance); 0 and 1: not lowered, not raised
-        self.rare_tokens, self.max_head_frequency = rare_tokens, max_head_frequency
+        # BatchTopK heads' own thresholds (hf_lorsa.head_balance): rare_tokens 0 never lowers, frequency 1 never raises
+        self.rare_tokens = rare_tokens or torch.iinfo(torch.long).max
+        self.max_head_frequency = max_head_frequency
         self.tokens_per_step = tokens_per_step  # all processes together (hf_lorsa.arguments.tokens_per_step)
         self.eval_tokens = eval_tokens
         self.run_signature = run_signature  # written into every checkpoint, checked on resume
@@ -172,9 +173,10 @@ class LorsaTrainer(Trainer):
         values = out.top_k_values.flatten(0, 1) * weight  # uncounted positions fire nothing
         fired = self._update_fired(layer, out.top_k_indices.flatten(0, 1), values, n)
         if lorsa.config.act_fn == "batchtopk" and k == lorsa.config.top_k:  # K annealed: the bounds hold
-            rare = self.rare_tokens or torch.iinfo(torch.long).max
             scale = lorsa.threshold_scale
-            balance_thresholds(scale, fired, n, self.tokens_since_fired[layer], rare, self.max_head_frequency)
+            balance_thresholds(
+                scale, fired, n, self.tokens_since_fired[layer], self.rare_tokens, self.max_head_frequency
+            )
             self._record(self.metric_name(layer, "thresholds_lowered"), (scale < 1).sum())
             self._record(self.metric_name(layer, "thresholds_raised"), (scale > 1).sum())
         with torch.no_grad():
@@ -228,14 +230,17 @@ class LorsaTrainer(Trainer):
 
     @torch.no_grad()
     def share_thresholds(self) -> None:
-        """With several processes, each BatchTopK Lorsa's threshold becomes the mean of the processes' (each learns
-        from its own batches), so that every process holds the same Lorsa. One scalar per Lorsa, no host sync."""
+        """With several processes, each BatchTopK Lorsa's threshold and heads' scales of it become the mean of the
+        processes' (each learns from its own batches), so that every process holds the same Lorsa. One reduction of
+        1 + Hov numbers per Lorsa, no host sync."""
         if self.accelerator.num_processes == 1:
             return
         for lorsa in self.lorsas().values():
             if lorsa.config.act_fn == "batchtopk":
-                for buffer in (lorsa.threshold, lorsa.threshold_scale):
-                    buffer.copy_(self.accelerator.reduce(buffer.clone(), reduction="mean"))
+                both = torch.cat((lorsa.threshold.view(1), lorsa.threshold_scale))
+                mean = self.accelerator.reduce(both, reduction="mean")
+                lorsa.threshold.copy_(mean[0])
+                lorsa.threshold_scale.copy_(mean[1:])
 
     def silent_heads(self, layer: int | None = None) -> torch.Tensor:
         """(Hov,) True for heads (of `layer`'s Lorsa; default the first) that have not fired for more than
