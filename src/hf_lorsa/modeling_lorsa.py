@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from . import hub
 from .attention_mask import attention_bias, needs_mask, positions_from_mask
+from .causal_attention import causal_attention
 from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 from .input_checks import check_attention_input
@@ -211,7 +212,7 @@ class LorsaModel(LorsaPreTrainedModel):
             allowed = attention_bias(attention_mask, x.shape[1], self.config.sliding_window, x.device)
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.config.scaling)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.config.scaling)
+            z = causal_attention(q, k, v, self.config.scaling)
         return rearrange(z, "b h t g -> b t (h g)")
 
     def ov_values(self, x: torch.Tensor) -> torch.Tensor:

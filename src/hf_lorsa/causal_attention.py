@@ -1,0 +1,102 @@
+"""Causal attention for the training path: PyTorch's fused kernel, with a CPU backward that skips the query rows
+no kept head reads.
+
+A Lorsa keeps K of Hov heads per position, so the gradient that reaches the attention output z (B, H, T, g) is zero
+in every row (b, h, t) whose g OV heads were all dropped there. At the stories260K sizes (K 16 of 512 heads, 8 OV
+heads per QK head) about 1 - (1 - 16/512)^8 = 22% of the rows carry a gradient, and under BatchTopK on SmolLM2's
+sizes (K 32 of 2,304, 64 per QK head) about 30%. A row without one adds nothing to the gradients of q, k or v, so
+the backward runs PyTorch's fused CPU kernel on the rows that do: the (b, h) pairs sorted by their count of such
+rows, in groups, each group's rows packed to its fullest pair's count R, each row with its own causal span (an
+additive mask). Same kernel, same terms: the gradients equal the full backward's (tests/test_causal_attention.py).
+A packed row costs all T keys where the causal kernel averages about 0.6 T, so a group whose R passes
+PACKED_ROW_SHARE of T, and the whole backward when every group does (K near Hov while K anneals), takes the full
+causal kernel instead. A GPU keeps SDPA's own backward.
+
+Axes: B batch, H QK heads, T positions (queries and keys), R packed query rows, d head width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Groups whose fullest pair has at most this share of rows with a gradient are packed; 0.5 against 0.35 and never,
+# measured on config a and a SmolLM2-sized Lorsa under top-k and BatchTopK (BENCHMARKS.md).
+PACKED_ROW_SHARE = 0.5
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# Pairs (b, h) are packed in this many groups of like row counts.
+PAIR_GROUPS = 8
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, causal) v for q, k (B, H, T, d) and v (B, H, T, d): (B, H, T, d)."""
+    if packs_rows(q, k, v):
+        return RowSparseCausalAttention.apply(q, k, v, scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+
+def packs_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the backward can skip rows: on the CPU, with a gradient to take, inputs the fused kernel takes."""
+    tensors = (q, k, v)
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and all(t.device.type == "cpu" and t.dtype == q.dtype for t in tensors)
+        and q.dtype in PACKED_DTYPES
+        and q.shape[-1] == v.shape[-1]  # the fused CPU kernel needs one head width
+        and q.shape[-2] == k.shape[-2]
+    )
+
+
+def _flash_backward(grad, q, k, v, out, lse, scale, causal, mask=None):
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return op(grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+class RowSparseCausalAttention(torch.autograd.Function):
+    """The fused causal kernel forward; its backward over the query rows with a gradient only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out, lse = op(q, k, v, 0.0, True, scale=scale)  # lse: (B, H, T), each row's log-sum-exp
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors  # q, k, v, out, lse
+        positions = saved[0].shape[-2]
+        grad_, q, k, v, out, lse = (t.flatten(0, 1) for t in (grad, *saved))  # (N, T, ...): N = B * H pairs
+        read = grad_.ne(0).any(-1)  # (N, T): rows some kept head reads
+        counts = read.sum(-1)
+        # Pairs in groups of like counts, each packed to its own fullest pair: a few busy pairs do not set R for all.
+        order = counts.argsort()
+        groups = order.chunk(PAIR_GROUPS)
+        ends = torch.tensor([len(g) for g in groups]).cumsum(0) - 1
+        fullest = counts[order][ends].tolist()  # order ascends: a group's last pair is its fullest
+        busy = next((i for i, r in enumerate(fullest) if r > PACKED_ROW_SHARE * positions), len(groups))
+        if busy == 0:  # every group would pack most rows: the full causal backward, as SDPA's
+            return (*_flash_backward(grad, *saved, ctx.scale, True), None)
+        dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))  # a pair no kept head reads keeps zeros
+        if busy < len(groups):  # the busiest pairs (order's tail) in one full causal backward
+            pairs = order[sum(len(g) for g in groups[:busy]) :]
+            parts = (t[pairs][None] for t in (grad_, q, k, v, out, lse))  # (1, n, T, ...): the kernel's (B, H)
+            dq_g, dk_g, dv_g = _flash_backward(*parts, ctx.scale, True)
+            dq[pairs], dk[pairs], dv[pairs] = dq_g[0], dk_g[0], dv_g[0]
+        causal = torch.full((positions, positions), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        for pairs, packed in zip(groups[:busy], fullest[:busy]):
+            if packed == 0:
+                continue
+            # Rows with a gradient first, in position order; a pair with fewer than R fills up with rows whose
+            # gradient is zero, which add exactly nothing.
+            rows = torch.sort((~read[pairs]).to(torch.uint8), dim=-1, stable=True).indices[:, :packed]  # (n, R)
+            at = (pairs[:, None], rows)
+            mask = causal[rows][None]  # (1, n, R, T): each packed row sees the keys up to its own position
+            dq_g, dk_g, dv_g = _flash_backward(
+                grad_[at][None], q[at][None], k[pairs][None], v[pairs][None], out[at][None], lse[at][None],
+                ctx.scale, False, mask,
+            )  # fmt: skip
+            dq[at], dk[pairs], dv[pairs] = dq_g[0], dk_g[0], dv_g[0]
+        return dq.view_as(saved[0]), dk.view_as(saved[1]), dv.view_as(saved[2]), None
