@@ -17,6 +17,8 @@ Axes: B batch, H QK heads, T positions (queries and keys), R packed query rows, 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +55,25 @@ def _flash_backward(grad, q, k, v, out, lse, scale, causal, mask=None):
     return op(grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
+def _units(t: torch.Tensor, trailing: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t (B, H, T, d) as units of its last `trailing` dims (1: rows of d, 2: a pair's (T, d) block) over its storage,
+    and where each unit lies among them: (B * H, T) for rows, (B * H,) for blocks.
+
+    No copy when each unit's values lie side by side, as in the model's transposed z and v: gathering rows from
+    there beats first copying the whole tensor into (B, H, T, d) order, 32 bytes at a time when d is 8.
+    """
+    size = math.prod(t.shape[-trailing:])
+    if not t[(0,) * (4 - trailing)].is_contiguous() or any(
+        s % size for s in (*t.stride()[:-trailing], t.storage_offset())
+    ):
+        t = t.contiguous()
+    steps = [torch.arange(n) * (s // size) for n, s in zip(t.shape[:-trailing], t.stride()[:-trailing])]
+    where = steps[0][:, None] + steps[1][None, :] if trailing == 2 else (
+        steps[0][:, None, None] + steps[1][None, :, None] + steps[2][None, None, :])  # fmt: skip
+    where = where.flatten(0, 1) + t.storage_offset() // size
+    return t.as_strided((int(where.max()) + 1, size), (size, 1), 0), where
+
+
 class RowSparseCausalAttention(torch.autograd.Function):
     """The fused causal kernel forward; its backward over the query rows with a gradient only."""
 
@@ -66,10 +87,9 @@ class RowSparseCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors  # q, k, v, out, lse
-        positions = saved[0].shape[-2]
-        grad_, q, k, v, out, lse = (t.flatten(0, 1) for t in (grad, *saved))  # (N, T, ...): N = B * H pairs
-        read = grad_.ne(0).any(-1)  # (N, T): rows some kept head reads
+        q, k, v, out, lse = ctx.saved_tensors
+        (*pairs_shape, positions, width) = q.shape
+        read = grad.ne(0).any(-1).flatten(0, 1)  # (N, T): rows some kept head reads; N = B * H pairs
         counts = read.sum(-1)
         # Pairs in groups of like counts, each packed to its own fullest pair: a few busy pairs do not set R for all.
         order = counts.argsort()
@@ -78,25 +98,38 @@ class RowSparseCausalAttention(torch.autograd.Function):
         fullest = counts[order][ends].tolist()  # order ascends: a group's last pair is its fullest
         busy = next((i for i, r in enumerate(fullest) if r > PACKED_ROW_SHARE * positions), len(groups))
         if busy == 0:  # every group would pack most rows: the full causal backward, as SDPA's
-            return (*_flash_backward(grad, *saved, ctx.scale, True), None)
-        dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))  # a pair no kept head reads keeps zeros
+            return (*_flash_backward(grad, q, k, v, out, lse, ctx.scale, True), None)
+        rows = [_units(t, 1) for t in (grad, q, out)]  # (rows, d) and (N, T) each
+        blocks = [_units(t, 2 if t.stride(-2) == width else 1) for t in (k, v)]  # whole pairs where they lie whole
+        lse = lse.flatten()
+        dq, dk, dv = (q.new_empty(q.numel() // width, width) for _ in range(3))  # (N * T, d), in (b, h, t) order
+        dq.zero_()  # rows without a gradient
+        dk_pairs, dv_pairs = dk.view(-1, positions * width), dv.view(-1, positions * width)  # (N, T * d)
+
+        def kernel(pairs, at, mask):
+            """The kernel's backward for `pairs` (n,) at rows `at` (n, R) of them; the kernel's (B, H) are (1, n)."""
+            grad_, q_, out_ = (data.index_select(0, where[pairs].gather(1, at).flatten()) for data, where in rows)
+            k_, v_ = (data.index_select(0, where[pairs].flatten()) for data, where in blocks)
+            grad_, q_, k_, v_, out_ = (t.view(1, len(pairs), -1, width) for t in (grad_, q_, k_, v_, out_))
+            lse_ = lse.index_select(0, (pairs[:, None] * positions + at).flatten()).view(1, len(pairs), -1)
+            dq_, dk_, dv_ = _flash_backward(grad_, q_, k_, v_, out_, lse_, ctx.scale, mask is None, mask)
+            dq.index_copy_(0, (pairs[:, None] * positions + at).flatten(), dq_.reshape(-1, width))
+            dk_pairs.index_copy_(0, pairs, dk_.reshape(len(pairs), -1))
+            dv_pairs.index_copy_(0, pairs, dv_.reshape(len(pairs), -1))
+
+        every_row = torch.arange(positions).expand(counts.shape[0], -1)
         if busy < len(groups):  # the busiest pairs (order's tail) in one full causal backward
             pairs = order[sum(len(g) for g in groups[:busy]) :]
-            parts = (t[pairs][None] for t in (grad_, q, k, v, out, lse))  # (1, n, T, ...): the kernel's (B, H)
-            dq_g, dk_g, dv_g = _flash_backward(*parts, ctx.scale, True)
-            dq[pairs], dk[pairs], dv[pairs] = dq_g[0], dk_g[0], dv_g[0]
-        causal = torch.full((positions, positions), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+            kernel(pairs, every_row[: len(pairs)], None)
+        causal = torch.full((positions, positions), float("-inf"), dtype=q.dtype).triu(1)
         for pairs, packed in zip(groups[:busy], fullest[:busy]):
-            if packed == 0:
+            if packed == 0:  # no row of these pairs is read
+                dk_pairs.index_fill_(0, pairs, 0)
+                dv_pairs.index_fill_(0, pairs, 0)
                 continue
             # Rows with a gradient first, in position order; a pair with fewer than R fills up with rows whose
             # gradient is zero, which add exactly nothing.
-            rows = torch.sort((~read[pairs]).to(torch.uint8), dim=-1, stable=True).indices[:, :packed]  # (n, R)
-            at = (pairs[:, None], rows)
-            mask = causal[rows][None]  # (1, n, R, T): each packed row sees the keys up to its own position
-            dq_g, dk_g, dv_g = _flash_backward(
-                grad_[at][None], q[at][None], k[pairs][None], v[pairs][None], out[at][None], lse[at][None],
-                ctx.scale, False, mask,
-            )  # fmt: skip
-            dq[at], dk[pairs], dv[pairs] = dq_g[0], dk_g[0], dv_g[0]
-        return dq.view_as(saved[0]), dk.view_as(saved[1]), dv.view_as(saved[2]), None
+            at = torch.sort((~read[pairs]).to(torch.uint8), dim=-1, stable=True).indices[:, :packed]  # (n, R)
+            mask = causal.index_select(0, at.flatten()).view(1, len(pairs), packed, positions)  # own causal span
+            kernel(pairs, at, mask)
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None
