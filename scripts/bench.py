@@ -5,6 +5,7 @@ python scripts/bench.py --configs c --device cuda
 python scripts/bench.py --configs c --device cuda --top_k 32768   # K = n_ov (the start of K annealing): memory
 python scripts/bench.py --decode auto,gather --optimizer adam,fused   # every pair: the decodes; fused Adam (the Trainer's)
 python scripts/bench.py --act_fn topk,batchtopk    # per-position top-k against BatchTopK (training's default)
+python scripts/bench.py --configs a,s --attention_backward auto,full   # CPU: the backward over read rows, or all
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
@@ -18,13 +19,16 @@ import time
 
 import torch
 
-from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa import LorsaConfig, LorsaModel, causal_attention
 from hf_lorsa.selection import room_per_position
 
+ROW_SHARE = causal_attention.PACKED_ROW_SHARE
 CONFIGS = {
     "a": dict(d_model=64, n_qk_heads=64, d_qk_head=8, n_ov_heads=512, top_k=16, batch=32, context=256),
     "b": dict(d_model=768, n_qk_heads=48, d_qk_head=64, n_ov_heads=6144, top_k=64, batch=2, context=256),
     "c": dict(d_model=4096, n_qk_heads=256, d_qk_head=128, n_ov_heads=32768, top_k=128, batch=4, context=1024),
+    # SmolLM2-135M's sizes with the default QK heads (n_ov / head width): only when named in --configs
+    "s": dict(d_model=576, n_qk_heads=36, d_qk_head=64, n_ov_heads=2304, top_k=32, batch=2, context=1024),
 }
 
 
@@ -42,7 +46,10 @@ def bench(
     decode: str = "auto",
     optimizer: str = "adam",
     act_fn: str = "topk",
+    attention_backward: str = "auto",
 ) -> dict:
+    # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does
+    causal_attention.PACKED_ROW_SHARE = {"auto": ROW_SHARE, "full": -1.0}[attention_backward]
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
     if top_k is not None:
@@ -86,6 +93,7 @@ def bench(
         "act_fn": act_fn,
         "decode": "dense" if model.uses_dense_decode(room, device) else "gather",
         "optimizer": "fused Adam" if fused else "Adam",
+        "attention_backward": attention_backward,
         "tokens_per_step": batch * context,
         "median_step_s": round(median, 5),
         "tokens_per_s": round(batch * context / median, 1),
@@ -97,7 +105,7 @@ def bench(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default=None, help="comma-separated subset of a,b,c")
+    parser.add_argument("--configs", default=None, help="comma-separated subset of a,b,c,s")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -116,6 +124,11 @@ def main() -> None:
     parser.add_argument(
         "--act_fn", default="topk", help="comma-separated topk (the authors' rule), batchtopk (training's default)"
     )
+    parser.add_argument(
+        "--attention_backward",
+        default="auto",
+        help="comma-separated auto (CPU: over the query rows a kept head reads), full (every row)",
+    )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()
     if args.pipeline:
@@ -128,10 +141,13 @@ def main() -> None:
     device = torch.device(args.device)
     names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
     decodes, optimizers, act_fns = args.decode.split(","), args.optimizer.split(","), args.act_fn.split(",")
+    backwards = args.attention_backward.split(",")
     choices = (
+        (names, tuple(CONFIGS)),
         (decodes, ("auto", "dense", "gather")),
         (optimizers, ("adam", "fused")),
         (act_fns, ("topk", "batchtopk")),
+        (backwards, ("auto", "full")),
     )
     for choice, allowed in choices:
         if not set(choice) <= set(allowed):
@@ -140,8 +156,11 @@ def main() -> None:
         for decode in decodes:
             for optimizer in optimizers:
                 for act_fn in act_fns:
-                    result = bench(name, device, args.steps, args.warmup, args.top_k, decode, optimizer, act_fn)
-                    print(json.dumps(result), flush=True)
+                    for backward in backwards:
+                        result = bench(
+                            name, device, args.steps, args.warmup, args.top_k, decode, optimizer, act_fn, backward
+                        )
+                        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
