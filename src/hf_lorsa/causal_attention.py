@@ -47,6 +47,7 @@ def packs_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         and q.dtype in PACKED_DTYPES
         and q.shape[-1] == v.shape[-1]  # the fused CPU kernel needs one head width
         and q.shape[-2] == k.shape[-2]
+        and q.numel() > 0
     )
 
 
@@ -88,7 +89,7 @@ class RowSparseCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
-        (*pairs_shape, positions, width) = q.shape
+        positions, width = q.shape[-2:]
         read = grad.ne(0).any(-1).flatten(0, 1)  # (N, T): rows some kept head reads; N = B * H pairs
         counts = read.sum(-1)
         # Pairs in groups of like counts, each packed to its own fullest pair: a few busy pairs do not set R for all.
