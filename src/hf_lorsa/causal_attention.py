@@ -112,16 +112,16 @@ class RowSparseCausalAttention(torch.autograd.Function):
             grad_, q_, out_ = (data.index_select(0, where[pairs].gather(1, at).flatten()) for data, where in rows)
             k_, v_ = (data.index_select(0, where[pairs].flatten()) for data, where in blocks)
             grad_, q_, k_, v_, out_ = (t.view(1, len(pairs), -1, width) for t in (grad_, q_, k_, v_, out_))
-            lse_ = lse.index_select(0, (pairs[:, None] * positions + at).flatten()).view(1, len(pairs), -1)
+            flat = (pairs[:, None] * positions + at).flatten()  # the rows in (b, h, t) order: lse's, dq's
+            lse_ = lse.index_select(0, flat).view(1, len(pairs), -1)
             dq_, dk_, dv_ = _flash_backward(grad_, q_, k_, v_, out_, lse_, ctx.scale, mask is None, mask)
-            dq.index_copy_(0, (pairs[:, None] * positions + at).flatten(), dq_.reshape(-1, width))
+            dq.index_copy_(0, flat, dq_.reshape(-1, width))
             dk_pairs.index_copy_(0, pairs, dk_.reshape(len(pairs), -1))
             dv_pairs.index_copy_(0, pairs, dv_.reshape(len(pairs), -1))
 
-        every_row = torch.arange(positions).expand(counts.shape[0], -1)
         if busy < len(groups):  # the busiest pairs (order's tail) in one full causal backward
             pairs = order[sum(len(g) for g in groups[:busy]) :]
-            kernel(pairs, every_row[: len(pairs)], None)
+            kernel(pairs, torch.arange(positions).expand(len(pairs), -1), None)
         causal = torch.full((positions, positions), float("-inf"), dtype=q.dtype).triu(1)
         for pairs, packed in zip(groups[:busy], fullest[:busy]):
             if packed == 0:  # no row of these pairs is read
