@@ -103,6 +103,33 @@ def test_unpadded_pre_activations_match_reference(n_ov_heads, overrides):
     torch.testing.assert_close(z, reference_z(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"qk_norm": True, "qk_norm_per_head": True}])
+def test_gradients_match_reference(overrides):
+    """Queries and keys are computed with each rotary pair's dims side by side (hf_lorsa.qk_projection): the
+    gradients reaching the projections and the QK norm's gain are those of the host's order."""
+    model = make(**overrides)
+    x = torch.randn(2, 7, 32)
+    weights = torch.randn(2, 7, model.config.n_ov_heads)
+    params = [model.W_Q, model.W_K, model.b_Q, model.b_K, model.w_v]
+    params += [model.q_norm.weight, model.k_norm.weight] if model.q_norm is not None else []
+    got = torch.autograd.grad((model(x, output_pre_activations=True).pre_activations * weights).sum(), params)
+    expected = torch.autograd.grad((reference_z(model, x) * weights).sum(), params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rope", [ROPE, dict(ROPE, partial_rotary_factor=0.5)])
+@torch.no_grad()
+def test_bfloat16_rotation_matches_float32(rope):
+    """bfloat16 has no complex type: its queries and keys take the real products, which must rotate the same pairs."""
+    model = make(rope_parameters=rope)
+    x = torch.randn(2, 7, 32)
+    expected = model.queries_keys(x)
+    got = model.to(torch.bfloat16).queries_keys(x.bfloat16())
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b, atol=5e-2, rtol=2e-2)
+
+
 @torch.no_grad()
 def test_explicit_path_agrees_with_fused_path():
     model = make(sliding_window=4)

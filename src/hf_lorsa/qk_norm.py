@@ -1,19 +1,20 @@
 """The QK norm of a Lorsa: none, one RMSNorm shared by every QK head (the host's, as in Qwen3 and Gemma 3), or one
 per QK head (Lorsas trained by the authors' code, whose heads each learn their own).
 
-Axes: B batch, Hqk QK heads, T positions, dqk QK head width.
+Axes: B batch, T positions, Hqk QK heads, dqk QK head width.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .configuration_lorsa import LorsaConfig
 
 
 class HeadRMSNorm(nn.Module):
-    """RMSNorm over the last axis of (B, Hqk, T, dqk) with one weight row per QK head (Hqk, dqk): the QK norm of
+    """RMSNorm over the last axis of (B, T, Hqk, dqk) with one weight row per QK head (Hqk, dqk): the QK norm of
     Lorsas trained by the authors' code, whose heads each learn their own."""
 
     def __init__(self, n_heads: int, dim: int, eps: float):
@@ -22,8 +23,24 @@ class HeadRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()[:, None, :]).to(x.dtype)
+        return head_rms_norm(x, self.weight, self.eps)
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x (..., Hqk, dqk) in float32 with gain weight (Hqk, dqk) (the authors' per-head QK norm)."""
+    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def apply_qk_norm(norm: nn.Module | None, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The QK norm `norm` (None, the host's shared RMSNorm, or a HeadRMSNorm) of x (B, T, Hqk, dqk) whose head dims
+    are in `order` (None: their own): the gain is read in that order too."""
+    if norm is None:
+        return x
+    weight = norm.weight if order is None else norm.weight[..., order]
+    if isinstance(norm, HeadRMSNorm):
+        return head_rms_norm(x, weight, norm.eps)
+    return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
 
 
 def qk_norm(config: LorsaConfig) -> nn.Module | None:
