@@ -7,7 +7,6 @@ Axes: B batch, T positions, Hqk QK heads, dqk QK head width.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .configuration_lorsa import LorsaConfig
@@ -23,11 +22,12 @@ class HeadRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return head_rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
-def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x (..., Hqk, dqk) in float32 with gain weight (Hqk, dqk) (the authors' per-head QK norm)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x (..., Hqk, dqk) over its last axis, computed in float32 whatever x's dtype (as the hosts do),
+    with gain weight (Hqk, dqk) per head or (dqk,) shared."""
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
     return (normed * weight.float()).to(x.dtype)
 
@@ -37,10 +37,7 @@ def apply_qk_norm(norm: nn.Module | None, x: torch.Tensor, order: torch.Tensor |
     are in `order` (None: their own): the gain is read in that order too."""
     if norm is None:
         return x
-    weight = norm.weight if order is None else norm.weight[..., order]
-    if isinstance(norm, HeadRMSNorm):
-        return head_rms_norm(x, weight, norm.eps)
-    return F.rms_norm(x, norm.normalized_shape, weight, norm.eps)
+    return rms_norm(x, norm.weight if order is None else norm.weight[..., order], norm.eps)
 
 
 def qk_norm(config: LorsaConfig) -> nn.Module | None:
