@@ -24,7 +24,7 @@ from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
 from .input_checks import check_attention_input
 from .qk_norm import HeadRMSNorm, qk_norm
-from .qk_projection import pair_order, queries_or_keys
+from .qk_projection import queries_or_keys
 from .rotary import LorsaRotaryEmbedding
 from .selection import BATCH_TOPK_CAP, UNSET, batch_top_k, top_k_per_position
 
@@ -222,17 +222,16 @@ class LorsaModel(LorsaPreTrainedModel):
         return F.linear(x, self.w_v, self.b_v)
 
     def queries_keys(self, x, position_ids=None, attention_mask=None, position_embeddings=None):
-        """Queries and keys (B, Hqk, T, dqk) with the host's QK-norm and rotary treatment, each head's dims in
-        `qk_projection.pair_order` (rotary pairs side by side: the scores q . k are those of the host's order)."""
+        """Queries and keys (B, Hqk, T, dqk) with the host's QK-norm and rotary treatment, each head's dims
+        `qk_projection.in_pair_order` (rotary pairs side by side: the scores q . k are those of the host's order)."""
         if self.rotary_emb is not None and position_embeddings is None:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, x.shape[0], x.shape[1], x.device)
             position_embeddings = self.rotary_emb(x, position_ids)
-        rot = 0 if self.rotary_emb is None else position_embeddings[0].shape[-1]
-        order = pair_order(self.config.d_qk_head, rot, self.config.rope_interleaved, x.device)
         pe = position_embeddings if self.rotary_emb is not None else None
-        q = queries_or_keys(x, self.W_Q, self.b_Q, self.q_norm, pe, order)  # (B, T, Hqk, dqk)
-        k = queries_or_keys(x, self.W_K, self.b_K, self.k_norm, pe, order)
+        paired = 0 if pe is None or self.config.rope_interleaved else pe[0].shape[-1]  # half-split dims to pair up
+        q = queries_or_keys(x, self.W_Q, self.b_Q, self.q_norm, pe, paired)  # (B, T, Hqk, dqk)
+        k = queries_or_keys(x, self.W_K, self.b_K, self.k_norm, pe, paired)
         return q.transpose(1, 2), k.transpose(1, 2)
 
     def select_top_k(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

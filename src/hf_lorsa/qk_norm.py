@@ -32,14 +32,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (normed * weight.float()).to(x.dtype)
 
 
-def apply_qk_norm(norm: nn.Module | None, x: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
-    """The QK norm `norm` (None, the host's shared RMSNorm, or a HeadRMSNorm) of x (B, T, Hqk, dqk) whose head dims
-    are in `order` (None: their own): the gain is read in that order too."""
-    if norm is None:
-        return x
-    return rms_norm(x, norm.weight if order is None else norm.weight[..., order], norm.eps)
-
-
 def qk_norm(config: LorsaConfig) -> nn.Module | None:
     """The QK norm a config asks for: none, one shared across QK heads (the host's), or one per QK head."""
     if not config.qk_norm:

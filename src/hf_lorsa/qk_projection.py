@@ -16,29 +16,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .qk_norm import apply_qk_norm
+from .qk_norm import rms_norm
 from .rotary import rotate_pairs
 
 
-def pair_order(d_qk: int, rot: int, interleaved: bool, device: torch.device) -> torch.Tensor | None:
-    """A head's dims with each rotary pair side by side and the pass-through dims after them: (dqk,), or None
-    where that is their own order (no rotary, or interleaved pairs)."""
-    if rot == 0 or interleaved:
-        return None
-    half = torch.arange(rot // 2, device=device)
-    return torch.cat((torch.stack((half, half + rot // 2), -1).flatten(), torch.arange(rot, d_qk, device=device)))
+def in_pair_order(t: torch.Tensor, paired: int) -> torch.Tensor:
+    """t (..., dqk) with its first `paired` dims (half-split rotary pairs: j and j + paired/2) reordered so that each
+    pair lies side by side; the later dims follow as they were. A reshape, not an index: its backward is a copy too."""
+    if paired == 0:
+        return t
+    pairs = t[..., :paired].unflatten(-1, (2, paired // 2)).transpose(-1, -2).flatten(-2)
+    return pairs if paired == t.shape[-1] else torch.cat((pairs, t[..., paired:]), -1)
 
 
-def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    """x (B, T, D) times weight (Hqk, D, dqk) plus bias (Hqk, dqk), head dims in `order`: (B, T, Hqk, dqk)."""
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, paired: int) -> torch.Tensor:
+    """x (B, T, D) times weight (Hqk, D, dqk) plus bias (Hqk, dqk), head dims `in_pair_order`: (B, T, Hqk, dqk)."""
     device = x.device.type
     if torch.is_autocast_enabled(device):  # cast before the layout copy, as einsum would: one copy of the weight
         weight, bias = weight.to(torch.get_autocast_dtype(device)), bias.to(torch.get_autocast_dtype(device))
     heads, d_model, width = weight.shape
-    if order is not None:
-        weight, bias = weight[..., order], bias[..., order]
-    matrix = weight.transpose(0, 1).reshape(d_model, heads * width)  # (D, Hqk * dqk), the matmul's layout
-    return torch.addmm(bias.flatten(), x.reshape(-1, d_model), matrix).view(*x.shape[:-1], heads, width)
+    matrix = in_pair_order(weight.transpose(0, 1), paired).reshape(d_model, heads * width)  # the matmul's layout
+    bias = in_pair_order(bias, paired).flatten()
+    return torch.addmm(bias, x.reshape(-1, d_model), matrix).view(*x.shape[:-1], heads, width)
 
 
 def queries_or_keys(
@@ -47,9 +46,12 @@ def queries_or_keys(
     bias: torch.Tensor,
     norm: nn.Module | None,
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
-    order: torch.Tensor | None,
+    paired: int,
 ) -> torch.Tensor:
     """Projected, normed (`norm`: a QK norm or None) and rotated by the host's (cos, sin) (B, T, rot) or not (None):
-    (B, T, Hqk, dqk), head dims in `order` (`pair_order`)."""
-    out = apply_qk_norm(norm, project(x, weight, bias, order), order)
+    (B, T, Hqk, dqk), the first `paired` head dims `in_pair_order` (0 where no reordering is needed: no rotary, or
+    interleaved pairs)."""
+    out = project(x, weight, bias, paired)
+    if norm is not None:  # the host's shared RMSNorm or a HeadRMSNorm: its gain (dqk,) or (Hqk, dqk) reordered too
+        out = rms_norm(out, in_pair_order(norm.weight, paired), norm.eps)
     return out if position_embeddings is None else rotate_pairs(out, *position_embeddings)

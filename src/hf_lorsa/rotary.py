@@ -16,7 +16,7 @@ class LorsaRotaryEmbedding(GPTNeoXRotaryEmbedding):
 
 def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, Hqk, dqk), whose first rot = cos.shape[-1] dims are rotary pairs side by side
-    (`qk_projection.pair_order`), by the host's cos, sin (B, T, rot); the later dims pass through."""
+    (`qk_projection.in_pair_order`), by the host's cos, sin (B, T, rot); the later dims pass through."""
     rot = cos.shape[-1]
     cos, sin = cos[..., None, : rot // 2], sin[..., None, : rot // 2]  # (B, T, 1, rot/2): each pair's angle
     pairs = x[..., :rot].unflatten(-1, (rot // 2, 2))  # (B, T, Hqk, rot/2, 2)
