@@ -6,6 +6,7 @@ python scripts/bench.py --configs c --device cuda --top_k 32768   # K = n_ov (th
 python scripts/bench.py --decode auto,gather --optimizer adam,fused   # every pair: the decodes; fused Adam (the Trainer's)
 python scripts/bench.py --act_fn topk,batchtopk    # per-position top-k against BatchTopK (training's default)
 python scripts/bench.py --configs a,s --attention_backward auto,full   # CPU: the backward over read rows, or all
+python scripts/bench.py --configs a,s --attention_backward 0.5,0.65,0.8   # CPU: pack groups up to this share of rows
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
@@ -37,6 +38,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def is_share(text: str) -> bool:
+    """Whether `text` is a share of rows in (0, 1] (`--attention_backward`)."""
+    try:
+        return 0 < float(text) <= 1
+    except ValueError:
+        return False
+
+
 def bench(
     name: str,
     device: torch.device,
@@ -48,8 +57,12 @@ def bench(
     act_fn: str = "topk",
     attention_backward: str = "auto",
 ) -> dict:
-    # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does
-    causal_attention.PACKED_ROW_SHARE = {"auto": ROW_SHARE, "full": -1.0}[attention_backward]
+    # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does; a number:
+    # the share of rows up to which a group is packed (causal_attention.PACKED_ROW_SHARE)
+    shares = {"auto": ROW_SHARE, "full": -1.0}
+    causal_attention.PACKED_ROW_SHARE = shares[attention_backward] if attention_backward in shares else float(
+        attention_backward
+    )
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
     if top_k is not None:
@@ -127,7 +140,8 @@ def main() -> None:
     parser.add_argument(
         "--attention_backward",
         default="auto",
-        help="comma-separated auto (CPU: over the query rows a kept head reads), full (every row)",
+        help="comma-separated auto (CPU: over the query rows a kept head reads), full (every row), or a share of rows "
+        "in (0, 1] up to which a group of (batch, QK head) pairs is packed",
     )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()
@@ -147,7 +161,7 @@ def main() -> None:
         (decodes, ("auto", "dense", "gather")),
         (optimizers, ("adam", "fused")),
         (act_fns, ("topk", "batchtopk")),
-        (backwards, ("auto", "full")),
+        (backwards, ("auto", "full", *(b for b in backwards if is_share(b)))),
     )
     for choice, allowed in choices:
         if not set(choice) <= set(allowed):
