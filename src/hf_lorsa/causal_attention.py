@@ -63,22 +63,26 @@ def _flash_backward(grad, q, k, v, out, lse, scale, causal, mask=None):
     return op(grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
-def _units(t: torch.Tensor, trailing: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _units(t: torch.Tensor, trailing: int, known: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """t (B, H, T, d) as units of its last `trailing` dims (1: rows of d, 2: a pair's (T, d) block) over its storage,
-    and where each unit lies among them: (B * H, T) for rows, (B * H,) for blocks.
+    and where each unit lies among them: (B * H, T) for rows, (B * H,) for blocks; the same `where` tensor for
+    tensors laid out alike (`known` holds them by layout).
 
-    No copy when each unit's values lie side by side, as in the model's transposed z and v: gathering rows from
-    there beats first copying the whole tensor into (B, H, T, d) order, 32 bytes at a time when d is 8.
+    No copy when each unit's values lie side by side, as in the model's transposed z, q, k and v: gathering rows
+    from there beats first copying the whole tensor into (B, H, T, d) order, 32 bytes at a time when d is 8.
     """
     size = math.prod(t.shape[-trailing:])
     if not t[(0,) * (4 - trailing)].is_contiguous() or any(
         s % size for s in (*t.stride()[:-trailing], t.storage_offset())
     ):
         t = t.contiguous()
+    layout = (t.shape, t.stride(), t.storage_offset(), trailing)
+    if layout in known:
+        return t.as_strided((int(known[layout].max()) + 1, size), (size, 1), 0), known[layout]
     steps = [torch.arange(n) * (s // size) for n, s in zip(t.shape[:-trailing], t.stride()[:-trailing])]
     where = steps[0][:, None] + steps[1][None, :] if trailing == 2 else (
         steps[0][:, None, None] + steps[1][None, :, None] + steps[2][None, None, :])  # fmt: skip
-    where = where.flatten(0, 1) + t.storage_offset() // size
+    where = known[layout] = where.flatten(0, 1) + t.storage_offset() // size
     return t.as_strided((int(where.max()) + 1, size), (size, 1), 0), where
 
 
@@ -108,22 +112,32 @@ class RowSparseCausalAttention(torch.autograd.Function):
         busy = next((i for i, r in enumerate(fullest) if r > PACKED_ROW_SHARE * positions), len(groups))
         if busy == 0:  # every group would pack most rows: the full causal backward, as SDPA's
             return (*_flash_backward(grad, q, k, v, out, lse, ctx.scale, True), None)
-        rows = [_units(t, 1) for t in (grad, q, out)]  # (rows, d) and (N, T) each
-        blocks = [_units(t, 2 if t.stride(-2) == width else 1) for t in (k, v)]  # whole pairs where they lie whole
+        known = {}
+        # Laid out as q where its rows are whole (the projection's backward reads it so); zero in rows without a gradient
+        dq = torch.zeros_like(q, memory_format=torch.preserve_format if q.stride(-1) == 1 else torch.contiguous_format)
+        rows = [_units(t, 1, known) for t in (grad, q, out, dq)]  # (rows, d) and (N, T) each
+        blocks = [_units(t, 2 if t.stride(-2) == width else 1, known) for t in (k, v)]  # pairs where they lie whole
         lse = lse.flatten()
-        dq, dk, dv = (q.new_empty(q.numel() // width, width) for _ in range(3))  # (N * T, d), in (b, h, t) order
-        dq.zero_()  # rows without a gradient
+        dk, dv = (q.new_empty(q.numel() // width, width) for _ in range(2))  # (N * T, d), in (b, h, t) order
         dk_pairs, dv_pairs = dk.view(-1, positions * width), dv.view(-1, positions * width)  # (N, T * d)
 
         def kernel(pairs, at, mask):
             """The kernel's backward for `pairs` (n,) at rows `at` (n, R) of them; the kernel's (B, H) are (1, n)."""
-            grad_, q_, out_ = (data.index_select(0, where[pairs].gather(1, at).flatten()) for data, where in rows)
-            k_, v_ = (data.index_select(0, where[pairs].flatten()) for data, where in blocks)
+            picked = {}  # by layout (most of the tensors share one): the units to read or write
+
+            def pick(where, whole):
+                key = (id(where), whole)
+                if key not in picked:
+                    picked[key] = (where[pairs] if whole else where[pairs].gather(1, at)).flatten()
+                return picked[key]
+
+            grad_, q_, out_ = (data.index_select(0, pick(where, False)) for data, where in rows[:3])
+            k_, v_ = (data.index_select(0, pick(where, True)) for data, where in blocks)
             grad_, q_, k_, v_, out_ = (t.view(1, len(pairs), -1, width) for t in (grad_, q_, k_, v_, out_))
-            flat = (pairs[:, None] * positions + at).flatten()  # the rows in (b, h, t) order: lse's, dq's
+            flat = (pairs[:, None] * positions + at).flatten()  # the rows in (b, h, t) order: lse's
             lse_ = lse.index_select(0, flat).view(1, len(pairs), -1)
             dq_, dk_, dv_ = _flash_backward(grad_, q_, k_, v_, out_, lse_, ctx.scale, mask is None, mask)
-            dq.index_copy_(0, flat, dq_.reshape(-1, width))
+            rows[3][0].index_copy_(0, pick(rows[3][1], False), dq_.reshape(-1, width))
             dk_pairs.index_copy_(0, pairs, dk_.reshape(len(pairs), -1))
             dv_pairs.index_copy_(0, pairs, dv_.reshape(len(pairs), -1))
 
@@ -141,4 +155,4 @@ class RowSparseCausalAttention(torch.autograd.Function):
             at = torch.sort((~read[pairs]).to(torch.uint8), dim=-1, stable=True).indices[:, :packed]  # (n, R)
             mask = causal.index_select(0, at.flatten()).view(1, len(pairs), packed, positions)  # own causal span
             kernel(pairs, at, mask)
-        return dq.view_as(q), dk.view_as(k), dv.view_as(v), None
+        return dq, dk.view_as(k), dv.view_as(v), None

@@ -264,7 +264,7 @@ class LorsaModel(LorsaPreTrainedModel):
             device = values.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.w_o.dtype
             dense = values.new_zeros(values.shape[0], self.config.n_ov_heads, dtype=dtype)
-            flat = dense.scatter(-1, indices, values.to(dtype)) @ self.w_o
+            flat = dense.scatter_(-1, indices, values.to(dtype)) @ self.w_o  # in place: no copy of (N, Hov)
         elif self.holds_inactive(k):  # gather only the active entries (their count reaches the host: CPU only)
             active = values != 0
             offsets = active.sum(-1).cumsum(0).roll(1)
