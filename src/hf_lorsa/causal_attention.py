@@ -77,13 +77,14 @@ def _units(t: torch.Tensor, trailing: int, known: dict) -> tuple[torch.Tensor, t
     ):
         t = t.contiguous()
     layout = (t.shape, t.stride(), t.storage_offset(), trailing)
-    if layout in known:
-        return t.as_strided((int(known[layout].max()) + 1, size), (size, 1), 0), known[layout]
-    steps = [torch.arange(n) * (s // size) for n, s in zip(t.shape[:-trailing], t.stride()[:-trailing])]
-    where = steps[0][:, None] + steps[1][None, :] if trailing == 2 else (
-        steps[0][:, None, None] + steps[1][None, :, None] + steps[2][None, None, :])  # fmt: skip
-    where = known[layout] = where.flatten(0, 1) + t.storage_offset() // size
-    return t.as_strided((int(where.max()) + 1, size), (size, 1), 0), where
+    if layout not in known:
+        steps = [torch.arange(n) * (s // size) for n, s in zip(t.shape[:-trailing], t.stride()[:-trailing])]
+        where = steps[0][:, None] + steps[1][None, :] if trailing == 2 else (
+            steps[0][:, None, None] + steps[1][None, :, None] + steps[2][None, None, :])  # fmt: skip
+        where = where.flatten(0, 1) + t.storage_offset() // size
+        known[layout] = where, int(where.max()) + 1  # and the storage's units that t spans
+    where, units = known[layout]
+    return t.as_strided((units, size), (size, 1), 0), where
 
 
 class RowSparseCausalAttention(torch.autograd.Function):
@@ -115,7 +116,8 @@ class RowSparseCausalAttention(torch.autograd.Function):
         known = {}
         # Laid out as q where its rows are whole (the projection's backward reads it so); zero in rows without a gradient
         dq = torch.zeros_like(q, memory_format=torch.preserve_format if q.stride(-1) == 1 else torch.contiguous_format)
-        rows = [_units(t, 1, known) for t in (grad, q, out, dq)]  # (rows, d) and (N, T) each
+        rows = [_units(t, 1, known) for t in (grad, q, out)]  # (rows, d) and (N, T) each
+        dq_rows, dq_where = _units(dq, 1, known)  # dq's own storage: rows written in place
         blocks = [_units(t, 2 if t.stride(-2) == width else 1, known) for t in (k, v)]  # pairs where they lie whole
         lse = lse.flatten()
         dk, dv = (q.new_empty(q.numel() // width, width) for _ in range(2))  # (N * T, d), in (b, h, t) order
@@ -131,13 +133,13 @@ class RowSparseCausalAttention(torch.autograd.Function):
                     picked[key] = (where[pairs] if whole else where[pairs].gather(1, at)).flatten()
                 return picked[key]
 
-            grad_, q_, out_ = (data.index_select(0, pick(where, False)) for data, where in rows[:3])
+            grad_, q_, out_ = (data.index_select(0, pick(where, False)) for data, where in rows)
             k_, v_ = (data.index_select(0, pick(where, True)) for data, where in blocks)
             grad_, q_, k_, v_, out_ = (t.view(1, len(pairs), -1, width) for t in (grad_, q_, k_, v_, out_))
             flat = (pairs[:, None] * positions + at).flatten()  # the rows in (b, h, t) order: lse's
             lse_ = lse.index_select(0, flat).view(1, len(pairs), -1)
             dq_, dk_, dv_ = _flash_backward(grad_, q_, k_, v_, out_, lse_, ctx.scale, mask is None, mask)
-            rows[3][0].index_copy_(0, pick(rows[3][1], False), dq_.reshape(-1, width))
+            dq_rows.index_copy_(0, pick(dq_where, False), dq_.reshape(-1, width))
             dk_pairs.index_copy_(0, pairs, dk_.reshape(len(pairs), -1))
             dv_pairs.index_copy_(0, pairs, dv_.reshape(len(pairs), -1))
 
