@@ -60,8 +60,8 @@ def bench(
     # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does; a number:
     # the share of rows up to which a group is packed (causal_attention.PACKED_ROW_SHARE)
     shares = {"auto": ROW_SHARE, "full": -1.0}
-    causal_attention.PACKED_ROW_SHARE = shares[attention_backward] if attention_backward in shares else float(
-        attention_backward
+    causal_attention.PACKED_ROW_SHARE = (
+        shares[attention_backward] if attention_backward in shares else float(attention_backward)
     )
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
