@@ -104,7 +104,8 @@ class CountHostSyncs(TrainerCallback):
     its start, when transformers looks for packed sequences; that wait does not split the step.)"""
 
     READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
-    CPU_ONLY = ("causal_attention.py",)  # its packed backward runs on the CPU only (test_causal_attention.py)
+    # their backwards run on the CPU only (test_causal_attention.py, test_sparse_gradient_attention.py)
+    CPU_ONLY = ("causal_attention.py", "sparse_gradient_attention.py")
 
     def __init__(self):
         self.calls, self.saved, self.step = {}, {}, None

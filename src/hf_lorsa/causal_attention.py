@@ -10,17 +10,19 @@ rows, in groups, each group's rows packed to its fullest pair's count R, each ro
 additive mask). Same kernel, same terms: the gradients equal the full backward's (tests/test_causal_attention.py).
 A packed row costs all T keys where the causal kernel averages about 0.6 T, so a group whose R passes
 PACKED_ROW_SHARE of T, and the whole backward when every group does (K near Hov while K anneals), takes the full
-causal kernel instead. A GPU keeps SDPA's own backward.
+causal kernel instead. Values wider than the queries (no fused CPU kernel takes two widths) go to
+`sparse_gradient_attention`. A GPU keeps SDPA's own backward.
 
 Axes: B batch, H QK heads, T positions (queries and keys), R packed query rows, d head width.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from .sparse_gradient_attention import SparseGradientCausalAttention, takes_sparse_gradient
+from .storage_units import storage_units
 
 # Groups whose fullest pair has at most this share of rows with a gradient are packed: 0.65 against 0.5 and 0.8,
 # train steps of config a and a SmolLM2-sized Lorsa under top-k and BatchTopK (BENCHMARKS.md).
@@ -36,6 +38,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """softmax(q k^T * scale, causal) v for q, k (B, H, T, d) and v (B, H, T, d): (B, H, T, d)."""
     if packs_rows(q, k, v):
         return RowSparseCausalAttention.apply(q, k, v, scale)
+    if v.dtype == q.dtype and v.shape[-2] == k.shape[-2] and takes_sparse_gradient(q, k, v.shape[-1]):
+        return SparseGradientCausalAttention.apply(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
@@ -61,30 +65,6 @@ def group_ends(pairs: int) -> list[int]:
 def _flash_backward(grad, q, k, v, out, lse, scale, causal, mask=None):
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     return op(grad, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
-
-
-def _units(t: torch.Tensor, trailing: int, known: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """t (B, H, T, d) as units of its last `trailing` dims (1: rows of d, 2: a pair's (T, d) block) over its storage,
-    and where each unit lies among them: (B * H, T) for rows, (B * H,) for blocks; the same `where` tensor for
-    tensors laid out alike (`known` holds them by layout).
-
-    No copy when each unit's values lie side by side, as in the model's transposed z, q, k and v: gathering rows
-    from there beats first copying the whole tensor into (B, H, T, d) order, 32 bytes at a time when d is 8.
-    """
-    size = math.prod(t.shape[-trailing:])
-    if not t[(0,) * (4 - trailing)].is_contiguous() or any(
-        s % size for s in (*t.stride()[:-trailing], t.storage_offset())
-    ):
-        t = t.contiguous()
-    layout = (t.shape, t.stride(), t.storage_offset(), trailing)
-    if layout not in known:
-        steps = [torch.arange(n) * (s // size) for n, s in zip(t.shape[:-trailing], t.stride()[:-trailing])]
-        where = steps[0][:, None] + steps[1][None, :] if trailing == 2 else (
-            steps[0][:, None, None] + steps[1][None, :, None] + steps[2][None, None, :])  # fmt: skip
-        where = where.flatten(0, 1) + t.storage_offset() // size
-        known[layout] = where, int(where.max()) + 1  # and the storage's units that t spans
-    where, units = known[layout]
-    return t.as_strided((units, size), (size, 1), 0), where
 
 
 class RowSparseCausalAttention(torch.autograd.Function):
@@ -116,9 +96,11 @@ class RowSparseCausalAttention(torch.autograd.Function):
         known = {}
         # Laid out as q where its rows are whole (the projection's backward reads it so); zero in rows without a gradient
         dq = torch.zeros_like(q, memory_format=torch.preserve_format if q.stride(-1) == 1 else torch.contiguous_format)
-        rows = [_units(t, 1, known) for t in (grad, q, out)]  # (rows, d) and (N, T) each
-        dq_rows, dq_where = _units(dq, 1, known)  # dq's own storage: rows written in place
-        blocks = [_units(t, 2 if t.stride(-2) == width else 1, known) for t in (k, v)]  # pairs where they lie whole
+        rows = [storage_units(t, 1, known) for t in (grad, q, out)]  # (rows, d) and (N, T) each
+        dq_rows, dq_where = storage_units(dq, 1, known)  # dq's own storage: rows written in place
+        blocks = [
+            storage_units(t, 2 if t.stride(-2) == width else 1, known) for t in (k, v)
+        ]  # pairs where they lie whole
         lse = lse.flatten()
         dk, dv = (q.new_empty(q.numel() // width, width) for _ in range(2))  # (N * T, d), in (b, h, t) order
         dk_pairs, dv_pairs = dk.view(-1, positions * width), dv.view(-1, positions * width)  # (N, T * d)

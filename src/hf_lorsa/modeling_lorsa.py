@@ -27,6 +27,7 @@ from .qk_norm import HeadRMSNorm, qk_norm
 from .qk_projection import queries_or_keys
 from .rotary import LorsaRotaryEmbedding
 from .selection import BATCH_TOPK_CAP, UNSET, batch_top_k, top_k_per_position
+from .sparse_gradient_attention import takes_sparse_gradient
 
 # On the CPU the decode switches from gathering K rows of w_o to a dense product at K >= n_ov / DENSE_DECODE_RATIO:
 # on the 2-core CPU where the two cost the same (scripts/bench_decode.py), well before the gather's O(N * K * D)
@@ -205,7 +206,9 @@ class LorsaModel(LorsaPreTrainedModel):
         """z of every OV head at every position (B, T, Hov), through the fused attention path."""
         x = self._check_input(hidden_states, position_ids, attention_mask) * self.config.input_norm_factor
         q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)  # (B, Hqk, T, dqk)
-        v = rearrange(self.ov_values(x), "b t (h g) -> b h t g", h=self.config.n_qk_heads)
+        width = self.config.n_ov_heads // self.config.n_qk_heads
+        v = self.ov_values(x, positions_last=takes_sparse_gradient(q, k, width))
+        v = rearrange(v, "b t (h g) -> b h t g", h=self.config.n_qk_heads)
         if self.config.attn_logit_softcapping is not None:
             # SDPA has no soft-capping: take the explicit path.
             z = self._pattern(q, k, attention_mask) @ v
@@ -216,9 +219,12 @@ class LorsaModel(LorsaPreTrainedModel):
             z = causal_attention(q, k, v, self.config.scaling)
         return rearrange(z, "b h t g -> b t (h g)")
 
-    def ov_values(self, x: torch.Tensor) -> torch.Tensor:
+    def ov_values(self, x: torch.Tensor, positions_last: bool = False) -> torch.Tensor:
         """Per-position value of each OV head, x w_v + b_v: (B, T, Hov) (what attention mixes; the heads'
-        activations after attention and top-k are `LorsaOutput.top_k_values`)."""
+        activations after attention and top-k are `LorsaOutput.top_k_values`). `positions_last`: laid out
+        (Hov, B * T) in memory, where `sparse_gradient_attention` reads v^T's rows and writes dv's."""
+        if positions_last:
+            return torch.addmm(self.b_v[:, None], self.w_v, x.flatten(0, 1).t()).t().unflatten(0, x.shape[:2])
         return F.linear(x, self.w_v, self.b_v)
 
     def queries_keys(self, x, position_ids=None, attention_mask=None, position_embeddings=None):
