@@ -110,7 +110,7 @@ def _sparse_products(grad, flat, at, v, z, pattern):
     v_t = v.transpose(-1, -2)  # (B, H, g, T)
     if not _lies_in_rows(v_t):  # dv takes v^T's layout below: dense, T last in memory
         v_t = v_t.contiguous()
-    rows_t, where = storage_units(v_t, 1, {})
+    rows_t, where = storage_units(v_t.detach(), 1, {})  # detached: embedding_bag's forward-only kernel
     columns = where[pairs, c]
     # dP's row (b, t, h): v^T's rows c of pair (b, h), each times its gradient
     dp = F.embedding_bag(columns, rows_t, _offsets(rows, len(flat) // width), per_sample_weights=weights, mode="sum")
