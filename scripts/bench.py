@@ -20,10 +20,11 @@ import time
 
 import torch
 
-from hf_lorsa import LorsaConfig, LorsaModel, causal_attention
+from hf_lorsa import LorsaConfig, LorsaModel, causal_attention, sparse_gradient_attention
 from hf_lorsa.selection import room_per_position
 
 ROW_SHARE = causal_attention.PACKED_ROW_SHARE
+DENSE_SHARE = sparse_gradient_attention.DENSE_SHARE
 CONFIGS = {
     "a": dict(d_model=64, n_qk_heads=64, d_qk_head=8, n_ov_heads=512, top_k=16, batch=32, context=256),
     "b": dict(d_model=768, n_qk_heads=48, d_qk_head=64, n_ov_heads=6144, top_k=64, batch=2, context=256),
@@ -57,12 +58,14 @@ def bench(
     act_fn: str = "topk",
     attention_backward: str = "auto",
 ) -> dict:
-    # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does; a number:
-    # the share of rows up to which a group is packed (causal_attention.PACKED_ROW_SHARE)
+    # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does, and values
+    # wider than the queries take the dense products; a number: the share of rows up to which a group is packed
+    # (causal_attention.PACKED_ROW_SHARE)
     shares = {"auto": ROW_SHARE, "full": -1.0}
     causal_attention.PACKED_ROW_SHARE = (
         shares[attention_backward] if attention_backward in shares else float(attention_backward)
     )
+    sparse_gradient_attention.DENSE_SHARE = -1.0 if attention_backward == "full" else DENSE_SHARE
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
     if top_k is not None:
@@ -140,8 +143,9 @@ def main() -> None:
     parser.add_argument(
         "--attention_backward",
         default="auto",
-        help="comma-separated auto (CPU: over the query rows a kept head reads), full (every row), or a share of rows "
-        "in (0, 1] up to which a group of (batch, QK head) pairs is packed",
+        help="comma-separated auto (CPU: over the query rows a kept head reads, or the gradient's nonzeros where values "
+        "are wider than queries), full (every row, dense products), or a share of rows in (0, 1] up to which a group "
+        "of (batch, QK head) pairs is packed",
     )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()

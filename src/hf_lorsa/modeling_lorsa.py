@@ -147,6 +147,7 @@ class LorsaModel(LorsaPreTrainedModel):
             lorsa, info = cls._load_own_format(pretrained_model_name_or_path, *args, **kwargs)
             if layer is not None:
                 lorsa.config.layer = layer
+        hub.own_allocations(lorsa)
         if host is not None:
             check_lorsa_matches(host, lorsa)
         return (lorsa, info) if kwargs.get("output_loading_info") else lorsa
