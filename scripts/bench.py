@@ -7,16 +7,19 @@ python scripts/bench.py --decode auto,gather --optimizer adam,fused   # every pa
 python scripts/bench.py --act_fn topk,batchtopk    # per-position top-k against BatchTopK (training's default)
 python scripts/bench.py --configs a,s --attention_backward auto,full   # CPU: the backward over read rows, or all
 python scripts/bench.py --configs a,s --attention_backward 0.5,0.65,0.8   # CPU: pack groups up to this share of rows
+python scripts/bench.py --configs b --attention_backward auto,full --interleave   # variants a step each in turn
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -47,25 +50,28 @@ def is_share(text: str) -> bool:
         return False
 
 
-def bench(
-    name: str,
-    device: torch.device,
-    steps: int,
-    warmup: int,
-    top_k: int | None = None,
-    decode: str = "auto",
-    optimizer: str = "adam",
-    act_fn: str = "topk",
-    attention_backward: str = "auto",
-) -> dict:
-    # "full": no group of query rows counts as sparse, so the CPU backward covers every row, as SDPA's does, and values
-    # wider than the queries take the dense products; a number: the share of rows up to which a group is packed
-    # (causal_attention.PACKED_ROW_SHARE)
+def use_backward(attention_backward: str) -> None:
+    """Set the CPU attention backward's module settings for `--attention_backward`: "full": no group of query rows
+    counts as sparse, so the backward covers every row, as SDPA's does, and values wider than the queries take the
+    dense products; a number: the share of rows up to which a group is packed (causal_attention.PACKED_ROW_SHARE)."""
     shares = {"auto": ROW_SHARE, "full": -1.0}
     causal_attention.PACKED_ROW_SHARE = (
         shares[attention_backward] if attention_backward in shares else float(attention_backward)
     )
     sparse_gradient_attention.DENSE_SHARE = -1.0 if attention_backward == "full" else DENSE_SHARE
+
+
+def prepare(
+    name: str,
+    device: torch.device,
+    top_k: int | None = None,
+    decode: str = "auto",
+    optimizer: str = "adam",
+    act_fn: str = "topk",
+    attention_backward: str = "auto",
+) -> tuple[Callable[[], float], dict]:
+    """One variant: a function that takes a train step and returns its seconds, and the result's fields."""
+    use_backward(attention_backward)
     spec = dict(CONFIGS[name])
     batch, context = spec.pop("batch"), spec.pop("context")
     if top_k is not None:
@@ -85,10 +91,9 @@ def bench(
     x = torch.randn(batch, context, config.d_model, device=device)
     y = torch.randn(batch, context, config.d_model, device=device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
+
+    def step() -> float:
+        use_backward(attention_backward)  # module settings: another variant may have set its own
         synchronize(device)
         start = time.perf_counter()
         with autocast:
@@ -97,9 +102,8 @@ def bench(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+        return time.perf_counter() - start
+
     room = room_per_position(config.n_ov_heads, config.top_k, act_fn)  # K' of the decode (K active on average)
     result = {
         "config": name,
@@ -111,12 +115,42 @@ def bench(
         "optimizer": "fused Adam" if fused else "Adam",
         "attention_backward": attention_backward,
         "tokens_per_step": batch * context,
-        "median_step_s": round(median, 5),
-        "tokens_per_s": round(batch * context / median, 1),
     }
-    if device.type == "cuda":
+    return step, result
+
+
+def finish(result: dict, times: list[float], device: torch.device, peak: bool = True) -> dict:
+    """The result's timing fields: median step, tokens per second (and CUDA's peak memory, `peak`: of this variant
+    alone)."""
+    median = statistics.median(times)
+    result = {**result, "median_step_s": round(median, 5), "tokens_per_s": round(result["tokens_per_step"] / median, 1)}
+    if peak and device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     return result
+
+
+def bench(name: str, device: torch.device, steps: int, warmup: int, *variant: str, top_k: int | None = None) -> dict:
+    """One variant (`prepare`'s decode, optimizer, act_fn, attention_backward), `warmup` untimed steps, then `steps`."""
+    step, result = prepare(name, device, top_k, *variant)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(warmup + steps)][warmup:]
+    return finish(result, times, device)
+
+
+def interleaved(name: str, device: torch.device, steps: int, warmup: int, variants, top_k=None) -> list[dict]:
+    """Several variants of one config in one process, one step of each in turn (the order rotating), so that a
+    machine whose speed drifts slows them alike: their ratios compare where separate runs' do not."""
+    prepared = [prepare(name, device, top_k, *variant) for variant in variants]
+    for step, _ in prepared:
+        for _ in range(warmup):
+            step()
+    times = [[] for _ in prepared]
+    for i in range(steps):
+        for j in range(len(prepared)):
+            k = (i + j) % len(prepared)
+            times[k].append(prepared[k][0]())
+    return [finish(result, t, device, peak=False) for (_, result), t in zip(prepared, times)]
 
 
 def main() -> None:
@@ -147,6 +181,12 @@ def main() -> None:
         "are wider than queries), full (every row, dense products), or a share of rows in (0, 1] up to which a group "
         "of (batch, QK head) pairs is packed",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the variants of each config in one process, a step of each in turn (a drifting machine slows "
+        "them alike), instead of one after another",
+    )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()
     if args.pipeline:
@@ -170,15 +210,14 @@ def main() -> None:
     for choice, allowed in choices:
         if not set(choice) <= set(allowed):
             parser.error(f"choose among {', '.join(allowed)}, got {','.join(choice)}")
+    variants = list(itertools.product(decodes, optimizers, act_fns, backwards))
     for name in names:
-        for decode in decodes:
-            for optimizer in optimizers:
-                for act_fn in act_fns:
-                    for backward in backwards:
-                        result = bench(
-                            name, device, args.steps, args.warmup, args.top_k, decode, optimizer, act_fn, backward
-                        )
-                        print(json.dumps(result), flush=True)
+        if args.interleave:
+            results = interleaved(name, device, args.steps, args.warmup, variants, args.top_k)
+        else:
+            results = (bench(name, device, args.steps, args.warmup, *v, top_k=args.top_k) for v in variants)
+        for result in results:
+            print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
