@@ -8,6 +8,7 @@ python scripts/bench.py --act_fn topk,batchtopk    # per-position top-k against 
 python scripts/bench.py --configs a,s --attention_backward auto,full   # CPU: the backward over read rows, or all
 python scripts/bench.py --configs a,s --attention_backward 0.5,0.65,0.8   # CPU: pack groups up to this share of rows
 python scripts/bench.py --configs b --attention_backward auto,full --interleave   # variants a step each in turn
+python scripts/bench.py --configs b --context 1024   # another sequence length than the config's
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 """
 
@@ -69,11 +70,13 @@ def prepare(
     optimizer: str = "adam",
     act_fn: str = "topk",
     attention_backward: str = "auto",
+    context: int | None = None,
 ) -> tuple[Callable[[], float], dict]:
     """One variant: a function that takes a train step and returns its seconds, and the result's fields."""
     use_backward(attention_backward)
     spec = dict(CONFIGS[name])
-    batch, context = spec.pop("batch"), spec.pop("context")
+    batch, default_context = spec.pop("batch"), spec.pop("context")
+    context = context or default_context
     if top_k is not None:
         spec["top_k"] = min(top_k, spec["n_ov_heads"])
     config = LorsaConfig(
@@ -129,19 +132,19 @@ def finish(result: dict, times: list[float], device: torch.device, peak: bool = 
     return result
 
 
-def bench(name: str, device: torch.device, steps: int, warmup: int, *variant: str, top_k: int | None = None) -> dict:
+def bench(name: str, device: torch.device, steps: int, warmup: int, *variant: str, top_k=None, context=None) -> dict:
     """One variant (`prepare`'s decode, optimizer, act_fn, attention_backward), `warmup` untimed steps, then `steps`."""
-    step, result = prepare(name, device, top_k, *variant)
+    step, result = prepare(name, device, top_k, *variant, context)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [step() for _ in range(warmup + steps)][warmup:]
     return finish(result, times, device)
 
 
-def interleaved(name: str, device: torch.device, steps: int, warmup: int, variants, top_k=None) -> list[dict]:
+def interleaved(name: str, device: torch.device, steps: int, warmup: int, variants, top_k=None, context=None):
     """Several variants of one config in one process, one step of each in turn (the order rotating), so that a
     machine whose speed drifts slows them alike: their ratios compare where separate runs' do not."""
-    prepared = [prepare(name, device, top_k, *variant) for variant in variants]
+    prepared = [prepare(name, device, top_k, *variant, context) for variant in variants]
     for step, _ in prepared:
         for _ in range(warmup):
             step()
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top_k", type=int, default=None, help="K instead of each config's (at most n_ov)")
+    parser.add_argument("--context", type=int, default=None, help="positions per sequence instead of each config's")
     parser.add_argument(
         "--decode",
         default="auto",
@@ -213,9 +217,12 @@ def main() -> None:
     variants = list(itertools.product(decodes, optimizers, act_fns, backwards))
     for name in names:
         if args.interleave:
-            results = interleaved(name, device, args.steps, args.warmup, variants, args.top_k)
+            results = interleaved(name, device, args.steps, args.warmup, variants, args.top_k, args.context)
         else:
-            results = (bench(name, device, args.steps, args.warmup, *v, top_k=args.top_k) for v in variants)
+            results = (
+                bench(name, device, args.steps, args.warmup, *v, top_k=args.top_k, context=args.context)
+                for v in variants
+            )
         for result in results:
             print(json.dumps(result), flush=True)
 
