@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from .storage_units import storage_units
 
 SPARSE_DTYPES = (torch.float32, torch.float64)
-# Gradients with more nonzeros than this share take the dense products. The backward at config b's sizes (scripts/
-# bench.py), sparse against dense: 62 / 97 ms at 1% (K 64 of 6,144), 76 / 88 at 4%, 85 / 88 at 8%, 121 / 93 at 17%.
+# Gradients with more nonzeros than this share take the dense products. The backward alone at config b's sizes
+# (scripts/bench.py's), sparse against dense: 62 / 97 ms at 1% (K 64 of 6,144), 76 / 88 at 4%, 85 / 88 at 8%, 121 / 93
+# at 17%; whole steps in BENCHMARKS.md ("Values wider than the queries").
 DENSE_SHARE = 0.05
 
 
