@@ -93,3 +93,19 @@ def test_model_step_equals_sdpa(monkeypatch):
     assert torch.equal(out.top_k_indices, sdpa.top_k_indices)
     for name in sdpa_grads:
         torch.testing.assert_close(grads[name], sdpa_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_only_the_gradients_asked_for_and_no_second_derivative():
+    torch.manual_seed(3)
+    q, k = torch.randn(B, T, H, D), torch.randn(B, T, H, D, requires_grad=True)
+    v, grad = values("positions last"), kept_heads_gradient(2)
+    z = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.unflatten(-1, (H, G)).transpose(1, 2), scale=0.4)
+    assert z.grad_fn.name() == "SparseGradientCausalAttentionBackward"
+    z.transpose(1, 2).flatten(2).backward(grad)  # q needs none: its product is skipped
+    expected = attend(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True, scale=0.4), q, k, v, grad)
+    torch.testing.assert_close(k.grad, expected[2], atol=1e-6, rtol=1e-5)
+    q.requires_grad_()
+    z = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.unflatten(-1, (H, G)).transpose(1, 2), scale=0.4)
+    (dq,) = torch.autograd.grad(z.transpose(1, 2).flatten(2), q, grad, create_graph=True)
+    with pytest.raises(RuntimeError):  # the backward built no graph: an error, not a wrong second derivative
+        dq.sum().backward()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .sparse_gradient_attention import SparseGradientCausalAttention, takes_sparse_gradient
 from .storage_units import storage_units
@@ -80,6 +81,7 @@ class RowSparseCausalAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # no graph of the backward: a second derivative raises instead of going wrong
     def backward(ctx, grad):
         q, k, v, out, lse = ctx.saved_tensors
         positions, width = q.shape[-2:]

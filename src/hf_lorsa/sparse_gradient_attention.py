@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .storage_units import storage_units
 
@@ -80,6 +81,7 @@ class SparseGradientCausalAttention(torch.autograd.Function):
         return z
 
     @staticmethod
+    @once_differentiable  # no graph of the backward: a second derivative raises instead of going wrong
     def backward(ctx, grad):
         q, k, v, z, pattern = ctx.saved_tensors
         batch, heads, positions, width = v.shape
@@ -92,11 +94,17 @@ class SparseGradientCausalAttention(torch.autograd.Function):
         else:
             dp, dv, delta = _sparse_products(grad, flat, at, v, z, pattern)
         ds = dp.sub_(delta).mul_(pattern)  # the softmax's backward, in place; zero above the diagonal with P
-        dq, dk = q.new_empty(q.shape), k.new_empty(k.shape)  # bmm writes strided outputs through a copy
-        for b in range(batch):
-            torch.bmm(ds[b], k[b], out=dq[b])
-            torch.bmm(ds[b].transpose(-1, -2), q[b], out=dk[b])
-        return dq.mul_(ctx.scale), dk.mul_(ctx.scale), dv, None
+        dq = _products(ds, k, ctx.scale) if ctx.needs_input_grad[0] else None
+        dk = _products(ds.transpose(-1, -2), q, ctx.scale) if ctx.needs_input_grad[1] else None
+        return dq, dk, dv if ctx.needs_input_grad[2] else None, None
+
+
+def _products(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """a @ b * scale per batch element, into a contiguous (B, H, T, d): bmm writes a strided output through a copy."""
+    out = b.new_empty(b.shape)
+    for i in range(len(a)):
+        torch.bmm(a[i], b[i], out=out[i])
+    return out.mul_(scale)
 
 
 def _sparse_products(grad, flat, at, v, z, pattern):
