@@ -11,7 +11,9 @@ denser than DENSE_SHARE (K near Hov while K anneals) takes the dense products.
 
 Each batch element's (H, T, d) slices go to `bmm` as they lie (the model's q, k, v and z are transposed views),
 and z is written in the model's (B, T, H * g) order. With v laid out positions last (`LorsaModel.ov_values`), v^T's
-rows are read where they lie and dv is written in v's layout: no layout copy of v either way. Axes: B batch, H QK heads, T positions, d query width, g value width.
+rows are read where they lie and dv is written in v's layout: no layout copy of v either way.
+
+Axes: B batch, H QK heads, T positions, d query width, g value width.
 """
 
 from __future__ import annotations
