@@ -85,6 +85,11 @@ def test_model_step_equals_sdpa(monkeypatch):
     (out, grads), layouts = step(), []
     ov_values = model.ov_values
     monkeypatch.setattr(model, "ov_values", lambda *a, **kw: layouts.append(kw) or ov_values(*a, **kw))
+    padded = torch.ones(3, 48, dtype=torch.long)
+    padded[0, :5] = 0
+    model(x, attention_mask=padded)  # the masked path is SDPA's: v in the model's layout
+    assert layouts == [{"positions_last": False}]
+    layouts.clear()
     monkeypatch.setattr("hf_lorsa.modeling_lorsa.takes_sparse_gradient", lambda *a: False)
     monkeypatch.setattr("hf_lorsa.causal_attention.takes_sparse_gradient", lambda *a: False)
     sdpa, sdpa_grads = step()

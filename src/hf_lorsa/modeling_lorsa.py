@@ -207,13 +207,18 @@ class LorsaModel(LorsaPreTrainedModel):
         """z of every OV head at every position (B, T, Hov), through the fused attention path."""
         x = self._check_input(hidden_states, position_ids, attention_mask) * self.config.input_norm_factor
         q, k = self.queries_keys(x, position_ids, attention_mask, position_embeddings)  # (B, Hqk, T, dqk)
+        capped = self.config.attn_logit_softcapping is not None
+        masked = needs_mask(attention_mask, self.config.sliding_window)
         width = self.config.n_ov_heads // self.config.n_qk_heads
-        v = self.ov_values(x, positions_last=takes_sparse_gradient(q, k, width))
-        v = rearrange(v, "b t (h g) -> b h t g", h=self.config.n_qk_heads)
-        if self.config.attn_logit_softcapping is not None:
-            # SDPA has no soft-capping: take the explicit path.
+        positions_last = not (capped or masked) and takes_sparse_gradient(
+            q, k, width
+        )  # where causal_attention reads it
+        v = rearrange(
+            self.ov_values(x, positions_last=positions_last), "b t (h g) -> b h t g", h=self.config.n_qk_heads
+        )
+        if capped:  # SDPA has no soft-capping: take the explicit path.
             z = self._pattern(q, k, attention_mask) @ v
-        elif needs_mask(attention_mask, self.config.sliding_window):
+        elif masked:
             allowed = attention_bias(attention_mask, x.shape[1], self.config.sliding_window, x.device)
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.config.scaling)
         else:
