@@ -90,8 +90,7 @@ class SparseGradientCausalAttention(torch.autograd.Function):
         flat = grad.transpose(1, 2).reshape(-1)  # (b, t, h, c) order: the model's, no copy
         at = flat.nonzero().squeeze(1)
         if at.numel() > DENSE_SHARE * flat.numel():
-            dp = torch.stack([torch.bmm(grad[b], v[b].transpose(-1, -2)) for b in range(batch)])
-            dv = torch.stack([torch.bmm(pattern[b].transpose(-1, -2), grad[b]) for b in range(batch)])
+            dp, dv = _products(grad, v.transpose(-1, -2)), _products(pattern.transpose(-1, -2), grad)
             delta = (grad * z).sum(-1, keepdim=True)
         else:
             dp, dv, delta = _sparse_products(grad, flat, at, v, z, pattern)
@@ -101,12 +100,13 @@ class SparseGradientCausalAttention(torch.autograd.Function):
         return dq, dk, dv if ctx.needs_input_grad[2] else None, None
 
 
-def _products(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """a @ b * scale per batch element, into a contiguous (B, H, T, d): bmm writes a strided output through a copy."""
-    out = b.new_empty(b.shape)
+def _products(a: torch.Tensor, b: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """a @ b (times `scale`) per batch element of a (B, H, m, n) and b (B, H, n, p), into a contiguous (B, H, m, p):
+    no stacked copy, and bmm writes a strided output through a copy."""
+    out = a.new_empty(*a.shape[:-1], b.shape[-1])
     for i in range(len(a)):
         torch.bmm(a[i], b[i], out=out[i])
-    return out.mul_(scale)
+    return out if scale is None else out.mul_(scale)
 
 
 def _sparse_products(grad, flat, at, v, z, pattern):
