@@ -10,6 +10,7 @@ python scripts/bench.py --configs a,s --attention_backward 0.5,0.65,0.8   # CPU:
 python scripts/bench.py --configs b --attention_backward auto,full --interleave   # variants a step each in turn
 python scripts/bench.py --configs b --context 1024   # another sequence length than the config's
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
+python scripts/bench.py --allocator system   # glibc's own thresholds (the default keeps freed memory, as training does)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from hf_lorsa import LorsaConfig, LorsaModel, causal_attention, sparse_gradient_attention
+from hf_lorsa.freed_memory import keep_freed_memory
 from hf_lorsa.selection import room_per_position
 
 ROW_SHARE = causal_attention.PACKED_ROW_SHARE
@@ -191,8 +193,16 @@ def main() -> None:
         help="time the variants of each config in one process, a step of each in turn (a drifting machine slows "
         "them alike), instead of one after another",
     )
+    parser.add_argument(
+        "--allocator",
+        default="keep",
+        choices=("keep", "system"),
+        help="keep: freed memory stays in the process, as in training (hf_lorsa.freed_memory); system: glibc's "
+        "thresholds as the environment sets them",
+    )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")
     args, extra = parser.parse_known_args()
+    kept = args.allocator == "keep" and keep_freed_memory()
     if args.pipeline:
         import bench_pipeline
 
@@ -224,7 +234,7 @@ def main() -> None:
                 for v in variants
             )
         for result in results:
-            print(json.dumps(result), flush=True)
+            print(json.dumps({**result, "freed_memory": "kept" if kept else "system"}), flush=True)
 
 
 if __name__ == "__main__":

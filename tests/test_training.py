@@ -61,7 +61,10 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
         balanced.append((scale.clone(), int(fired.sum()), int(positions), rare_tokens, max_frequency))
 
     monkeypatch.setattr("hf_lorsa.trainer.balance_thresholds", recording)
+    kept = []  # the run keeps freed memory for its steps (hf_lorsa.freed_memory)
+    monkeypatch.setattr("hf_lorsa.run_training.keep_freed_memory", lambda: kept.append(True))
     final = train(*parse(options(out, eval_strategy="steps", eval_steps=6, keep_checkpoints="true")), [start])
+    assert kept == [True]
     # every head starts with ||w_v|| / ||w_o|| = --norm_ratio (4); calibration alone leaves them from 0.3 to 1.8 here
     torch.testing.assert_close(start.ratio, torch.full_like(start.ratio, 4.0))
     loaded = LorsaModel.from_pretrained(out)

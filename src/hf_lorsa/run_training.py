@@ -42,6 +42,7 @@ from .arguments import (
     tokens_per_step,
 )
 from .configuration_lorsa import LorsaConfig
+from .freed_memory import keep_freed_memory
 from .head_balance import default_rare_tokens
 from .host_checks import check_against_host
 from .hosts import num_layers
@@ -112,6 +113,7 @@ def train_layers(
         )  # fmt: skip
         return load_finished(args.output_dir, model_args.several)
     resume = resume_checkpoint(args, signature)
+    keep_freed_memory()  # each step reuses the memory the last one freed, not fresh pages from the kernel
     tokenizer = open_tokenizer(model_args.model_name_or_path, model_args.gguf_file, model_args.trust_remote_code)
     separator = document_separator(tokenizer, data_args.document_separator)
     windows, eval_windows = load_windows(data_args, tokenizer, separator, args.seed)
