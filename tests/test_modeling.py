@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa import LorsaConfig, LorsaModel, qk_projection
+from hf_lorsa.rotary import rotate_half_split
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
@@ -71,6 +72,18 @@ def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = 
     return z
 
 
+@pytest.fixture(params=["pair order", "head by head"])
+def qk_path(request, monkeypatch):
+    """Both ways the CPU computes queries and keys (hf_lorsa.qk_projection); head by head must be taken."""
+    calls = []
+    project_by_head = qk_projection.project_by_head
+    monkeypatch.setattr(qk_projection, "project_by_head", lambda *a: calls.append(1) or project_by_head(*a))
+    monkeypatch.setattr(qk_projection, "HEAD_PRODUCT_WIDTH", 0 if request.param == "head by head" else 10**9)
+    yield
+    assert bool(calls) == (request.param == "head by head")
+
+
+@pytest.mark.usefixtures("qk_path")
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -93,6 +106,7 @@ def test_pre_activations_match_reference(overrides):
     torch.testing.assert_close(z[real], expected[real], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("qk_path")
 @pytest.mark.parametrize("n_ov_heads", [32, 64])  # value width G = dqk (SDPA's fused kernel) and G = 2 dqk
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "qk_norm_per_head": True}])
 @torch.no_grad()
@@ -103,6 +117,7 @@ def test_unpadded_pre_activations_match_reference(n_ov_heads, overrides):
     torch.testing.assert_close(z, reference_z(model, x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.usefixtures("qk_path")
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"qk_norm": True, "qk_norm_per_head": True}])
 def test_gradients_match_reference(overrides):
     """Queries and keys are computed with each rotary pair's dims side by side (hf_lorsa.qk_projection): the
@@ -116,6 +131,23 @@ def test_gradients_match_reference(overrides):
     expected = torch.autograd.grad((reference_z(model, x) * weights).sum(), params)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rot", [16, 8])  # all of a 16-wide head, or half of it
+def test_half_split_rotation_is_the_hosts_rotate_half(rot):
+    """rotary.rotate_half_split rotates dims j and j + rot/2 as transformers' rotate_half does, the rest unchanged;
+    its backward is the rotation's transpose (gradcheck in float64)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 16, dtype=torch.float64)  # (Hqk, B, T, dqk)
+    angle = torch.rand(2, 5, rot // 2, dtype=torch.float64) * 6
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)  # (B, T, rot): the host's
+    rotated, _ = apply_rotary_pos_emb(x[..., :rot].transpose(0, 1), x[..., :rot].transpose(0, 1), cos, sin)
+    expected = torch.cat([rotated.transpose(0, 1), x[..., rot:]], -1)
+    torch.testing.assert_close(rotate_half_split(x, angle.cos(), angle.sin()), expected, atol=1e-12, rtol=0)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: rotate_half_split(t, angle.cos(), angle.sin()), (x,))
 
 
 @pytest.mark.parametrize("rope", [ROPE, dict(ROPE, partial_rotary_factor=0.5)])

@@ -19,6 +19,7 @@ from transformers.utils import ModelOutput
 
 from . import hub
 from .attention_mask import attention_bias, needs_mask, positions_from_mask
+from .blocked_projection import project_positions_last
 from .causal_attention import causal_attention
 from .configuration_lorsa import LorsaConfig, is_int
 from .initialization import initialize_from_host
@@ -230,21 +231,20 @@ class LorsaModel(LorsaPreTrainedModel):
         activations after attention and top-k are `LorsaOutput.top_k_values`). `positions_last`: laid out
         (Hov, B * T) in memory, where `sparse_gradient_attention` reads v^T's rows and writes dv's."""
         if positions_last:
-            return torch.addmm(self.b_v[:, None], self.w_v, x.flatten(0, 1).t()).t().unflatten(0, x.shape[:2])
+            return project_positions_last(x.flatten(0, 1), self.w_v, self.b_v).t().unflatten(0, x.shape[:2])
         return F.linear(x, self.w_v, self.b_v)
 
     def queries_keys(self, x, position_ids=None, attention_mask=None, position_embeddings=None):
-        """Queries and keys (B, Hqk, T, dqk) with the host's QK-norm and rotary treatment, each head's dims
-        `qk_projection.in_pair_order` (rotary pairs side by side: the scores q . k are those of the host's order)."""
+        """Queries and keys (B, Hqk, T, dqk) with the host's QK-norm and rotary treatment, each head's dims in one
+        order for both (`qk_projection`: rotary pairs side by side, or the host's): the scores q . k are the host's."""
         if self.rotary_emb is not None and position_embeddings is None:
             if position_ids is None:
                 position_ids = positions_from_mask(attention_mask, x.shape[0], x.shape[1], x.device)
             position_embeddings = self.rotary_emb(x, position_ids)
         pe = position_embeddings if self.rotary_emb is not None else None
         paired = 0 if pe is None or self.config.rope_interleaved else pe[0].shape[-1]  # half-split dims to pair up
-        q = queries_or_keys(x, self.W_Q, self.b_Q, self.q_norm, pe, paired)  # (B, T, Hqk, dqk)
-        k = queries_or_keys(x, self.W_K, self.b_K, self.k_norm, pe, paired)
-        return q.transpose(1, 2), k.transpose(1, 2)
+        q = queries_or_keys(x, self.W_Q, self.b_Q, self.q_norm, pe, paired)  # (B, Hqk, T, dqk)
+        return q, queries_or_keys(x, self.W_K, self.b_K, self.k_norm, pe, paired)
 
     def select_top_k(self, z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep the k heads with the largest score at each position (LORSA.md: |z| * ||w_o|| or ReLU), or with

@@ -30,3 +30,37 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1)
     rotated = rotated.flatten(-2)
     return torch.cat((rotated, x[..., rot:]), -1) if rot < x.shape[-1] else rotated
+
+
+class HalfSplitRotation(torch.autograd.Function):
+    """x (..., dqk) in the host's half-split order rotated by each pair's cos, sin (..., rot/2), broadcast against
+    x's leading axes: dims j and j + rot/2 for j < rot/2 form a pair, later dims pass through. Written in x's shape,
+    contiguous, both ways: the backward hands the projection's product its gradient in the layout it reads."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        half = cos.shape[-1]
+        first, second = x[..., :half], x[..., half : 2 * half]
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        torch.addcmul(first * cos, second, sin, value=-1, out=out[..., :half])
+        torch.addcmul(second * cos, first, sin, out=out[..., half : 2 * half])
+        out[..., 2 * half :] = x[..., 2 * half :]
+        ctx.save_for_backward(cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = cos.shape[-1]
+        first, second = grad[..., :half], grad[..., half : 2 * half]
+        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)  # the transpose: the angle negated
+        torch.addcmul(first * cos, second, sin, out=out[..., :half])
+        torch.addcmul(second * cos, first, sin, value=-1, out=out[..., half : 2 * half])
+        out[..., 2 * half :] = grad[..., 2 * half :]
+        return out, None, None
+
+
+def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., dqk) in the host's half-split order, rotated by cos, sin (..., rot/2) (each pair's angle, broadcast
+    against x): `HalfSplitRotation`."""
+    return HalfSplitRotation.apply(x, cos.to(x.dtype), sin.to(x.dtype))
