@@ -8,6 +8,7 @@ python scripts/bench.py --act_fn topk,batchtopk    # per-position top-k against 
 python scripts/bench.py --configs a,s --attention_backward auto,full   # CPU: the backward over read rows, or all
 python scripts/bench.py --configs a,s --attention_backward 0.5,0.65,0.8   # CPU: pack groups up to this share of rows
 python scripts/bench.py --configs b --attention_backward auto,full --interleave   # variants a step each in turn
+python scripts/bench.py --configs b --projections auto,plain --interleave   # CPU: head by head and in blocks, or not
 python scripts/bench.py --configs b --context 1024   # another sequence length than the config's
 python scripts/bench.py --pipeline [--shape tiny]  # host forward + Lorsa step on a random host (bench_pipeline.py)
 python scripts/bench.py --allocator system   # glibc's own thresholds (the default keeps freed memory, as training does)
@@ -25,12 +26,20 @@ from collections.abc import Callable
 
 import torch
 
-from hf_lorsa import LorsaConfig, LorsaModel, causal_attention, sparse_gradient_attention
+from hf_lorsa import (
+    LorsaConfig,
+    LorsaModel,
+    blocked_projection,
+    causal_attention,
+    qk_projection,
+    sparse_gradient_attention,
+)
 from hf_lorsa.freed_memory import keep_freed_memory
 from hf_lorsa.selection import room_per_position
 
 ROW_SHARE = causal_attention.PACKED_ROW_SHARE
 DENSE_SHARE = sparse_gradient_attention.DENSE_SHARE
+HEAD_PRODUCT_WIDTH, BLOCK_ROWS = qk_projection.HEAD_PRODUCT_WIDTH, blocked_projection.BLOCK_ROWS
 CONFIGS = {
     "a": dict(d_model=64, n_qk_heads=64, d_qk_head=8, n_ov_heads=512, top_k=16, batch=32, context=256),
     "b": dict(d_model=768, n_qk_heads=48, d_qk_head=64, n_ov_heads=6144, top_k=64, batch=2, context=256),
@@ -64,6 +73,15 @@ def use_backward(attention_backward: str) -> None:
     sparse_gradient_attention.DENSE_SHARE = -1.0 if attention_backward == "full" else DENSE_SHARE
 
 
+def use_projections(projections: str) -> None:
+    """Set the CPU projections' module settings for `--projections`: "plain": queries and keys in one product over
+    weights copied into pair order, the value projection in one product; "auto": the modules' own choice (head by
+    head, blocks of rows)."""
+    plain = projections == "plain"
+    qk_projection.HEAD_PRODUCT_WIDTH = sys.maxsize if plain else HEAD_PRODUCT_WIDTH
+    blocked_projection.BLOCK_ROWS = sys.maxsize if plain else BLOCK_ROWS
+
+
 def prepare(
     name: str,
     device: torch.device,
@@ -72,10 +90,12 @@ def prepare(
     optimizer: str = "adam",
     act_fn: str = "topk",
     attention_backward: str = "auto",
+    projections: str = "auto",
     context: int | None = None,
 ) -> tuple[Callable[[], float], dict]:
     """One variant: a function that takes a train step and returns its seconds, and the result's fields."""
     use_backward(attention_backward)
+    use_projections(projections)
     spec = dict(CONFIGS[name])
     batch, default_context = spec.pop("batch"), spec.pop("context")
     context = context or default_context
@@ -99,6 +119,7 @@ def prepare(
 
     def step() -> float:
         use_backward(attention_backward)  # module settings: another variant may have set its own
+        use_projections(projections)
         synchronize(device)
         start = time.perf_counter()
         with autocast:
@@ -119,6 +140,7 @@ def prepare(
         "decode": "dense" if model.uses_dense_decode(room, device) else "gather",
         "optimizer": "fused Adam" if fused else "Adam",
         "attention_backward": attention_backward,
+        "projections": projections,
         "tokens_per_step": batch * context,
     }
     return step, result
@@ -135,8 +157,9 @@ def finish(result: dict, times: list[float], device: torch.device, peak: bool = 
 
 
 def bench(name: str, device: torch.device, steps: int, warmup: int, *variant: str, top_k=None, context=None) -> dict:
-    """One variant (`prepare`'s decode, optimizer, act_fn, attention_backward), `warmup` untimed steps, then `steps`."""
-    step, result = prepare(name, device, top_k, *variant, context)
+    """One variant (`prepare`'s decode, optimizer, act_fn, attention_backward, projections), `warmup` untimed steps,
+    then `steps`."""
+    step, result = prepare(name, device, top_k, *variant, context=context)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [step() for _ in range(warmup + steps)][warmup:]
@@ -146,7 +169,7 @@ def bench(name: str, device: torch.device, steps: int, warmup: int, *variant: st
 def interleaved(name: str, device: torch.device, steps: int, warmup: int, variants, top_k=None, context=None):
     """Several variants of one config in one process, one step of each in turn (the order rotating), so that a
     machine whose speed drifts slows them alike: their ratios compare where separate runs' do not."""
-    prepared = [prepare(name, device, top_k, *variant, context) for variant in variants]
+    prepared = [prepare(name, device, top_k, *variant, context=context) for variant in variants]
     for step, _ in prepared:
         for _ in range(warmup):
             step()
@@ -188,6 +211,12 @@ def main() -> None:
         "of (batch, QK head) pairs is packed",
     )
     parser.add_argument(
+        "--projections",
+        default="auto",
+        help="comma-separated auto (CPU: queries and keys head by head for heads 32 wide or more, the value "
+        "projection in blocks of rows), plain (one product each, weights copied into pair order)",
+    )
+    parser.add_argument(
         "--interleave",
         action="store_true",
         help="time the variants of each config in one process, a step of each in turn (a drifting machine slows "
@@ -213,18 +242,19 @@ def main() -> None:
     device = torch.device(args.device)
     names = args.configs.split(",") if args.configs else (["a", "b", "c"] if device.type == "cuda" else ["a", "b"])
     decodes, optimizers, act_fns = args.decode.split(","), args.optimizer.split(","), args.act_fn.split(",")
-    backwards = args.attention_backward.split(",")
+    backwards, projections = args.attention_backward.split(","), args.projections.split(",")
     choices = (
         (names, tuple(CONFIGS)),
         (decodes, ("auto", "dense", "gather")),
         (optimizers, ("adam", "fused")),
         (act_fns, ("topk", "batchtopk")),
         (backwards, ("auto", "full", *(b for b in backwards if is_share(b)))),
+        (projections, ("auto", "plain")),
     )
     for choice, allowed in choices:
         if not set(choice) <= set(allowed):
             parser.error(f"choose among {', '.join(allowed)}, got {','.join(choice)}")
-    variants = list(itertools.product(decodes, optimizers, act_fns, backwards))
+    variants = list(itertools.product(decodes, optimizers, act_fns, backwards, projections))
     for name in names:
         if args.interleave:
             results = interleaved(name, device, args.steps, args.warmup, variants, args.top_k, args.context)
