@@ -1,9 +1,9 @@
 """Projections on the CPU as one batched product over blocks of the weight's rows.
 
 x (N, D) times a weight of thousands of rows is one matrix product; the same product as a batch of blocks of 64-256
-rows, x broadcast over the blocks (not copied), runs 12-15% faster on the 2-core CPU at Pythia-160M's sizes (config
-b: the value projection 47.0 against 41.5 ms forward, its weight gradient 43.9 against 39.1 ms; BENCHMARKS.md,
-"Blocked projections"). Each block's rows of the weight fit a core's cache, and each thread takes whole blocks.
+rows, x broadcast over the blocks (not copied), ran 10-15% faster on the 2-core CPU at Pythia-160M's sizes (config
+b's value projection and its weight gradient; BENCHMARKS.md, "Projections on the CPU"). Each block's rows of the
+weight fit a core's cache, and each thread takes whole blocks.
 
 Only on the CPU, and only where x takes no gradient: the broadcast x's gradient would be a (blocks, N, D) tensor.
 

@@ -12,8 +12,8 @@ On the CPU, heads at least HEAD_PRODUCT_WIDTH wide (float32 or float64, x taking
 as one batched product over the QK heads, each head's weight (D, dqk) read where it lies: no copy of the weights
 into the matmul's layout or pair order either way, and the batch of narrower products runs faster than the one wide
 product on the 2-core CPU. Their dims stay in the host's order, laid out (Hqk, B, T, dqk), and
-`rotary.rotate_half_split` rotates them (config b's train step: 385 against 415 ms; BENCHMARKS.md, "Queries and keys
-head by head"). Either way q and k come out in the same order: the scores are the host's.
+`rotary.rotate_half_split` rotates them (BENCHMARKS.md, "Projections on the CPU"). Either way q and k come out in
+the same order: the scores are the host's.
 
 Axes: B batch, T positions, D d_model, Hqk QK heads, dqk QK head width, rot rotated dims.
 """
