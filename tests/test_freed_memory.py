@@ -15,15 +15,15 @@ from hf_lorsa.freed_memory import keep_freed_memory
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
 
 PROBE = """
-import importlib.util, json, resource, sys, torch
-spec = importlib.util.spec_from_file_location("freed_memory", sys.argv[2])  # alone: no transformers to import
+import importlib.util, json, resource, sys
+spec = importlib.util.spec_from_file_location("freed_memory", sys.argv[2])  # alone: no torch or transformers to import
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 kept = module.keep_freed_memory() if sys.argv[1] == "keep" else False
 
-def step():  # a train step's temporaries: tensors of tens of MiB, each written, then freed
+def step():  # a train step's temporaries: blocks of tens of MiB from malloc, each written, then freed
     for mib in (24, 40, 24, 56, 12, 40):
-        torch.ones(mib << 18)
+        b"1" * (mib << 20)
 
 step()
 step()
@@ -35,7 +35,7 @@ print(json.dumps({"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SEL
 
 
 def probe(mode: str, **env: str) -> dict:
-    """Page faults of five steps after two, in a fresh process: `mode` keep (keep_freed_memory first) or system."""
+    """Page faults of five steps after two, in a fresh process: `mode` keep (keep_freed_memory first) or not."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | env
     run = subprocess.run(
         [sys.executable, "-c", PROBE, mode, freed_memory.__file__],
