@@ -211,9 +211,8 @@ class LorsaModel(LorsaPreTrainedModel):
         capped = self.config.attn_logit_softcapping is not None
         masked = needs_mask(attention_mask, self.config.sliding_window)
         width = self.config.n_ov_heads // self.config.n_qk_heads
-        positions_last = not (capped or masked) and takes_sparse_gradient(
-            q, k, width
-        )  # where causal_attention reads it
+        # v laid out positions last where causal_attention's sparse-gradient path reads it so
+        positions_last = not (capped or masked) and takes_sparse_gradient(q, k, width)
         v = rearrange(
             self.ov_values(x, positions_last=positions_last), "b t (h g) -> b h t g", h=self.config.n_qk_heads
         )

@@ -32,6 +32,18 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated, x[..., rot:]), -1) if rot < x.shape[-1] else rotated
 
 
+def _half_split_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (..., dqk) with dims j and j + rot/2 (j < rot/2) rotated by cos, sin (..., rot/2), into a new contiguous
+    tensor of x's shape; the dims from rot on copied as they are."""
+    half = cos.shape[-1]
+    first, second = x[..., :half], x[..., half : 2 * half]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.addcmul(first * cos, second, sin, value=-1, out=out[..., :half])
+    torch.addcmul(second * cos, first, sin, out=out[..., half : 2 * half])
+    out[..., 2 * half :] = x[..., 2 * half :]
+    return out
+
+
 class HalfSplitRotation(torch.autograd.Function):
     """x (..., dqk) in the host's half-split order rotated by each pair's cos, sin (..., rot/2), broadcast against
     x's leading axes: dims j and j + rot/2 for j < rot/2 form a pair, later dims pass through. Written in x's shape,
@@ -39,25 +51,13 @@ class HalfSplitRotation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, cos, sin):
-        half = cos.shape[-1]
-        first, second = x[..., :half], x[..., half : 2 * half]
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        torch.addcmul(first * cos, second, sin, value=-1, out=out[..., :half])
-        torch.addcmul(second * cos, first, sin, out=out[..., half : 2 * half])
-        out[..., 2 * half :] = x[..., 2 * half :]
         ctx.save_for_backward(cos, sin)
-        return out
+        return _half_split_rotation(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        half = cos.shape[-1]
-        first, second = grad[..., :half], grad[..., half : 2 * half]
-        out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)  # the transpose: the angle negated
-        torch.addcmul(first * cos, second, sin, out=out[..., :half])
-        torch.addcmul(second * cos, first, sin, value=-1, out=out[..., half : 2 * half])
-        out[..., 2 * half :] = grad[..., 2 * half :]
-        return out, None, None
+        return _half_split_rotation(grad, cos, -sin), None, None  # the rotation's transpose: the angle negated
 
 
 def rotate_half_split(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
