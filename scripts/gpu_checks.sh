@@ -72,7 +72,7 @@ step batchtopk 120 $PY scripts/bench.py --device $DEV --configs $CONFIGS --optim
 step memory-k-n_ov 120 $PY scripts/bench.py --device $DEV $KMAX $STEPS
 step pipeline 400 $PY scripts/bench_pipeline.py --shared "$SHARED" --profile $PIPE
 step recipe-stories 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories" $TOKENS
-step tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_modeling.py tests/test_causal_attention.py
+step tests 240 $PY -m pytest -q -p no:cacheprovider -o addopts=-ra tests/test_cuda.py tests/test_modeling.py tests/test_causal_attention.py
 if [ $DRY = 0 ]; then
     step recipe-stories-b16 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories16" --batch_size 16
     step recipe-stories-b16-lr4x 300 $PY scripts/bench_train.py --shared "$SHARED" --output_dir "$OUT/stories16lr" \

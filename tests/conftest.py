@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Under pytest-xdist the workers share the machine's cores: each worker, and every process a test starts from it,
+# gets its share of threads (set before torch is imported), instead of all of them oversubscribing every core.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
