@@ -27,7 +27,7 @@ def run(layer_option: str, output: Path, shared: Path, max_tokens: int) -> dict:
     command = [
         sys.executable, "-m", "hf_lorsa", "train", f"--model_name_or_path={shared / 'models' / 'smollm2-135m-instruct-q4'}",
         "--gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", layer_option,
-        f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}", "--expansion_factor=2", "--top_k=16",
+        "--dataset=hf_lorsa:stories260K", "--expansion_factor=2", "--top_k=16",
         f"--max_tokens={max_tokens}", f"--output_dir={output}", "--report_to=none", "--save_steps=100000",
         "--disable_tqdm=true", "--logging_steps=1000",
     ]  # fmt: skip

@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from hf_lorsa.arguments import quiet_when_not_a_terminal
+from hf_lorsa.embedded import STORIES_MODEL
 from hf_lorsa.run_training import parse, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -97,10 +98,10 @@ def random_host(shape: str, folder: Path, stories: Path) -> int:
 def run(shape: str, max_tokens: int, shared: Path, extra: list[str], profile: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         host = Path(tmp, "host")
-        layer = random_host(shape, host, shared / "models" / "stories260K")
+        layer = random_host(shape, host, STORIES_MODEL)
         context = SHAPES[shape]["context"]
         options = [
-            f"--model_name_or_path={host}", f"--layer={layer}", f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}",
+            f"--model_name_or_path={host}", f"--layer={layer}", "--dataset=hf_lorsa:stories260K",
             "--expansion_factor=8", "--top_k=64", f"--context_length={context}", "--batch_size=4",
             f"--max_tokens={max_tokens}", "--holdout_fraction=0.02", "--eval_tokens=65536", f"--output_dir={tmp}/run",
             "--report_to=none", "--save_steps=1000000", "--disable_tqdm=true", *extra,

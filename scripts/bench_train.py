@@ -46,9 +46,9 @@ def take(args: list[str], name: str, default: str) -> str:
 
 
 def config_options(config: str, shared: Path, output: str) -> list[str]:
-    data = f"--dataset={shared / 'data' / 'stories260K-samples.jsonl'}"
+    data = "--dataset=hf_lorsa:stories260K"
     if config == "stories":
-        return [f"--model_name_or_path={shared / 'models' / 'stories260K'}", "--layer=2", data,
+        return ["--model_name_or_path=hf_lorsa:stories260K", "--layer=2", data,
                 "--expansion_factor=8", "--top_k=16", "--max_tokens=3000000"]  # fmt: skip
     if config == "smollm2":
         cache = Path(output).resolve().parent / "bench-smollm2-l3-activations"

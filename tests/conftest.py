@@ -15,9 +15,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-STORIES_MODEL = SHARED / "models" / "stories260K"
-STORIES_DATA = SHARED / "data" / "stories260K-samples.jsonl"
+SHARED = ROOT.parent / "shared"  # only for SmolLM2 and the authors' benchmark: stories260K ships in the package
+STORIES_MODEL = ROOT / "src" / "hf_lorsa" / "embedded" / "stories260K"
+STORIES_DATA = ROOT / "src" / "hf_lorsa" / "embedded" / "stories260K-stories.jsonl"
 SMOLLM2 = SHARED / "models" / "smollm2-135m-instruct-q4"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -69,7 +69,8 @@ def token_batch(vocab: int = 97, batch: int = 2, length: int = 24, seed: int = 0
 
 
 def require_shared(*paths: Path) -> None:
-    """Skip when ../shared is absent (a user's clone); CI sets HF_LORSA_REQUIRE_SHARED so it fails instead."""
+    """Skip when the files of ../shared a test names are absent (a user's clone); CI sets HF_LORSA_REQUIRE_SHARED so
+    it fails instead. The embedded stories260K host and corpus are always there."""
     needed = (STORIES_MODEL, STORIES_DATA, *paths)
     if all(p.exists() for p in needed):
         return

@@ -2,12 +2,13 @@
 evaluation of the whole replacement, publishing, and bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import require_shared
+from conftest import STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.arguments import UsageError
 from hf_lorsa.release import parse_layers
@@ -131,7 +132,8 @@ def test_a_release_given_where_one_lorsa_is_expected_and_the_reverse(tmp_path):
 def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tmp_path, monkeypatch, capsys):
     require_shared()
     out = tmp_path / "release"
-    train_layers(*parse(several(out, holdout_fraction=0.0, keep_checkpoints="true")))
+    embedded = {"model_name_or_path": "hf_lorsa:stories260K", "dataset": "hf_lorsa:stories260K"}
+    train_layers(*parse(several(out, holdout_fraction=0.0, keep_checkpoints="true", **embedded)))
     calls = []
 
     class FakeApi:
@@ -167,6 +169,19 @@ def test_push_release_uploads_the_folder_in_one_commit_without_training_state(tm
     with pytest.raises(SystemExit) as exit_info:
         main(["push", "--folder", str(out / "layer2"), "--repo_id", "org/lorsa-release"])
     assert exit_info.value.code == 2 and "is one Lorsa, not a release" in capsys.readouterr().err
+    local = tmp_path / "local"  # a release of a local host's folder: published only with the host's Hub id
+    train_layers(*parse(several(local, holdout_fraction=0.0)))
+    with pytest.raises(ValueError, match="local path .*--base_model org/name. Nothing was uploaded"):
+        push_release(local, "org/lorsa-release")
+    assert len(calls) == 2
+    staged = {}
+    FakeApi.upload_folder = lambda self, **kwargs: staged.update(
+        {p.relative_to(kwargs["folder_path"]).as_posix(): p.read_text() for p in Path(kwargs["folder_path"]).rglob("*.md")}
+    )  # fmt: skip
+    push_release(local, "org/lorsa-release", base_model="org/stories260K")
+    assert sorted(staged) == ["README.md", "layer2/README.md", "layer3/README.md"]
+    assert all("base_model: org/stories260K" in text for text in staged.values())
+    assert str(STORIES_MODEL) in (local / "layer2" / "config.json").read_text()  # the user's folder is unchanged
 
 
 def test_evaluating_a_release_gives_each_layer_and_the_whole_replacement(tmp_path):

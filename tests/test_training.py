@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.head_balance import MAX_FREQUENCY, balance_thresholds
-from hf_lorsa.hub import SELECTIONS
+from hf_lorsa.model_card import SELECTIONS
 from hf_lorsa.run_training import parse, train
 from hf_lorsa.trainer import annealed_k
 

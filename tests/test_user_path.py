@@ -37,11 +37,23 @@ def test_help_lists_the_commands_and_version_prints_it(capsys):
 
 def test_train_help_shows_the_lorsa_and_data_options_first_with_defaults():
     text = hf_lorsa("train", "--help").stdout
-    assert text.startswith("usage: hf-lorsa train")
+    assert text.startswith("usage: hf-lorsa train --model_name_or_path M")
     order = [text.index(f"  --{name} ") for name in ("model_name_or_path", "layer", "top_k", "dataset", "max_tokens")]
     assert order == sorted(order) and order[-1] < text.index("  --learning_rate ")
-    assert "active OV heads per position (default: 16)" in text and "tokens per window (default: 256)" in text
-    assert "not used: see --batch_size" in text
+    groups = ["the host and the Lorsa:", "the data:", "training (transformers TrainingArguments, with the recipe's"]
+    assert [text.index(g) for g in groups] == sorted(text.index(g) for g in groups)
+    flat = " ".join(text.split())  # argparse wraps lines to the terminal's width
+    assert "active OV heads per position (default: 16)" in flat and "tokens per window (None: 256" in flat
+    assert "not used: see --batch_size" in flat and "hf_lorsa:stories260K" in flat
+    assert len(text.splitlines()) < 200 and "--optim " not in text  # transformers' other options: --help-all
+    for option in ("output_dir", "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta2", "max_grad_norm"):
+        block = " ".join(text[text.index(f"  --{option} ") :].split("\n  --")[0].split())
+        assert "(default: " in block and len(block.split()) > 4, block  # a help text and the recipe's default
+    for option in ("max_steps", "bf16"):
+        assert text[text.index(f"  --{option} ") :].split("\n  --")[0].count("default") <= 1
+    assert "turn off --revive_dead_heads" in flat
+    everything = hf_lorsa("train", "--help-all").stdout
+    assert "  --optim " in everything and len(everything.splitlines()) > 500
 
 
 def test_max_steps_caps_the_budget(tmp_path):

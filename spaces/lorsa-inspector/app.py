@@ -64,8 +64,8 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
     first = layers[0] if layers else subfolder
     try:
         notice, tags = inspector(first).notice, inspector(first).tag_choices()
-    except InspectorError:
-        notice, tags = "", ["any"]
+    except InspectorError as err:  # nothing to show: stop with the reason instead of serving an empty page
+        raise SystemExit(f"app.py: cannot inspect {lorsa_id}: {err}") from None
 
     with gr.Blocks(title="Lorsa inspector") as demo:
         if layers:

@@ -19,7 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .attention_mask import counted_positions
+from .embedded import text_location
 from .hooks import collect_to_cpu
+from .locations import looks_like_a_path
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
@@ -28,9 +30,11 @@ def load_text(spec: str, text_column: str = "text", split: str = "train", stream
     """A text dataset from local files (comma-separated .jsonl/.json/.txt/.parquet) or a Hub name (streamed).
 
     Raises before any model is loaded when files are missing, empty, of an unknown format, or lack the column.
+    `hf_lorsa:stories260K` is the package's own corpus (`hf_lorsa.embedded`).
     """
-    paths = [Path(p) for p in spec.split(",")]
-    if all(p.suffix in LOCAL_FORMATS for p in paths) or any(p.exists() for p in paths):
+    paths = [Path(p).expanduser() for p in text_location(spec).split(",")]
+    local = all(p.suffix in LOCAL_FORMATS for p in paths) or any(p.exists() for p in paths) or looks_like_a_path(spec)
+    if local:
         for p in paths:
             if not p.is_file():
                 raise FileNotFoundError(f"Dataset file {p} does not exist.")

@@ -4,6 +4,7 @@ a YAML/JSON file or `train_lorsa(**options)`, so that bad input fails before any
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -18,8 +19,11 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_lorsa import ACT_FNS, is_int
+from .embedded import MODELS, STORIES, is_embedded
 from .head_balance import MAX_FREQUENCY
+from .locations import looks_like_a_path, resolved, resolved_files
 
+DEFAULT_CONTEXT = 256  # tokens per window unless the host has fewer positions (host_checks.check_against_host)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 INITS = ("host", "host_even", "random")
 
@@ -48,16 +52,17 @@ def check_float(name: str, value, low: float, high: float, low_open: bool = Fals
 
 
 def check_model_name(name: str, option: str = "model_name_or_path") -> None:
-    """A local folder that exists, or something shaped like a Hub id."""
+    """A local folder that exists, an embedded host (`hf_lorsa:stories260K`), or something shaped like a Hub id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     require(isinstance(name, str) and name.strip() != "", f"--{option} is required (a Hub id or a local folder).")
+    if is_embedded(name):
+        require(name in MODELS, f"--{option} {name}: the package embeds only {', '.join(sorted(MODELS))}.")
+        return
     path = Path(name).expanduser()
     if path.exists():
         require(path.is_dir(), f"--{option} {name} is a file; give the model's folder (with config.json).")
         return
-    from .hub import looks_like_a_path
-
     require(not looks_like_a_path(name), f"--{option} {name}: no such folder.")
     try:
         validate_repo_id(name)
@@ -83,7 +88,11 @@ def check_writable_dir(path: str | Path, option: str) -> None:
 class LorsaArguments:
     """The host layer and the Lorsa's sizes and recipe."""
 
-    model_name_or_path: str = field(metadata={"help": "host causal LM: Hub id or local path (required)"})
+    _argument_group_name = "the host and the Lorsa"
+
+    model_name_or_path: str = field(
+        metadata={"help": f"host causal LM: Hub id, local folder, or {STORIES} (embedded) (required)"}
+    )
     layer: int | None = field(
         default=None, metadata={"help": "index of the layer whose attention is replaced (or give --layers)"}
     )
@@ -123,6 +132,7 @@ class LorsaArguments:
 
     def __post_init__(self):
         check_model_name(self.model_name_or_path)
+        self.model_name_or_path = resolved(self.model_name_or_path)  # recorded with the Lorsa: valid from anywhere
         from .release import check_layer_options
 
         check_layer_options(self.layer, self.layers)
@@ -165,7 +175,11 @@ class LorsaArguments:
 class DataArguments:
     """Where the text comes from and how much of it."""
 
-    dataset: str = field(metadata={"help": "Hub dataset (streamed) or local .jsonl/.txt/.parquet files (required)"})
+    _argument_group_name = "the data"
+
+    dataset: str = field(
+        metadata={"help": f"Hub dataset (streamed), local .jsonl/.txt/.parquet files, or {STORIES} (embedded stories)"}
+    )
     text_column: str = field(default="text", metadata={"help": "column holding the text"})
     document_separator: str | None = field(
         default=None,
@@ -178,7 +192,10 @@ class DataArguments:
     )
     eval_split: str = field(default="validation", metadata={"help": "split of --eval_dataset"})
     holdout_fraction: float = field(default=0.0, metadata={"help": "hold out the last fraction of local documents"})
-    context_length: int = field(default=256, metadata={"help": "tokens per window"})
+    context_length: int | None = field(
+        default=None,
+        metadata={"help": f"tokens per window (None: {DEFAULT_CONTEXT}, or the host's positions if fewer)"},
+    )
     max_tokens: int = field(default=100_000_000, metadata={"help": "training budget in tokens"})
     batch_size: int = field(default=4, metadata={"help": "sequences per device and step"})
     activation_cache: str | None = field(default=None, metadata={"help": "folder to store/reuse activations"})
@@ -188,9 +205,11 @@ class DataArguments:
 
     def __post_init__(self):
         require(isinstance(self.dataset, str) and self.dataset.strip() != "", "--dataset is required.")
+        self.dataset, self.eval_dataset = resolved_files(self.dataset), resolved_files(self.eval_dataset)
         require(isinstance(self.text_column, str) and self.text_column != "", "--text_column must be a column name.")
         check_float("holdout_fraction", self.holdout_fraction, 0.0, 1.0, high_open=True)
-        for name in ("context_length", "max_tokens", "batch_size", "norm_batches", "eval_tokens", "shuffle_buffer"):
+        check_int("context_length", self.context_length, optional=True)
+        for name in ("max_tokens", "batch_size", "norm_batches", "eval_tokens", "shuffle_buffer"):
             check_int(name, getattr(self, name))
         if self.activation_cache is not None:
             check_writable_dir(self.activation_cache, "activation_cache")
@@ -207,7 +226,9 @@ NOT_USED = {
 class LorsaTrainingArguments(TrainingArguments):
     """transformers' TrainingArguments with the Lorsa recipe's defaults."""
 
-    output_dir: str = field(default="lorsa-output")
+    output_dir: str = field(
+        default="lorsa-output", metadata={"help": "where the Lorsa (or the release of --layers) is written"}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "start over in the folder of an earlier run (its files are removed)"}
     )
@@ -218,21 +239,23 @@ class LorsaTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "peak learning rate (None: 4e-3 * sqrt(64 / d_model), see hf_lorsa.recipe)"},
     )
-    lr_scheduler_type: str = field(default="cosine")
-    warmup_steps: float = field(default=0.02)
-    max_grad_norm: float = field(default=1.0)
-    adam_beta2: float = field(default=0.99)
-    weight_decay: float = field(default=0.0)
-    logging_steps: float = field(default=10)
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "learning-rate schedule after the warmup"})
+    warmup_steps: float = field(default=0.02, metadata={"help": "warmup: steps, or a fraction of them below 1"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip each Lorsa's gradient to this norm"})
+    adam_beta2: float = field(default=0.99, metadata={"help": "Adam's second-moment decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's weight decay"})
+    logging_steps: float = field(default=10, metadata={"help": "steps between logs (and a log at least once a minute)"})
     logging_nan_inf_filter: bool = field(default=False)  # a non-finite loss stops the run; the filter synced each step
-    save_steps: float = field(default=200)
-    save_total_limit: int | None = field(default=3)
+    save_steps: float = field(default=200, metadata={"help": "steps between checkpoints (a rerun resumes from one)"})
+    save_total_limit: int | None = field(default=3, metadata={"help": "checkpoints kept while training"})
     remove_unused_columns: bool = field(default=False)
     report_to: str = field(
         default="tensorboard", metadata={"help": "comma-separated loggers: tensorboard, wandb, ..., all or none"}
     )
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on when training on a GPU)"})
-    max_steps: int = field(default=-1, metadata={"help": "stop after this many steps (default: --max_tokens)"})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (None: on when training on a GPU)"})
+    max_steps: int = field(
+        default=-1, metadata={"help": "stop after this many steps (-1: when --max_tokens are trained)"}
+    )
     num_train_epochs: float | None = field(default=None, metadata={"help": f"not used: {NOT_USED['num_train_epochs']}"})
     per_device_train_batch_size: int | None = field(default=None, metadata={"help": "not used: see --batch_size"})
     per_device_eval_batch_size: int | None = field(default=None, metadata={"help": "not used: see --batch_size"})
@@ -251,28 +274,76 @@ class LorsaTrainingArguments(TrainingArguments):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()] or "none"
         if self.bf16 is None:
             self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        if not torch.cuda.is_available():  # nothing to pin to: torch would warn once per data loader
+            self.dataloader_pin_memory = False
         if self.disable_tqdm is None:  # progress bars only on a terminal: no carriage-return floods in logs
             self.disable_tqdm = not sys.stderr.isatty()
         super().__post_init__()
 
 
 ARGUMENT_CLASSES = (LorsaArguments, DataArguments, LorsaTrainingArguments)
+# The training options `hf-lorsa train --help` shows (the recipe's and those a run is steered with); the rest of
+# transformers' TrainingArguments are listed by --help-all.
+TRAINING_SHOWN = (
+    "output_dir", "overwrite_output_dir", "keep_checkpoints", "resume_from_checkpoint", "learning_rate",
+    "lr_scheduler_type", "warmup_steps", "weight_decay", "adam_beta2", "max_grad_norm", "max_steps", "seed",
+    "bf16", "eval_strategy", "eval_steps", "logging_steps", "save_steps", "save_total_limit", "report_to",
+    "run_name", "use_cpu", "num_train_epochs", "per_device_train_batch_size",
+)  # fmt: skip
+HELP_OVERRIDES = {  # transformers' own text, where it does not describe what hf-lorsa train does
+    "resume_from_checkpoint": "checkpoint folder to resume from (None: the newest in --output_dir, if any)",
+    "seed": "random seed of the initialisation, the data order and the sampling",
+    "use_cpu": "train on the CPU even when a GPU is there",
+}
 
 
-def parser() -> HfArgumentParser:
-    return HfArgumentParser(
-        ARGUMENT_CLASSES, prog="hf-lorsa train",
-        description="Train a Lorsa on one attention layer of a causal LM (--layers: one per layer). Lorsa and data "
-        "options come first; then transformers' TrainingArguments. A single .yaml/.json argument is read as an options "
-        "file.",
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, unless it is None (its help says what None means) or the help already gives it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(show_all: bool = False) -> HfArgumentParser:
+    """`hf-lorsa train`'s parser; its help groups the host and the Lorsa, the data, and the recipe's training
+    options, and lists transformers' other TrainingArguments only with `show_all` (--help-all)."""
+    built = HfArgumentParser(
+        ARGUMENT_CLASSES, prog="hf-lorsa train", formatter_class=HelpFormatter,
+        usage="hf-lorsa train --model_name_or_path M (--layer L | --layers LS) --dataset D [options]\n"
+        "       hf-lorsa train OPTIONS.yaml",
+        description="Train a Lorsa on one attention layer of a causal LM (--layers: one per layer). A single "
+        ".yaml/.json argument is read as an options file. --help-all lists every transformers TrainingArguments "
+        "option too.",
     )  # fmt: skip
+    built.add_argument("--help-all", action="help", help="show every option, transformers' own included, and exit")
+    training = built.add_argument_group("training (transformers TrainingArguments, with the recipe's defaults)")
+    grouped = {a.dest for group in built._action_groups[2:] for a in group._group_actions}  # the Lorsa, the data
+    for action in list(built._actions):
+        if action.dest in grouped or action.dest in ("help", "help_all"):
+            continue
+        if action.option_strings and action.option_strings[0].startswith("--no_"):  # HfArgumentParser's negation
+            action.help = f"turn off --{action.option_strings[0][5:]}"
+        action.help = HELP_OVERRIDES.get(action.dest, action.help)
+        if action.dest in TRAINING_SHOWN:
+            for group in built._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            training._group_actions.append(action)
+        elif not show_all:
+            action.help = argparse.SUPPRESS
+    for action in built._actions:  # the Lorsa's own negations too
+        if action.option_strings and action.option_strings[0].startswith("--no_") and action.dest in grouped:
+            action.help = f"turn off --{action.option_strings[0][5:]}"
+    return built
 
 
 def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTrainingArguments]:
     """Options from a command line, or from one YAML/JSON file (its name is in any error)."""
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         return parse_file(argv[0])
-    return parser().parse_args_into_dataclasses(argv)
+    return parser(show_all="--help-all" in argv).parse_args_into_dataclasses(argv)
 
 
 def parse_file(path: str) -> tuple:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .configuration_lorsa import check_positive_ints
 from .hooks import check_lorsa_matches, collect_layers, lorsa_output, run_variants
 from .hub import EVAL_RESULTS_FILE
 from .loading import LorsaSourceArguments, open_lorsa_source, warn_if_short
+from .model_card import model_card
 from .release import release_layers
 
 logger = logging.getLogger(__name__)
@@ -112,12 +114,13 @@ def evaluate_lorsa(
     skip_token_ids: list[int] | None = None,
     progress: bool = True,
     strict: bool = True,
+    budget_option: str = "--max_tokens",
 ) -> EvaluationResult:
     """The metrics of issue 'Evaluate a Lorsa' on `max_tokens` tokens of `windows` (rows of `input_ids`).
 
     `skip_token_ids` (default: the Lorsa's own, e.g. BOS) are positions left out of every metric, where
     the host's attention output is kept in all four runs. `strict=False` accepts a Lorsa made from another
-    model of the same shape.
+    model of the same shape. `budget_option` is how a warning names `max_tokens` (in training: --eval_tokens).
     """
     check_positive_ints(max_tokens=max_tokens, batch_size=batch_size)
     check_lorsa_matches(model, lorsa, strict)
@@ -125,7 +128,7 @@ def evaluate_lorsa(
     chunks = list(batches(windows, batch_size, max_tokens))  # read twice: for the mean, then for the metrics
     if not chunks:
         raise ValueError("The evaluation dataset gave no full windows; use more data or a shorter context_length.")
-    warn_if_short(sum(c.numel() for c in chunks), max_tokens)
+    warn_if_short(sum(c.numel() for c in chunks), max_tokens, budget_option)
     modes = (model.training, lorsa.training)
     model.eval(), lorsa.eval()
     try:
@@ -274,12 +277,10 @@ def save_results(results: dict, path: Path) -> None:
 
 def update_card(lorsa, results: dict, name_or_path: str, subfolder: str = "") -> None:
     """Put the results into the model card as structured evaluation results (model-index)."""
-    from .hub import model_card
-
     directory = Path(name_or_path, subfolder)
     if directory.is_dir():
         lorsa.eval_results = results
-        model_card(lorsa.config, results, str(directory)).save(directory / "README.md")
+        model_card(lorsa.config, results, repo_hint=os.path.abspath(directory)).save(directory / "README.md")
     else:
         card = model_card(lorsa.config, results, repo_id=name_or_path, subfolder=subfolder)
         card.push_to_hub(name_or_path, commit_message="Add evaluation results")

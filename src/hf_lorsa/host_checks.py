@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from transformers import TrainingArguments
 
-from .arguments import DataArguments, LorsaArguments, UsageError, require, tokens_per_step
+from .arguments import DEFAULT_CONTEXT, DataArguments, LorsaArguments, UsageError, require, tokens_per_step
+from .embedded import model_location
+
+logger = logging.getLogger(__name__)
 
 
 def check_against_host(model_args: LorsaArguments, data_args: DataArguments, args: TrainingArguments) -> None:
@@ -17,7 +22,7 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
     gguf = {"gguf_file": model_args.gguf_file} if model_args.gguf_file else {}
     try:
         host_config = AutoConfig.from_pretrained(
-            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **gguf
+            model_location(model_args.model_name_or_path), trust_remote_code=model_args.trust_remote_code, **gguf
         )
     except (OSError, ValueError) as err:
         raise UsageError(
@@ -34,7 +39,12 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
     require(not (model_args.several and data_args.activation_cache), "--activation_cache stores one layer's "
             "activations; with --layers the host runs once per step for all of them: drop --activation_cache.")  # fmt: skip
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    if max_positions:
+    if data_args.context_length is None:  # the default follows a host with fewer positions; a given one is checked
+        data_args.context_length = min(DEFAULT_CONTEXT, max_positions or DEFAULT_CONTEXT)
+        if data_args.context_length < DEFAULT_CONTEXT:
+            logger.info("--context_length %d: the host's %d positions (the default is %d).",
+                        data_args.context_length, max_positions, DEFAULT_CONTEXT)  # fmt: skip
+    elif max_positions:
         require(
             data_args.context_length <= max_positions,
             f"--context_length {data_args.context_length} exceeds the model's {max_positions} positions.",

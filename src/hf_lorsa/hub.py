@@ -1,58 +1,16 @@
-"""Model cards for Lorsa checkpoints, built with huggingface_hub's ModelCard / ModelCardData / EvalResult."""
+"""A Lorsa on disk and on the Hub: strict loading (safetensors only, every tensor and config key), the files written
+beside the weights (eval_results.json, the model card of `model_card`), pushing."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from .locations import looks_like_a_path
+from .model_card import model_card, publishable_base
 
 EVAL_RESULTS_FILE = "eval_results.json"
-CARD_METRICS = (
-    "fvu", "explained_variance", "mse", "l0", "dead_heads", "loss_clean", "loss_spliced",
-    "loss_zero_ablated", "loss_mean_ablated", "loss_recovered_zero", "loss_recovered_mean", "kl_spliced",
-)  # fmt: skip
-
-CARD_TEMPLATE = """---
-{{ card_data }}
----
-
-# {{ model_name }}
-
-A [Lorsa](https://arxiv.org/abs/2504.20938) (Low-Rank Sparse Attention) replacement for the attention of
-layer {{ layer }} of `{{ base_model }}`, made with hf_lorsa: {{ n_ov }} rank-1
-OV heads sharing {{ n_qk }} QK heads of width {{ d_qk }}, {{ top_k }} active per position. Its weights are
-derived from the base model's and follow the base model's license.
-
-| field | value |
-| --- | --- |
-{{ table }}
-
-## Use
-
-```python
-import hf_lorsa
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{{ base_model }}")
-tokenizer = AutoTokenizer.from_pretrained("{{ base_model }}")
-lorsa = hf_lorsa.LorsaModel.from_pretrained("{{ repo_hint }}"{{ subfolder_arg }})
-input_ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
-with hf_lorsa.splice(model, lorsa):  # layer {{ layer }}'s attention output replaced by the Lorsa
-    logits = model(input_ids=input_ids).logits
-```
-{{ results }}"""
-
-
-def looks_like_a_path(name: str) -> bool:
-    """Written as a local path (./x, /x, ~/x, a/b/c), not as a Hub id (org/name)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
-def _is_hub_id(name: str | None) -> bool:
-    return bool(name) and not looks_like_a_path(name)
-
-
 REQUIRED_CONFIG_KEYS = ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k")
 
 
@@ -107,6 +65,9 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
             cache_dir=kwargs.get("cache_dir"), local_files_only=kwargs.get("local_files_only", False),
         )  # fmt: skip
     except (OSError, json.JSONDecodeError) as err:
+        if not local.exists():  # neither a local folder nor a Hub repository that could be read
+            raise OSError(f"Could not load a Lorsa from {where}: there is no such local folder, and as a Hub id it "
+                          f"could not be read ({str(err).splitlines()[0][:200]})") from err  # fmt: skip
         raise OSError(f"Could not read the config.json of a Lorsa at {where}: {err}") from err
     from .llamascopium import is_llamascopium_config, lorsa_config_dict
 
@@ -125,10 +86,6 @@ def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:
     return config
 
 
-SELECTIONS = {  # how the card names a Lorsa's act_fn
-    "topk": "top-k per position",
-    "batchtopk": "BatchTopK (top-k is the mean; at inference each head passes its own threshold)",
-}
 # may be absent: BatchTopK Lorsas saved before heads had their own thresholds hold every head at the shared one
 MAY_BE_MISSING = {"threshold_scale"}
 
@@ -147,60 +104,6 @@ def check_loading_info(name_or_path, info: dict) -> None:
         raise ValueError(f"The weights of the Lorsa at {name_or_path} do not match its config ({listed}).")
 
 
-def model_card(config, eval_results: dict | None = None, repo_id: str | None = None, subfolder: str = "") -> ModelCard:
-    """A model card recording the base model, layer, sizes, training data and evaluation results."""
-    base = config.base_model_name_or_path
-    dataset = getattr(config, "dataset_name", None)
-    evaluated = (eval_results or {}).get("dataset") or dataset or "unknown"
-    name = f"lorsa-{(base or 'model').rstrip('/').split('/')[-1]}-l{config.layer}"
-    results = [
-        EvalResult(
-            task_type="text-generation",
-            dataset_type=evaluated,
-            dataset_name=evaluated,
-            dataset_split=eval_results.get("dataset_split"),
-            metric_type=metric,
-            metric_name=metric,
-            metric_value=float(eval_results[metric]),
-        )  # fmt: skip
-        for metric in CARD_METRICS
-        if eval_results and eval_results.get(metric) is not None
-    ]
-    datasets = sorted({d for d in (dataset, (eval_results or {}).get("dataset")) if _is_hub_id(d)})
-    card_data = ModelCardData(
-        library_name="hf_lorsa",
-        license="other",
-        license_name="base-model-license",
-        base_model=base if _is_hub_id(base) else None,
-        datasets=datasets or None,
-        tags=["lorsa", "hf_lorsa", "sparse-attention", "interpretability", f"layer-{config.layer}"],
-        model_name=name,
-        eval_results=results or None,
-    )
-    fields = {
-        "base model": base, "host model type": config.host_model_type, "layer": config.layer,
-        "attention input": config.attn_input_module, "attention output": config.attn_output_module,
-        "d_model": config.d_model, "QK heads": config.n_qk_heads, "QK head width": config.d_qk_head,
-        "OV heads": config.n_ov_heads, "top-k": config.top_k, "top-k rule": config.topk_rule,
-        "selection": SELECTIONS[config.act_fn],
-        "training data": dataset, "tokens trained": getattr(config, "tokens_trained", None),
-    }  # fmt: skip
-    table = "\n".join(f"| {k} | {v} |" for k, v in fields.items() if v is not None)
-    results_md = ""
-    if eval_results:
-        rows = "\n".join(f"| {k} | {eval_results[k]:.6g} |" for k in CARD_METRICS if eval_results.get(k) is not None)
-        split = f" ({eval_results['dataset_split']})" if eval_results.get("dataset_split") else ""
-        results_md = (f"\n## Evaluation\n\nOn {eval_results.get('n_tokens', '?')} tokens of `{evaluated}`{split}, with the "
-                      f"Lorsa spliced into the base model (`hf-lorsa evaluate`).\n\n| metric | value |\n| --- | --- |\n"
-                      f"{rows}\n")  # fmt: skip
-    return ModelCard.from_template(
-        card_data, template_str=CARD_TEMPLATE, model_name=repo_id or name, layer=config.layer, base_model=base,
-        n_ov=config.n_ov_heads, n_qk=config.n_qk_heads, d_qk=config.d_qk_head, top_k=config.top_k, table=table,
-        repo_hint=repo_id or "PATH_OR_REPO_ID", subfolder_arg=f", subfolder={subfolder!r}" if subfolder else "",
-        results=results_md,
-    )  # fmt: skip
-
-
 def write_card(lorsa, directory: str | Path, repo_id: str | None = None, subfolder: str = "") -> None:
     """Write eval_results.json (the model's own results; a stale file of another model is removed) and the
     README.md card into `directory`."""
@@ -209,13 +112,30 @@ def write_card(lorsa, directory: str | Path, repo_id: str | None = None, subfold
         results_file.write_text(json.dumps(lorsa.eval_results, indent=2))
     elif results_file.exists():
         results_file.unlink()
-    card = model_card(lorsa.config, lorsa.eval_results, repo_id or str(directory), subfolder)
+    hint = None if repo_id else os.path.abspath(directory)  # the snippet loads it from any folder
+    card = model_card(lorsa.config, lorsa.eval_results, repo_id, subfolder, repo_hint=hint)
     card.save(Path(directory, "README.md"))
 
 
-def push(lorsa, repo_id, subfolder, commit_message, private, token, revision, create_pr):
-    """Save into a temporary folder laid out like the repository and upload it with transformers' mixin."""
+def usual_file_modes(directory: str | Path) -> None:
+    """Give the files directly in `directory` the mode a new file gets under the process's umask (0644 usually)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(directory).iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
+def push(lorsa, repo_id, subfolder, commit_message, private, token, revision, create_pr, base_model=None):
+    """Save into a temporary folder laid out like the repository and upload it with transformers' mixin. A Lorsa of
+    a local host needs `base_model`, its Hub id (refused before anything is uploaded)."""
+    import copy
     import tempfile
+
+    base = publishable_base(lorsa.config, base_model)
+    if base != lorsa.config.base_model_name_or_path:
+        lorsa = copy.deepcopy(lorsa)
+        lorsa.config.base_model_name_or_path = base
 
     from transformers.utils.hub import hf_api
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from .arguments import DTYPES, UsageError, check_int, check_model_name, check_writable_dir, require
+from .embedded import model_location, text_location
+from .locations import looks_like_a_path, resolved, resolved_files
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,11 @@ class LorsaSourceArguments:
 
     def __post_init__(self):
         require(isinstance(self.lorsa, str) and self.lorsa.strip() != "", "--lorsa is required.")
+        local = Path(self.lorsa).expanduser()
+        require(local.exists() or not looks_like_a_path(self.lorsa), f"--lorsa {self.lorsa}: no such folder.")
         if self.model_name_or_path is not None:
             check_model_name(self.model_name_or_path)
+        self.model_name_or_path, self.dataset = resolved(self.model_name_or_path), resolved_files(self.dataset)
         if self.holdout_fraction is not None:
             ok = isinstance(self.holdout_fraction, (int, float)) and 0 <= self.holdout_fraction < 1
             require(ok, f"--holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}.")
@@ -75,7 +80,10 @@ class LorsaSourceArguments:
         """Where results go: `output`, else beside a local Lorsa; refused when it would replace earlier
         results without --overwrite. Checked before anything is loaded."""
         if output is None:
-            require(self.lorsa_dir.is_dir(), f"{self.lorsa} is not a local folder; pass --output.")
+            require(
+                self.lorsa_dir.is_dir(),
+                f"--lorsa {self.lorsa}: there is no such local folder (as a Hub id, its results need --output FILE).",
+            )
             path = self.lorsa_dir / default_name
         else:
             path = Path(output)
@@ -101,7 +109,7 @@ class DataSource:
         described = {"dataset": self.dataset}
         if self.holdout_fraction:
             described["dataset_split"] = f"last {self.holdout_fraction:g} of the documents"
-        elif not Path(self.dataset.split(",")[0]).exists():
+        elif not Path(text_location(self.dataset).split(",")[0]).exists():
             described["dataset_split"] = self.split
         return described
 
@@ -211,7 +219,9 @@ def open_tokenizer(model_name_or_path: str, gguf_file: str | None = None, trust_
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **kwargs)
+    return AutoTokenizer.from_pretrained(
+        model_location(model_name_or_path), trust_remote_code=trust_remote_code, **kwargs
+    )
 
 
 def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype: str = "float32",
@@ -222,13 +232,14 @@ def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     host = AutoModelForCausalLM.from_pretrained(
-        model_name_or_path, dtype=getattr(torch, torch_dtype), device_map=device_map,
+        model_location(model_name_or_path), dtype=getattr(torch, torch_dtype), device_map=device_map,
         trust_remote_code=trust_remote_code, **kwargs,
     )  # fmt: skip
     host.requires_grad_(False)
     return host.eval()
 
 
-def warn_if_short(read: int, asked: int) -> None:
+def warn_if_short(read: int, asked: int, option: str = "--max_tokens") -> None:
+    """Say when the text held fewer tokens than the budget `option` asked for."""
     if read < asked:
-        logger.warning("Only %d tokens of text were available, fewer than --max_tokens %d.", read, asked)
+        logger.warning("Only %d tokens of text were available, fewer than %s %d.", read, option, asked)

@@ -168,15 +168,18 @@ class LorsaModel(LorsaPreTrainedModel):
                 f"n_ov_heads={c.n_ov_heads}, top_k={c.top_k}, topk_rule={c.topk_rule!r}")  # fmt: skip
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        """transformers' save (safetensors), plus eval_results.json and a README.md model card."""
+        """transformers' save (safetensors), plus eval_results.json and a README.md model card. Every file gets the
+        mode the user's umask gives new files (transformers writes the weights through a private temporary file)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         hub.write_card(self, save_directory)
+        hub.usual_file_modes(save_directory)
 
     def push_to_hub(self, repo_id: str, subfolder: str | None = None, commit_message: str | None = None,
                     private: bool | None = None, token: str | None = None, revision: str | None = None,
-                    create_pr: bool = False) -> object:  # fmt: skip
-        """Upload to `repo_id` (under `subfolder` for one layer of a multi-layer release) with its model card."""
-        return hub.push(self, repo_id, subfolder, commit_message, private, token, revision, create_pr)
+                    create_pr: bool = False, base_model: str | None = None) -> object:  # fmt: skip
+        """Upload to `repo_id` (under `subfolder` for one layer of a multi-layer release) with its model card. A Lorsa
+        of a local host needs `base_model`, the host's Hub id, which the card then names."""
+        return hub.push(self, repo_id, subfolder, commit_message, private, token, revision, create_pr, base_model)
 
     # ---- forward -------------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from .arguments import require
+from .locations import is_hub_id
+from .model_card import eval_result_entries, publishable_base
 
 LAYER_FOLDER = re.compile(r"^layer(\d+)$")
 CARD_COLUMNS = ("fvu", "l0", "dead_heads", "loss_recovered_zero", "kl_spliced")
@@ -107,8 +109,6 @@ def write_release_card(folder: str | Path, lorsas: dict, repo_id: str | None = N
     `hf-lorsa evaluate`) the whole replacement's."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .hub import looks_like_a_path
-
     first = lorsas[min(lorsas)].config
     base = first.base_model_name_or_path
     rows = []
@@ -117,10 +117,15 @@ def write_release_card(folder: str | Path, lorsas: dict, repo_id: str | None = N
         cells = [f"{results[k]:.4g}" if isinstance(results.get(k), (int, float)) else "" for k in CARD_COLUMNS]
         rows.append(f"| {layer} | `{layer_folder(layer)}` | {lorsa.config.n_ov_heads} | {lorsa.config.top_k} | "
                     + " | ".join(cells) + " |")  # fmt: skip
+    entries = [  # every layer's results as model-index entries, told apart by name
+        entry for layer, lorsa in sorted(lorsas.items())
+        for entry in eval_result_entries(lorsa.eval_results, (lorsa.eval_results or {}).get("dataset") or "unknown",
+                                         name=f"layer {layer}")
+    ]  # fmt: skip
     data = ModelCardData(
         library_name="hf_lorsa", license="other", license_name="base-model-license",
-        base_model=base if base and not looks_like_a_path(base) else None,
-        tags=["lorsa", "hf_lorsa", "sparse-attention", "interpretability"],
+        base_model=base if is_hub_id(base) else None, model_name=repo_id or f"Lorsa release for {base}",
+        tags=["lorsa", "hf_lorsa", "sparse-attention", "interpretability"], eval_results=entries or None,
     )  # fmt: skip
     where = repo_id or str(folder)
     text = f"""---
@@ -152,23 +157,39 @@ lorsa = hf_lorsa.LorsaModel.from_pretrained("{where}", subfolder="{layer_folder(
 
 
 def push_release(folder: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
-                 commit_message: str | None = None, revision: str | None = None, create_pr: bool = False):  # fmt: skip
+                 commit_message: str | None = None, revision: str | None = None, create_pr: bool = False,
+                 base_model: str | None = None):  # fmt: skip
     """Upload a release folder (every `layer{L}` Lorsa and the release card; not checkpoints or training logs)
-    to the Hub repository `repo_id` in one commit, with huggingface_hub's folder upload."""
+    to the Hub repository `repo_id` in one commit, with huggingface_hub's folder upload. A release of a local host
+    needs `base_model`, the host's Hub id: the Lorsas and cards are then uploaded naming it (the folder is unchanged)."""
+    import tempfile
+
     from huggingface_hub import HfApi
 
+    from .modeling_lorsa import LorsaModel
+
     folder = Path(folder)
-    if not release_layers(folder):
+    layers = release_layers(folder)
+    if not layers:
         if (folder / "config.json").is_file():
             raise ValueError(f"{folder} is one Lorsa, not a release: upload it with "
                              "LorsaModel.from_pretrained(folder).push_to_hub(repo_id).")  # fmt: skip
         raise ValueError(f"{folder} is not a release: it has no layer{{L}} folders holding a Lorsa.")
+    lorsas = {layer: LorsaModel.from_pretrained(folder, subfolder=layer_folder(layer)) for layer in layers}
+    base = publishable_base(lorsas[layers[0]].config, base_model)
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    return api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
-        ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as staging:
+        if base != lorsas[layers[0]].config.base_model_name_or_path:  # the release as it will read on the Hub
+            for layer, lorsa in lorsas.items():
+                lorsa.config.base_model_name_or_path = base
+                lorsa.save_pretrained(Path(staging, layer_folder(layer)))
+            write_release_card(staging, lorsas, repo_id)
+            folder = Path(staging)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
+            ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
+        )  # fmt: skip
 
 
 @dataclass
@@ -181,6 +202,9 @@ class PushArguments:
     commit_message: str | None = field(default=None, metadata={"help": "commit message"})
     revision: str | None = field(default=None, metadata={"help": "branch to push to"})
     create_pr: bool = field(default=False, metadata={"help": "open a pull request instead of committing"})
+    base_model: str | None = field(
+        default=None, metadata={"help": "Hub id of the host, for a release made from a local host's folder"}
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +217,6 @@ def main(argv: list[str] | None = None) -> int:
                                   description="Upload a release (one Lorsa per layer) to the Hub in one commit.")  # fmt: skip
         (args,) = parser.parse_args_into_dataclasses(argv)
         commit = push_release(args.folder, args.repo_id, args.private or None, None, args.commit_message,
-                              args.revision, args.create_pr)  # fmt: skip
+                              args.revision, args.create_pr, args.base_model)  # fmt: skip
     print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
     return 0

@@ -320,7 +320,13 @@ def finalise(trainer: LorsaTrainer, trained, where: Path, model_args, data_args,
         from .evaluation import evaluate_lorsa
 
         results = evaluate_lorsa(
-            trainer.host, lorsa, eval_windows, data_args.eval_tokens, data_args.batch_size, progress=False
+            trainer.host,
+            lorsa,
+            eval_windows,
+            data_args.eval_tokens,
+            data_args.batch_size,
+            progress=False,
+            budget_option="--eval_tokens",
         ).to_dict()
         lorsa.eval_results = {**results, **evaluated_data(data_args), "model": model_args.model_name_or_path}
         trainer.log(

@@ -21,7 +21,7 @@ from .attention_mask import counted_positions
 from .configuration_lorsa import LorsaConfig
 from .head_balance import balance_thresholds
 from .hooks import collect_layers
-from .json_logs import JsonLogPrinter, JsonLogProgress
+from .json_logs import JsonLogPrinter, JsonLogProgress, Progress
 from .release import LorsaLayers
 
 STATE_FILE = "lorsa_trainer_state.safetensors"
@@ -82,6 +82,8 @@ class LorsaTrainer(Trainer):
         self.remove_callback(PrinterCallback)
         self.remove_callback(ProgressCallback)
         self.add_callback(JsonLogPrinter() if self.args.disable_tqdm else JsonLogProgress())
+        self.progress = Progress(tokens_per_step)
+        self.add_callback(self.progress)
 
     @property
     def lorsa(self):
@@ -280,6 +282,7 @@ class LorsaTrainer(Trainer):
             for layer in self.tokens_since_fired:
                 logs[self.metric_name(layer, "silent_heads")] = int(self.silent_heads(layer).sum())
             logs["tokens"] = self.tokens_seen()
+            logs.update(self.progress.fields(self.state.global_step, self.state.max_steps))
             self._metrics = {}
             if not all(math.isfinite(v) for v in logs.values() if isinstance(v, float)):
                 self._finite = torch.zeros((), dtype=torch.bool)
@@ -317,7 +320,13 @@ class LorsaTrainer(Trainer):
         metrics = {}
         for layer, lorsa in self.lorsas().items():
             results = evaluate_lorsa(
-                self.host, lorsa, windows, self.eval_tokens, self.args.per_device_eval_batch_size, progress=False
+                self.host,
+                lorsa,
+                windows,
+                self.eval_tokens,
+                self.args.per_device_eval_batch_size,
+                progress=False,
+                budget_option="--eval_tokens",
             ).to_dict()
             metrics.update({f"{metric_key_prefix}_{self.metric_name(layer, k)}": v for k, v in results.items()})
         self.log(metrics)
