@@ -148,3 +148,22 @@ def test_a_release_card_holds_every_layers_results_as_metadata(tmp_path):
         ("layer 1 fvu", 0.1), ("layer 1 l0", 4.0), ("layer 2 fvu", 0.2), ("layer 2 l0", 4.0)
     ]  # fmt: skip
     assert card.data.base_model == "org/tiny"
+
+
+def test_quickstart_help_names_the_embedded_host_and_its_options(capsys):
+    from hf_lorsa.quickstart import DEFAULTS, main, options
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: hf-lorsa quickstart") and "hf_lorsa:stories260K" in text
+    assert "  --max_tokens 1000000" in text and "  --output_dir runs/quickstart" in text
+    argv = options(["--max_tokens", "4096"])  # an option given after it replaces the quickstart's own
+    assert argv[-2:] == ["--max_tokens", "4096"] and len(argv) == 2 * len(DEFAULTS) + 2
+
+
+def test_every_public_name_imports():
+    import hf_lorsa
+
+    assert {"train_lorsas", "embedded", "LorsaModel", "splice"} <= set(hf_lorsa.__all__)
+    for name in hf_lorsa.__all__:
+        assert getattr(hf_lorsa, name) is not None, name

@@ -30,7 +30,7 @@ def test_help_lists_the_commands_and_version_prints_it(capsys):
 
     assert main(["--help"]) == 0
     listed = re.findall(r"^  (\w+)\s{2,}\S", capsys.readouterr().out, re.M)
-    assert listed == ["train", "evaluate", "analyze", "export", "push"]
+    assert listed == ["quickstart", "train", "evaluate", "analyze", "export", "push"]
     assert hf_lorsa("--version").stdout.strip() == f"hf-lorsa {version('hf_lorsa')}"  # as typed
     assert main(["trian"]) == 2 and "unknown command 'trian'" in capsys.readouterr().err
 

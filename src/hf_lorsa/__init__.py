@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
+from . import embedded  # the host and stories the package carries: hf_lorsa.embedded.STORIES_MODEL, STORIES_TEXT
 from .configuration_lorsa import LorsaConfig
 from .hooks import AttentionRecord, Capture, capture, collect, splice
 from .modeling_lorsa import LorsaModel, LorsaOutput
@@ -12,6 +13,7 @@ AutoModel.register(LorsaConfig, LorsaModel)
 # Heavier entry points (datasets, the Trainer) load on first use.
 _LAZY = {
     "train_lorsa": "run_training",
+    "train_lorsas": "run_training",
     "evaluate_lorsa": "evaluation",
     "analyze": "analysis",
     "load_analysis": "analysis",
@@ -43,4 +45,6 @@ __all__ = [
     "push_release",
     "splice",
     "train_lorsa",
+    "train_lorsas",
+    "embedded",
 ]

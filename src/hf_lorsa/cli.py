@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
+    "quickstart": (
+        "hf_lorsa.quickstart:main",
+        "train and evaluate a Lorsa on the embedded stories260K host, nothing downloaded (about a minute)",
+    ),
     "train": (
         "hf_lorsa.run_training:main",
         "train a Lorsa on one attention layer of a causal LM (or one per layer: --layers)",
@@ -18,7 +22,7 @@ COMMANDS = {
 
 def usage() -> str:
     lines = ["usage: hf-lorsa COMMAND [options]   (hf-lorsa COMMAND --help for its options)", "", "commands:"]
-    lines += [f"  {name:<10}{summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [f"  {name:<12}{summary}" for name, (_, summary) in COMMANDS.items()]
     lines += ["", "  --version  print the version of hf_lorsa"]
     return "\n".join(lines)
 
