@@ -65,6 +65,16 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     assert "z = " in inspector.text_pattern_html("Once upon a time, there was a little dog.", 4, head)
     long = inspector.text("word " * 1000)
     assert long.truncated and "truncated" in inspector.text_html(long)
+    # heads found by what they do: a probe's score at least x, best first
+    found = inspector.head_table(probe="previous_token", min_score=0.5, sort_by="previous_token")
+    expected = {r["head"] for r in inspector.analysis if (r["probes"]["previous_token"] or 0) >= 0.5}
+    assert set(found["head"]) == expected and list(found["previous_token"]) == sorted(found["previous_token"])[::-1]
+    assert "host head 2 is a previous-token head (0.51)" in describe(inspector)  # the probes on the host's heads
+    assert "probe scores: " in inspector.head_summary(3)
+    for bad in (lambda: inspector.head_table(probe="nope"), lambda: inspector.head_table(min_score="x"),
+                lambda: inspector.head_table(sort_by="nope")):  # fmt: skip
+        with pytest.raises(InspectorError):
+            bad()
     for bad in (lambda: inspector.text("   "), lambda: inspector.head(64), lambda: inspector.head("x"),
                 lambda: inspector.text_pattern_html("Once upon", 99, 0)):  # fmt: skip
         with pytest.raises(InspectorError):
@@ -124,7 +134,7 @@ def app_url(lorsa_dir):
     log.close()
 
 
-def test_space_in_a_real_browser(app_url):
+def test_space_in_a_real_browser(app_url, inspector):
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
@@ -140,7 +150,20 @@ def test_space_in_a_real_browser(app_url):
         rows = table.locator("[role=row]")
         expect(rows).not_to_have_count(0, timeout=30_000)
         expect(table).to_contain_text("frequency")
+        expect(page.locator("#inspector-header")).to_contain_text("host head 2 is a previous-token head")
+        for probe in ("induction", "previous_token", "bos"):  # every probe's score is a column
+            expect(table).to_contain_text(probe)
         page.screenshot(path=str(ARTIFACTS / "space-head-browser.png"), full_page=True)
+        # find heads by what they do: only previous-token heads scoring at least 0.5 remain
+        page.locator("#probe-filter input").click()
+        page.get_by_role("option", name="previous_token").click()
+        expected = sum((r["probes"]["previous_token"] or 0) >= 0.5 for r in inspector.analysis)  # the same analysis
+        assert 0 < expected < 20
+        expect(rows).to_have_count(expected + 1, timeout=30_000)  # and the header row
+        page.screenshot(path=str(ARTIFACTS / "space-probe-filter.png"), full_page=True)
+        page.locator("#probe-filter input").click()
+        page.get_by_role("option", name="any").click()
+        expect(rows).not_to_have_count(expected + 1, timeout=30_000)
 
         # clicking a row opens that head's page
         row = rows.nth(3)

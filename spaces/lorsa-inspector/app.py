@@ -63,7 +63,9 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
 
     first = layers[0] if layers else subfolder
     try:
-        notice, tags = inspector(first).notice, inspector(first).tag_choices()
+        first_inspector = inspector(first)
+        notice, tags = first_inspector.notice, first_inspector.tag_choices()
+        sorts, probes = first_inspector.sort_choices(), first_inspector.probe_choices()
     except InspectorError as err:  # nothing to show: stop with the reason instead of serving an empty page
         raise SystemExit(f"app.py: cannot inspect {lorsa_id}: {err}") from None
 
@@ -80,7 +82,9 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
                 with gr.Row():
                     tag = gr.Dropdown(tags, value="any", label="tag", elem_id="tag-filter")
                     token = gr.Textbox(label="promotes token", placeholder="e.g. the", elem_id="token-filter")
-                    sort = gr.Dropdown(["frequency", "head"], value="frequency", label="sort by")
+                    sort = gr.Dropdown(sorts, value="frequency", label="sort by", elem_id="sort-by")
+                    probe = gr.Dropdown(probes, value="any", label="probe", elem_id="probe-filter")
+                    min_score = gr.Slider(0, 1, value=0.5, step=0.05, label="probe score ≥", elem_id="min-score")
                 table = gr.Dataframe(label="heads (click a row to open the head)", interactive=False,
                                      elem_id="head-table")  # fmt: skip
             with gr.Tab("Head", id="head"):
@@ -111,8 +115,8 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
                 active = gr.HTML(elem_id="text-active")
 
         @guarded(1)
-        def browse(sub, tag, token, sort):
-            return inspector(sub).head_table(tag, token or "", sort)
+        def browse(sub, tag, token, sort, probe, min_score):
+            return inspector(sub).head_table(tag, token or "", sort, probe, min_score)
 
         @guarded(5)
         def head_page(sub, h):
@@ -136,11 +140,12 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
         def pick_token(sub, t, h, evt: gr.SelectData):
             return evt.index, z_pattern(sub, t, evt.index, h)
 
-        for control in (tag, token, sort):
-            control.change(browse, [layer, tag, token, sort], table)
-        demo.load(browse, [layer, tag, token, sort], table)
+        filters = [layer, tag, token, sort, probe, min_score]
+        for control in (tag, token, sort, probe, min_score):
+            control.change(browse, filters, table)
+        demo.load(browse, filters, table)
         if layers:  # another layer: its header and head table
-            layer.change(header_of, layer, header, api_name="pick_layer").then(browse, [layer, tag, token, sort], table)
+            layer.change(header_of, layer, header, api_name="pick_layer").then(browse, filters, table)
         table.select(open_row, layer, [head, summary, contexts, pattern, logits, hosts, tabs])
         show.click(head_page, [layer, head], [summary, contexts, pattern, logits, hosts])
         run.click(analyse, [layer, text, text_head], [tokens, active])

@@ -33,7 +33,9 @@ from .arguments import check_int
 from .attention_mask import counted_positions
 from .configuration_lorsa import check_positive_ints
 from .hooks import check_lorsa_matches, collect_to_cpu
+from .hub import write_card
 from .loading import LorsaSourceArguments, open_lorsas, warn_if_short
+from .probes import MECHANISM_SCORE, ProbeScores, probe_scores
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
 N_SOURCES = 5  # source tokens listed for each top activation
@@ -191,18 +193,42 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
         raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
     warn_if_short(n_windows * ids.shape[1], max_tokens)
     contexts = _top_contexts(model, lorsa, top, stored, tokenizer, batch_size)
-    rows = _rows(model, lorsa, fires, kinds, contexts, n_tokens, tokenizer)
+    probes = probe_scores(model, lorsa, tokenizer)
+    shares = host_correspondence(model, lorsa)
+    rows = _rows(model, lorsa, fires, kinds, contexts, n_tokens, tokenizer, probes, shares)
     dataset = Dataset.from_list(rows, features=HEAD_FEATURES)
-    dataset.info.description = json.dumps({"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer})
+    meta = {"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer, "mechanisms": mechanisms(probes, shares)}
+    dataset.info.description = json.dumps(meta)
     return dataset
 
 
-def _rows(model, lorsa, fires, kinds, contexts, n_tokens: int, tokenizer) -> list[dict]:
-    """The table's rows (HEAD_FEATURES) from the first pass's counts and the second pass's contexts."""
+def mechanisms(probes: ProbeScores, shares: torch.Tensor) -> dict:
+    """Per probe: every host head's score, the host heads that are such heads (score >= MECHANISM_SCORE), and for
+    each of those the Lorsa heads that are too and whose OV map lies mostly in that host head's OV subspace."""
+    home = shares.argmax(-1)  # each Lorsa head's host head
+    summary = {"probe": {"sequences": probes.n_sequences, "length": probes.length}, "threshold": MECHANISM_SCORE}
+    for name, host in probes.host.items():
+        lorsa_heads = probes.lorsa_heads(name)
+        summary[name] = {
+            "host_scores": [round(s, 4) for s in host.tolist()],
+            "lorsa_heads": len(lorsa_heads),
+            "host_heads": {  # best first
+                str(h): sorted(({"head": i, "score": round(probes.lorsa[name][i].item(), 4),
+                                 "share": round(shares[i, h].item(), 4)}
+                                for i in lorsa_heads if home[i] == h and shares[i, h] >= 0.5),
+                               key=lambda entry: -entry["score"])
+                for h in probes.host_heads(name)
+            },
+        }  # fmt: skip
+    return summary
+
+
+def _rows(model, lorsa, fires, kinds, contexts, n_tokens: int, tokenizer, probes: ProbeScores,
+          shares: torch.Tensor) -> list[dict]:  # fmt: skip
+    """The table's rows (HEAD_FEATURES) from the first pass's counts, the second pass's contexts and the probes."""
     c = lorsa.config
     tags = tags_from_counts(kinds, fires)
     dla = logit_attribution(model, lorsa)
-    shares = host_correspondence(model, lorsa)
     rows = []
     for i in range(c.n_ov_heads):
         share = shares[i]
@@ -217,6 +243,8 @@ def _rows(model, lorsa, fires, kinds, contexts, n_tokens: int, tokenizer) -> lis
             "host_heads": share.argsort(descending=True)[:3].tolist(),
             "host_shares": share.tolist(),
             "spans_several_host_heads": bool(share.max() < SINGLE_HEAD_SHARE),
+            "probes": {name: None if scores[i].isnan() else scores[i].item() for name, scores in probes.lorsa.items()},
+            "probe_events": int(probes.lorsa_events[i]),
             **dla[i],
         }  # fmt: skip
         for kind in ("promoted", "suppressed"):
@@ -342,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             if path.exists():
                 shutil.rmtree(path)
             save_analysis(result, path.parent)
+            if path.parent.resolve() == layer_args.lorsa_dir.resolve():  # the card beside it says what the probes found
+                write_card(lorsa, layer_args.lorsa_dir)
             print(f"Saved the analysis of {len(result)} heads over {json.loads(result.info.description)['n_tokens']} "
                   f"tokens to {path}")  # fmt: skip
             if args.push_to_hub:

@@ -10,6 +10,7 @@ from datasets import Dataset, Features, List, Value
 
 ANALYSIS_DIR = "analysis"
 TAGS = ("bos", "previous_token", "current_token", "induction", "duplicate_token")
+PROBES = ("induction", "duplicate_token", "previous_token", "current_token", "bos")  # hf_lorsa.probes
 
 _SOURCE = {
     "position": Value("int64"),
@@ -34,6 +35,8 @@ HEAD_FEATURES = Features({
     "top_contexts": List(_CONTEXT),
     "host_heads": List(Value("int64")), "host_shares": List(Value("float64")),  # shares: see host_correspondence
     "spans_several_host_heads": Value("bool"),
+    # the mechanism probes' scores (hf_lorsa.probes; None: never fired on the probe) and its firing events there
+    "probes": {probe: Value("float64") for probe in PROBES}, "probe_events": Value("int64"),
     "promoted": List(Value("int64")), "promoted_logits": List(Value("float64")),
     "suppressed": List(Value("int64")), "suppressed_logits": List(Value("float64")),
     "promoted_tokens": List(Value("string")), "suppressed_tokens": List(Value("string")),

@@ -104,6 +104,15 @@ def check_loading_info(name_or_path, info: dict) -> None:
         raise ValueError(f"The weights of the Lorsa at {name_or_path} do not match its config ({listed}).")
 
 
+def saved_mechanisms(directory: str | Path) -> dict | None:
+    """What the probes found, from an analysis saved beside the Lorsa (`hf-lorsa analyze`), or None."""
+    meta = Path(directory, "analysis", "meta.json")
+    try:
+        return json.loads(meta.read_text()).get("mechanisms") if meta.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def write_card(lorsa, directory: str | Path, repo_id: str | None = None, subfolder: str = "") -> None:
     """Write eval_results.json (the model's own results; a stale file of another model is removed) and the
     README.md card into `directory`."""
@@ -113,7 +122,8 @@ def write_card(lorsa, directory: str | Path, repo_id: str | None = None, subfold
     elif results_file.exists():
         results_file.unlink()
     hint = None if repo_id else os.path.abspath(directory)  # the snippet loads it from any folder
-    card = model_card(lorsa.config, lorsa.eval_results, repo_id, subfolder, repo_hint=hint)
+    card = model_card(lorsa.config, lorsa.eval_results, repo_id, subfolder, repo_hint=hint,
+                      mechanisms=saved_mechanisms(directory))  # fmt: skip
     card.save(Path(directory, "README.md"))
 
 

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from .analysis import analyze, token_strings
-from .analysis_table import TAGS, load_analysis
+from .analysis_table import PROBES, TAGS, load_analysis
 from .hooks import check_lorsa_matches, collect
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Inspector:
             windows = [{"input_ids": row} for row in self._default_corpus()]
             analysis = analyze(model, lorsa, windows, max_tokens, top_n=5, tokenizer=tokenizer, progress=False)
         self.analysis = analysis
+        self.meta = json.loads(analysis.info.description or "{}")  # tokens analysed, the probes' host heads
         self.rows = {row["head"]: row for row in analysis}
 
     @classmethod
@@ -100,8 +101,16 @@ class Inspector:
 
     # ---- head browser ------------------------------------------------------------------------------------
 
-    def head_table(self, tag: str = "any", token: str = "", sort_by: str = "frequency") -> pd.DataFrame:
-        """One row per head, filtered by tag and by a token among its promoted tokens."""
+    def head_table(self, tag: str = "any", token: str = "", sort_by: str = "frequency", probe: str = "any",
+                   min_score: float = 0.0) -> pd.DataFrame:  # fmt: skip
+        """One row per head with its probe scores: filtered by tag, by a token among its promoted tokens, and by a
+        probe score of at least `min_score`; sorted by frequency, head or a probe's score (best first)."""
+        if probe not in ("", "any", None) and probe not in PROBES:
+            raise InspectorError(f"Unknown probe {probe!r}; choose one of {', '.join(PROBES)}.")
+        try:
+            min_score = float(min_score or 0.0)
+        except (TypeError, ValueError) as err:
+            raise InspectorError("The minimum score must be a number between 0 and 1.") from err
         rows = []
         needle = token.strip().lower()
         for row in self.analysis:
@@ -110,15 +119,44 @@ class Inspector:
                 continue
             if needle and not any(needle == t.strip().lower() for t in promoted):  # whole tokens only
                 continue
+            scores = row.get("probes") or {}
+            if probe in PROBES and (scores.get(probe) is None or scores[probe] < min_score):
+                continue
             rows.append({
                 "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": round(row["frequency"], 5),
+                **{name: None if scores.get(name) is None else round(scores[name], 3) for name in PROBES},
                 "promotes": " ".join(p.strip() for p in promoted[:5]),
                 "host heads (OV share)": ", ".join(f"{h} ({row['host_shares'][h]:.2f})" for h in row["host_heads"][:2]),
                 "spans several": row["spans_several_host_heads"],
             })  # fmt: skip
-        columns = ["head", "tags", "frequency", "promotes", "host heads (OV share)", "spans several"]
+        columns = ["head", "tags", "frequency", *PROBES, "promotes", "host heads (OV share)", "spans several"]
         table = pd.DataFrame(rows, columns=columns)
-        return table.sort_values(sort_by, ascending=sort_by == "head", kind="stable").reset_index(drop=True)
+        if sort_by not in ("frequency", "head", *PROBES):
+            raise InspectorError(f"Cannot sort by {sort_by!r}; sort by frequency, head or a probe.")
+        return table.sort_values(sort_by, ascending=sort_by == "head", kind="stable", na_position="last").reset_index(
+            drop=True
+        )
+
+    def sort_choices(self) -> list[str]:
+        return ["frequency", "head", *PROBES]
+
+    def probe_choices(self) -> list[str]:
+        return ["any", *PROBES]
+
+    def host_mechanisms(self) -> str:
+        """The host heads of the layer that the probes find (score >= 0.5), and the Lorsa heads that carry each."""
+        mechanisms = (self.meta or {}).get("mechanisms")
+        if not mechanisms:
+            return ""
+        lines = []
+        for name in PROBES:
+            found = mechanisms.get(name, {}).get("host_heads", {})
+            for host, heads in found.items():
+                score = mechanisms[name]["host_scores"][int(host)]
+                carried = ", ".join(f"{h['head']} ({h['score']:.2f})" for h in heads[:8]) or "none"
+                lines.append(f"- host head {host} is a {name.replace('_', '-')} head ({score:.2f}); Lorsa heads "
+                             f"doing the same inside its OV subspace: {carried}")  # fmt: skip
+        return "\n".join(lines) or "No host head of this layer scores 0.5 or more on a probe."
 
     def tag_choices(self) -> list[str]:
         return ["any", *TAGS]
@@ -139,8 +177,10 @@ class Inspector:
     def head_summary(self, head) -> str:
         row = self.head(head)
         shares = ", ".join(f"{k} {v:.0%}" for k, v in row["kind_shares"].items())
+        probes = ", ".join(f"{k} {v:.2f}" for k, v in (row.get("probes") or {}).items() if v is not None)
         return (f"**Head {row['head']}** (QK group {row['qk_head']}) · fires on {row['frequency']:.3%} of tokens "
-                f"({row['events']} events) · tags: {', '.join(row['tags']) or 'none'} · dominant source: {shares}")  # fmt: skip
+                f"({row['events']} events) · tags: {', '.join(row['tags']) or 'none'} · dominant source: {shares}"
+                f" · probe scores: {probes or 'never fired on the probe'}")  # fmt: skip
 
     def contexts_html(self, head) -> str:
         """Top contexts, tokens shaded by the head's activation; the sources of each activation underlined."""
@@ -338,6 +378,7 @@ def release_subfolders(lorsa_id: str, subfolder: str = "") -> list[str]:
 
 def describe(inspector: Inspector) -> str:
     c = inspector.lorsa.config
-    meta = json.loads(inspector.analysis.info.description or "{}") if inspector.analysis.info.description else {}
-    return (f"Lorsa for layer {c.layer} of `{c.base_model_name_or_path}`: {c.n_ov_heads} OV heads, {c.n_qk_heads} "
-            f"QK heads, top-{c.top_k}. Analysis over {meta.get('n_tokens', '?')} tokens.")  # fmt: skip
+    header = (f"Lorsa for layer {c.layer} of `{c.base_model_name_or_path}`: {c.n_ov_heads} OV heads, {c.n_qk_heads} "
+              f"QK heads, top-{c.top_k}. Analysis over {inspector.meta.get('n_tokens', '?')} tokens.")  # fmt: skip
+    mechanisms = inspector.host_mechanisms()
+    return header + (f"\n\n**Mechanisms** (probes on repeated random tokens):\n{mechanisms}" if mechanisms else "")

@@ -69,7 +69,7 @@ input_ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
 with hf_lorsa.splice(model, lorsa):  # layer {{ layer }}'s attention output replaced by the Lorsa
     logits = model(input_ids=input_ids).logits
 ```
-{{ training }}{{ results }}"""
+{{ training }}{{ results }}{{ mechanisms }}"""
 
 
 def host_reference(base: str | None, model_type: str | None = None) -> tuple[str, str]:
@@ -120,6 +120,27 @@ def results_section(eval_results: dict | None, evaluated: str) -> str:
             f"{rows}\n")  # fmt: skip
 
 
+def mechanisms_section(mechanisms: dict | None, layer: int) -> str:
+    """What the probes found (`analysis/meta.json`'s "mechanisms", written by `hf-lorsa analyze`)."""
+    if not mechanisms:
+        return ""
+    probe, threshold = mechanisms.get("probe", {}), mechanisms.get("threshold", 0.5)
+    rows = []
+    for name, found in mechanisms.items():
+        if not isinstance(found, dict) or "host_scores" not in found:
+            continue
+        for host, heads in found.get("host_heads", {}).items():
+            carried = ", ".join(f"{h['head']} ({h['score']:.2f}, share {h['share']:.0%})" for h in heads[:10])
+            carried = f"{len(heads)}: {carried}{', ...' if len(heads) > 10 else ''}" if heads else "none"
+            rows.append(f"| {name} | {layer}.{host} ({found['host_scores'][int(host)]:.2f}) | {carried} |")
+        rows.append(f"| {name} | all | {found['lorsa_heads']} Lorsa heads score {threshold} or more |")
+    return (f"\n## Mechanisms\n\nProbe scores on {probe.get('sequences', '?')} sequences of {probe.get('length', '?')} "
+            f"random tokens repeated once (`hf-lorsa analyze`, `hf_lorsa.probes`): the host heads of layer {layer} "
+            f"scoring {threshold} or more, and the Lorsa heads that score as much and whose OV map lies mostly in that "
+            f"host head's OV subspace (head (score, share of its OV map inside the host head's)).\n\n"
+            f"| probe | host head (score) | Lorsa heads |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n")  # fmt: skip
+
+
 def eval_result_entries(eval_results: dict | None, evaluated: str, name: str | None = None) -> list[EvalResult]:
     """The results as model-index entries (`name` tells the layers of a release apart)."""
     prefix = f"{name} " if name else ""
@@ -140,8 +161,9 @@ def eval_result_entries(eval_results: dict | None, evaluated: str, name: str | N
 
 
 def model_card(config, eval_results: dict | None = None, repo_id: str | None = None, subfolder: str = "",
-               repo_hint: str | None = None) -> ModelCard:  # fmt: skip
-    """A model card recording the base model, layer, sizes, training settings and evaluation results."""
+               repo_hint: str | None = None, mechanisms: dict | None = None) -> ModelCard:  # fmt: skip
+    """A model card recording the base model, layer, sizes, training settings, evaluation results and (given the
+    analysis' `mechanisms`) what the probes found."""
     base = config.base_model_name_or_path
     dataset = getattr(config, "dataset_name", None)
     evaluated = (eval_results or {}).get("dataset") or dataset or "unknown"
@@ -171,7 +193,7 @@ def model_card(config, eval_results: dict | None = None, repo_id: str | None = N
         host_expr=host_expr, n_ov=config.n_ov_heads, n_qk=config.n_qk_heads, d_qk=config.d_qk_head,
         top_k=config.top_k, table=table, repo_hint=repo_id or repo_hint or "PATH_OR_REPO_ID",
         subfolder_arg=f", subfolder={subfolder!r}" if subfolder else "", training=training_section(config),
-        results=results_section(eval_results, evaluated),
+        results=results_section(eval_results, evaluated), mechanisms=mechanisms_section(mechanisms, config.layer),
     )  # fmt: skip
 
 
