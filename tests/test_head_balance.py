@@ -83,3 +83,44 @@ def test_the_scales_are_saved_kept_by_folding_and_default_to_one_for_older_files
     old = LorsaModel.from_pretrained(tmp_path / "old")
     torch.testing.assert_close(old.threshold_scale, torch.ones(64))
     torch.testing.assert_close(old.threshold, lorsa.threshold)
+
+
+def test_a_silent_head_is_lowered_no_further_than_a_tenth_and_a_revived_head_takes_the_shared_threshold():
+    """The mechanism that took SmolLM2's layer 18 apart: a head silent for long had its threshold lowered to 1e-4;
+    revival then raised its value bias to reach the shared bar, so it passed its own bar by 10,000 times and fired
+    on nearly every position, crowding out the other heads (BENCHMARKS.md, "The recipe at every depth")."""
+    from hf_lorsa.trainer import LorsaTrainer
+
+    scale = torch.ones(3)
+    for _ in range(1000):  # silent all along
+        balance_thresholds(scale, torch.zeros(3), torch.tensor(100), torch.full((3,), 10**6), 1000, 0.45)
+    torch.testing.assert_close(scale, torch.full((3,), 0.1))
+
+    lorsa = batch_lorsa().train()
+    x = torch.randn(8, 16, 16)
+    z = lorsa.pre_activations(x)
+    head = int(z.amax(dim=(0, 1)).argmin())  # the head furthest from firing: make it dead, its threshold lowered
+    with torch.no_grad():
+        lorsa.b_v[head] -= z[..., head].max() + 1
+        lorsa.threshold_scale[head] = 0.1
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[head] = True
+
+    class Run:  # what LorsaTrainer.apply_revival reads of the trainer
+        _pending_revival = {0: LorsaTrainer.revival(None, lorsa, lorsa.pre_activations(x).flatten(0, 1), 4, dead)}
+        tokens_since_fired = {0: torch.zeros(64, dtype=torch.long)}
+
+        def lorsas(self):
+            return {0: lorsa}
+
+        def _record(self, name, value):
+            pass
+
+        def metric_name(self, layer, name):
+            return name
+
+    LorsaTrainer.apply_revival(Run())
+    assert lorsa.threshold_scale[head] == 1 and (lorsa.threshold_scale == 1).all()
+    out = lorsa(x, top_k=4)  # BatchTopK over the batch, as in training
+    fired = ((out.top_k_indices == head) & (out.top_k_values != 0)).any(-1).float().mean()
+    assert 0 < fired < 0.1  # about an average head's K / n_ov = 6% (at its lowered threshold: 77% of positions)

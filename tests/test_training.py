@@ -81,8 +81,10 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
     # default bound; the Lorsa keeps the last step's scales
     assert len(balanced) == 11 and {row[3:] for row in balanced} == {(256, MAX_FREQUENCY)}
     assert all(7 < fired / positions < 9 for _, fired, positions, _, _ in balanced)  # K 8 heads a position on average
-    torch.testing.assert_close(loaded.threshold_scale, balanced[-1][0])
-    assert (loaded.threshold_scale != 1).any()
+    revived = (loaded.threshold_scale == 1) & (balanced[-1][0] != 1)  # after the last balancing: the shared threshold
+    assert revived.sum() <= 2
+    torch.testing.assert_close(loaded.threshold_scale[~revived], balanced[-1][0][~revived])
+    assert any((scale != 1).any() for scale, *_ in balanced)  # (with a dead window of 2 steps, revival resets them)
     card = (out / "README.md").read_text()
     assert "fvu" in card and f"| selection | {SELECTIONS['batchtopk']} |" in card
     # folding kept the function: the last checkpoint (normalised units) and the saved Lorsa agree

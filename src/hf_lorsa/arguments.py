@@ -125,6 +125,10 @@ class LorsaArguments:
     max_head_frequency: float = field(
         default=MAX_FREQUENCY, metadata={"help": "raise a head's threshold while it fires on more positions (1: never)"}
     )
+    stop_on_collapse: bool = field(
+        default=True,
+        metadata={"help": "stop when the training FVU comes apart, keeping the best weights (hf_lorsa.collapse_guard)"},
+    )
     norm_ratio: float = field(default=4.0, metadata={"help": "start each head at ||w_v|| / ||w_o|| = this (0: off)"})
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
     device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})

@@ -74,6 +74,8 @@ class LorsaConfig(PreTrainedConfig):
             loaded from, if any.
         dataset_name (`str`, *optional*): the data the Lorsa was trained on.
         tokens_trained (`int`, *optional*): training tokens seen.
+        stopped_early (`dict`, *optional*): why training stopped before its budget (its FVU came apart), and the
+            best weights it kept instead (`hf_lorsa.collapse_guard`).
         training_args (`dict`, *optional*): the arguments of the training run.
         initializer_range (`float`): unused by LorsaModel (its init is scaled by d_model); kept for transformers.
     """
@@ -111,6 +113,7 @@ class LorsaConfig(PreTrainedConfig):
     base_model_gguf_file: str | None = None
     dataset_name: str | None = None
     tokens_trained: int | None = None
+    stopped_early: dict | None = None
     training_args: dict | None = None
     initializer_range: float = 0.02
 

@@ -103,7 +103,10 @@ def training_section(config) -> str:
     ]
     rows += [("top-k (mean active heads)", config.top_k)] + [(label, run.get(key)) for label, key in TRAINING_SETTINGS]
     table = "\n".join(f"| {label} | {value} |" for label, value in rows if value is not None)
-    return f"\n## Training\n\nTrained with `hf-lorsa train` (the recipe's defaults unless listed).\n\n| setting | value |\n| --- | --- |\n{table}\n"
+    stopped = getattr(config, "stopped_early", None)
+    warning = f"\n**Stopped early.** {stopped['message']}\n" if stopped else ""
+    return (f"\n## Training\n\nTrained with `hf-lorsa train` (the recipe's defaults unless listed).\n{warning}\n"
+            f"| setting | value |\n| --- | --- |\n{table}\n")  # fmt: skip
 
 
 def results_section(eval_results: dict | None, evaluated: str) -> str:

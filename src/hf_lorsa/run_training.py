@@ -261,6 +261,7 @@ def build_trainer(model_args, data_args, args, model, host, train_data, eval_win
         dead_tokens=dead_tokens, revive_every=revive_every(dead_tokens, per_step) if model_args.revive_dead_heads else 0,
         rare_tokens=rare_tokens, max_head_frequency=model_args.max_head_frequency,
         tokens_per_step=per_step, eval_tokens=data_args.eval_tokens, run_signature=signature,
+        stop_on_collapse=model_args.stop_on_collapse,
     )  # fmt: skip
 
 
@@ -290,6 +291,9 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, sig
     """Finalise every Lorsa (into OUTPUT, or OUTPUT/layer{L} with a release card for --layers), record the run as
     finished, and remove the intermediate checkpoints (unless --keep_checkpoints)."""
     trainer.check_finite(weights=True)
+    stopped = trainer.collapse_guard.report
+    if stopped:
+        logger.warning(stopped["message"])
     finished = {}
     for layer, trained in trainer.lorsas().items():
         where = Path(args.output_dir, layer_folder(layer)) if model_args.several else Path(args.output_dir)
@@ -311,6 +315,7 @@ def finalise(trainer: LorsaTrainer, trained, where: Path, model_args, data_args,
     lorsa.normalize_decoder()
     lorsa.config.dataset_name = data_args.dataset
     lorsa.config.tokens_trained = trainer.tokens_seen()
+    lorsa.config.stopped_early = trainer.collapse_guard.report  # the card says so
     recorded = ("learning_rate", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "bf16", "max_steps",
                 "world_size")  # fmt: skip
     lorsa.config.training_args = {

@@ -18,6 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .attention_mask import counted_positions
+from .collapse_guard import CollapseGuard
 from .configuration_lorsa import LorsaConfig
 from .head_balance import balance_thresholds
 from .hooks import collect_layers
@@ -58,7 +59,7 @@ class LorsaTrainer(Trainer):
     def __init__(self, *args, host, k_start: int, k_anneal_fraction: float, aux_k: int, aux_k_coef: float,
                  dead_tokens: int, tokens_per_step: int, revive_every: int = 0, rare_tokens: int = 0,
                  max_head_frequency: float = 1.0, eval_tokens: int = 100_000, run_signature: dict | None = None,
-                 **kwargs):  # fmt: skip
+                 stop_on_collapse: bool = True, **kwargs):  # fmt: skip
         super().__init__(*args, **kwargs)
         self.host = host
         self.k_start, self.k_anneal_fraction = k_start, k_anneal_fraction
@@ -84,6 +85,8 @@ class LorsaTrainer(Trainer):
         self.add_callback(JsonLogPrinter() if self.args.disable_tqdm else JsonLogProgress())
         self.progress = Progress(tokens_per_step)
         self.add_callback(self.progress)
+        self.collapse_guard = CollapseGuard(self, enabled=stop_on_collapse)
+        self.add_callback(self.collapse_guard)
 
     @property
     def lorsa(self):
@@ -226,6 +229,10 @@ class LorsaTrainer(Trainer):
         for layer, (dead, bump) in pending.items():
             lorsa = self.lorsas()[layer]
             lorsa.b_v[dead] += bump.to(lorsa.b_v.dtype)
+            if (
+                lorsa.config.act_fn == "batchtopk"
+            ):  # the bump is sized for the shared threshold: the heads take it again
+                lorsa.threshold_scale[dead.to(lorsa.threshold_scale.device)] = 1.0
             counters = self.tokens_since_fired[layer]
             counters[dead.to(counters.device)] = 0
             self._record(self.metric_name(layer, "revived"), dead.numel())
