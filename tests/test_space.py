@@ -71,6 +71,16 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     assert set(found["head"]) == expected and list(found["previous_token"]) == sorted(found["previous_token"])[::-1]
     assert "host head 2 is a previous-token head (0.51)" in describe(inspector)  # the probes on the host's heads
     assert "probe scores: " in inspector.head_summary(3)
+    # the head page's histogram counts every firing event once; its most alike heads are those of the analysis
+    row = inspector.head(3)
+    assert inspector.histogram_table(3)["activations"].sum() == row["events"] == sum(row["histogram"])
+    unit = torch.nn.functional.normalize(inspector.lorsa.w_o.float(), dim=-1)
+    cosine = unit @ unit[3]
+    cosine[3] = -2
+    alike = inspector.similar_table(3)
+    by_direction = alike[alike["alike by"] == "output direction"]
+    assert list(by_direction["head"]) == cosine.topk(5).indices.tolist()
+    assert set(alike["alike by"]) == {"output direction", "fires together"}
     for bad in (lambda: inspector.head_table(probe="nope"), lambda: inspector.head_table(min_score="x"),
                 lambda: inspector.head_table(sort_by="nope")):  # fmt: skip
         with pytest.raises(InspectorError):
@@ -179,7 +189,7 @@ def test_space_in_a_real_browser(app_url, inspector):
         expect(page.locator("#head-contexts .context").first).to_be_visible()
         heatmap = page.locator("#head-pattern .heatmap")
         expect(heatmap.locator("table")).to_be_visible()
-        for plot in ("#head-logits", "#head-hosts"):  # bar charts drawn by the browser
+        for plot in ("#head-logits", "#head-hosts", "#head-histogram"):  # bar charts drawn by the browser
             expect(page.locator(f"{plot} canvas, {plot} svg").first).to_be_visible(timeout=30_000)
         # the z-pattern heatmap of a long context stays inside its container, scrolling what does not fit
         box, outer = heatmap.bounding_box(), page.locator("#head-pattern").bounding_box()
@@ -189,6 +199,12 @@ def test_space_in_a_real_browser(app_url, inspector):
         )
         assert scroll <= client or overflow in ("auto", "scroll")
         page.screenshot(path=str(ARTIFACTS / "space-head-page.png"), full_page=True)
+        # a head alike opens with a click
+        alike = page.locator("#head-similar [role=row]").nth(1)
+        expect(alike).to_be_visible(timeout=30_000)
+        other = alike.locator("[role=gridcell]").first.inner_text().strip()
+        alike.locator("[role=gridcell]").nth(1).click()
+        expect(page.locator("#head-summary")).to_contain_text(f"Head {other} ", timeout=30_000)
 
         # a user error says what is wrong and clears the stale page
         page.locator("#head-number input").fill("999")

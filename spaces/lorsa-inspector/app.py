@@ -99,6 +99,11 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
                         x="token", y="logit", title="promoted / suppressed tokens", sort="y", elem_id="head-logits"
                     )
                     hosts = gr.BarPlot(x="host head", y="share", title=SHARE_TITLE, elem_id="head-hosts")
+                with gr.Row():
+                    histogram = gr.BarPlot(x="log10 activation", y="activations", title="activation histogram", sort="x",
+                                           elem_id="head-histogram")  # fmt: skip
+                    similar = gr.Dataframe(label="heads most like it (click one to open it)", interactive=False,
+                                           elem_id="head-similar")  # fmt: skip
             with gr.Tab("Your text", id="text"):
                 text = gr.Textbox(label="text", lines=3, elem_id="user-text")
                 with gr.Row():
@@ -118,10 +123,11 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
         def browse(sub, tag, token, sort, probe, min_score):
             return inspector(sub).head_table(tag, token or "", sort, probe, min_score)
 
-        @guarded(5)
+        @guarded(7)
         def head_page(sub, h):
             i = inspector(sub)
-            return i.head_summary(h), i.contexts_html(h), i.pattern_html(h), i.logit_table(h), i.host_table(h)
+            return (i.head_summary(h), i.contexts_html(h), i.pattern_html(h), i.logit_table(h), i.host_table(h),
+                    i.histogram_table(h), i.similar_table(h))  # fmt: skip
 
         def open_row(sub, evt: gr.SelectData):
             h = int(evt.row_value[0])
@@ -146,8 +152,10 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
         demo.load(browse, filters, table)
         if layers:  # another layer: its header and head table
             layer.change(header_of, layer, header, api_name="pick_layer").then(browse, filters, table)
-        table.select(open_row, layer, [head, summary, contexts, pattern, logits, hosts, tabs])
-        show.click(head_page, [layer, head], [summary, contexts, pattern, logits, hosts])
+        page = [summary, contexts, pattern, logits, hosts, histogram, similar]
+        table.select(open_row, layer, [head, *page, tabs])
+        similar.select(open_row, layer, [head, *page, tabs])
+        show.click(head_page, [layer, head], page)
         run.click(analyse, [layer, text, text_head], [tokens, active])
         text_head.submit(analyse, [layer, text, text_head], [tokens, active])
         tokens.select(pick_token, [layer, text, text_head], [position, zpattern])

@@ -32,6 +32,7 @@ from .analysis_table import (  # noqa: F401 - load_analysis is part of this modu
 from .arguments import check_int
 from .attention_mask import counted_positions
 from .configuration_lorsa import check_positive_ints
+from .head_statistics import COFIRING_POSITIONS, ActivationHistogram, CoFiring, histogram_edges, similar_directions
 from .hooks import check_lorsa_matches, collect_to_cpu
 from .hub import write_card
 from .loading import LorsaSourceArguments, open_lorsas, warn_if_short
@@ -173,6 +174,7 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     fires = torch.zeros(c.n_ov_heads, dtype=torch.long)
     kinds = torch.zeros(c.n_ov_heads, len(TAGS), dtype=torch.long)
     top = _TopEvents.empty(c.n_ov_heads, top_n)
+    histogram, cofiring = ActivationHistogram(c.n_ov_heads), CoFiring(c.n_ov_heads)
     stored: dict[int, torch.Tensor] = {}  # token ids of the windows that hold a current top event
     n_tokens, n_windows = 0, 0
     for ids in tqdm(batches(windows, batch_size, max_tokens), desc="Analysing", disable=None if progress else True):
@@ -187,6 +189,8 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
         kind = source_kinds(ids.to(device), b, t, source, skip).long()
         kinds.index_add_(0, heads.cpu(), kind.cpu())
         top.update(heads, values, window, t)
+        histogram.update(heads, values)
+        cofiring.update(window * ids.shape[1] + t.cpu(), heads)
         referenced = set(top.windows.unique().tolist())
         stored = {w: row for w, row in stored.items() if w in referenced}
     if not n_windows:
@@ -196,8 +200,15 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     probes = probe_scores(model, lorsa, tokenizer)
     shares = host_correspondence(model, lorsa)
     rows = _rows(model, lorsa, fires, kinds, contexts, n_tokens, tokenizer, probes, shares)
+    direction_heads, cosines = similar_directions(lorsa.w_o)
+    cofiring_heads, jaccards = cofiring.similar()
+    for i, row in enumerate(rows):
+        row.update(histogram=histogram.counts[i].tolist(), similar_direction=direction_heads[i].tolist(),
+                   similar_direction_cosine=cosines[i].tolist(), similar_cofiring=cofiring_heads[i],
+                   similar_cofiring_jaccard=jaccards[i])  # fmt: skip
     dataset = Dataset.from_list(rows, features=HEAD_FEATURES)
-    meta = {"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer, "mechanisms": mechanisms(probes, shares)}
+    meta = {"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer, "mechanisms": mechanisms(probes, shares),
+            "histogram_edges": histogram_edges(), "cofiring_positions": COFIRING_POSITIONS - max(cofiring.left, 0)}  # fmt: skip
     dataset.info.description = json.dumps(meta)
     return dataset
 

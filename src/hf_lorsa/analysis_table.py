@@ -37,6 +37,11 @@ HEAD_FEATURES = Features({
     "spans_several_host_heads": Value("bool"),
     # the mechanism probes' scores (hf_lorsa.probes; None: never fired on the probe) and its firing events there
     "probes": {probe: Value("float64") for probe in PROBES}, "probe_events": Value("int64"),
+    # counts of its activations per bin of log10 |activation| (edges in meta.json), and the heads most like it: by output
+    # direction (cosine of w_o) and by firing at the same positions (Jaccard index) (hf_lorsa.head_statistics)
+    "histogram": List(Value("int64")),
+    "similar_direction": List(Value("int64")), "similar_direction_cosine": List(Value("float64")),
+    "similar_cofiring": List(Value("int64")), "similar_cofiring_jaccard": List(Value("float64")),
     "promoted": List(Value("int64")), "promoted_logits": List(Value("float64")),
     "suppressed": List(Value("int64")), "suppressed_logits": List(Value("float64")),
     "promoted_tokens": List(Value("string")), "suppressed_tokens": List(Value("string")),

@@ -19,6 +19,7 @@ import torch
 
 from .analysis import analyze, token_strings
 from .analysis_table import PROBES, TAGS, load_analysis
+from .head_statistics import histogram_edges
 from .hooks import check_lorsa_matches, collect
 
 logger = logging.getLogger(__name__)
@@ -228,6 +229,39 @@ class Inspector:
             [*row["promoted_logits"], *row["suppressed_logits"]],
         )
         return pd.DataFrame({"token": tokens, "logit": logits})
+
+    def histogram_table(self, head) -> pd.DataFrame:
+        """The head's activations per bin of log10 |activation| (the analysed text), from its first to its last
+        non-empty bin: the density histogram of the dashboards, on a log scale of activation."""
+        row = self.head(head)
+        counts = row.get("histogram") or []
+        edges = self.meta.get("histogram_edges") or histogram_edges()
+        filled = [i for i, n in enumerate(counts) if n]
+        if not filled:
+            return pd.DataFrame({"log10 activation": [], "activations": []})
+        span = range(filled[0], filled[-1] + 1)
+        return pd.DataFrame({
+            "log10 activation": [round((edges[i] + edges[i + 1]) / 2, 2) for i in span],
+            "activations": [counts[i] for i in span],
+        })  # fmt: skip
+
+    def similar_table(self, head) -> pd.DataFrame:
+        """The heads most like this one: by output direction (cosine of w_o) and by firing at the same positions
+        (Jaccard index), with what each does."""
+        row = self.head(head)
+        found = [
+            ("output direction", h, c)
+            for h, c in zip(row.get("similar_direction") or [], row.get("similar_direction_cosine") or [])
+        ]
+        found += [("fires together", h, j) for h, j in zip(row.get("similar_cofiring") or [],
+                                                          row.get("similar_cofiring_jaccard") or [])]  # fmt: skip
+        rows = []
+        for kind, other, score in found:
+            their = self.rows.get(other, {})
+            rows.append({"head": other, "alike by": kind, "score": round(score, 3),
+                         "tags": ", ".join(their.get("tags", [])) or "-",
+                         "promotes": " ".join(t.strip() for t in their.get("promoted_tokens", [])[:4])})  # fmt: skip
+        return pd.DataFrame(rows, columns=["head", "alike by", "score", "tags", "promotes"])
 
     def host_table(self, head) -> pd.DataFrame:
         """Per host head, the share of this head's rank-1 OV map that lies inside that host head's OV subspace.
