@@ -367,3 +367,43 @@ def test_numbers_in_an_options_file_read_as_on_the_command_line(tmp_path):
     path.write_text(f"model_name_or_path: {STORIES_MODEL}\ndataset: {STORIES_DATA}\nlayer: 2\nlearning_rate: 1e-3\n")
     _, _, args = parse([str(path)])
     assert args.learning_rate == 1e-3
+
+
+def test_export_writes_only_into_an_empty_folder_or_over_its_own_export(tmp_path):
+    from hf_lorsa.llamascopium_export import check_export_folder, export_llamascopium
+
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4, topk_rule="relu")
+    host = build_host("llama")
+    check_export_folder(tmp_path / "new", overwrite=False)  # new or empty: fine
+    export_llamascopium(lorsa, tmp_path / "ours", host)
+    with pytest.raises(ValueError, match="already holds an export; pass --overwrite"):
+        check_export_folder(tmp_path / "ours", overwrite=False)
+    check_export_folder(tmp_path / "ours", overwrite=True)  # its own earlier export, with the flag
+    (tmp_path / "ours" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"did not write \(notes.txt\)"):
+        check_export_folder(tmp_path / "ours", overwrite=True)
+
+
+def test_bad_results_files_steps_loggers_devices_and_sizes_are_named(tmp_path):
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
+    lorsa.save_pretrained(tmp_path / "lorsa")
+    (tmp_path / "lorsa" / "eval_results.json").write_text("{not json")
+    with pytest.raises(
+        ValueError, match=r"eval_results.json \(the evaluation results of the Lorsa at .*\) is not valid JSON"
+    ):
+        LorsaModel.from_pretrained(tmp_path / "lorsa")
+    for option, message in (
+        ("eval_steps", "--eval_steps must be positive"),
+        ("save_steps", "--save_steps must be positive"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            parse(options(tmp_path / "run", **{option: 0, "eval_strategy": "steps"}))
+    with pytest.raises(UsageError, match="--report_to wandb: not installed"):
+        parse(options(tmp_path / "run", report_to="tensorboard,wandb"))
+    with pytest.raises(ValueError, match="expansion_factor must be an integer >= 1"):
+        LorsaModel.from_host(build_host("llama"), 1, expansion_factor=0)
+    if not torch.cuda.is_available():
+        from hf_lorsa.loading import LorsaSourceArguments
+
+        with pytest.raises(UsageError, match="--device cuda: this machine has no CUDA GPU"):
+            LorsaSourceArguments(lorsa=str(tmp_path / "lorsa"), device="cuda")

@@ -319,7 +319,12 @@ def test_a_lorsa_in_their_format_evaluates_and_analyses_from_the_command_line(tm
     [
         ("abs", [], "topk_rule 'abs'"),
         ("relu", ["--n_ctx", "0"], "--n_ctx must be an integer >= 1"),
-        ("relu", ["--output", "EXISTING"], "already holds an export; pass --overwrite"),
+        ("relu", ["--output", "EXISTING"], "holds files hf-lorsa export did not write (config.json)"),
+        (
+            "relu",
+            ["--output", "EXISTING", "--overwrite"],
+            "holds files hf-lorsa export did not write",
+        ),  # whatever the flag
     ],
 )
 def test_the_export_command_fails_first_with_the_fix(tmp_path, capsys, rule, extra, message):

@@ -276,6 +276,11 @@ class LorsaTrainingArguments(TrainingArguments):
         check_writable_dir(self.output_dir, "output_dir")
         if isinstance(self.report_to, str):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()] or "none"
+        check_loggers(self.report_to)
+        require(self.save_steps > 0, f"--save_steps must be positive, got {self.save_steps!r}.")
+        require(
+            self.eval_steps is None or self.eval_steps > 0, f"--eval_steps must be positive, got {self.eval_steps!r}."
+        )
         if self.bf16 is None:
             self.bf16 = bool(not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         if not torch.cuda.is_available():  # nothing to pin to: torch would warn once per data loader
@@ -283,6 +288,18 @@ class LorsaTrainingArguments(TrainingArguments):
         if self.disable_tqdm is None:  # progress bars only on a terminal: no carriage-return floods in logs
             self.disable_tqdm = not sys.stderr.isatty()
         super().__post_init__()
+
+
+def check_loggers(report_to) -> None:
+    """Every logger of --report_to is installed (transformers would fail only once the host is loaded)."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    asked = [] if report_to in ("none", None) else [report_to] if isinstance(report_to, str) else list(report_to)
+    missing = [
+        name for name in asked if name not in ("all", "none") and name not in get_available_reporting_integrations()
+    ]
+    require(not missing, f"--report_to {','.join(missing)}: not installed (pip install {' '.join(missing)}), or choose "
+            "another logger (none: no logger).")  # fmt: skip
 
 
 ARGUMENT_CLASSES = (LorsaArguments, DataArguments, LorsaTrainingArguments)

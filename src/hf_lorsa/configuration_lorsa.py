@@ -188,6 +188,10 @@ class LorsaConfig(PreTrainedConfig):
         cfg = hosts.host_config(model)
         n_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+        if expansion_factor is not None and not (is_int(expansion_factor) and expansion_factor >= 1):
+            raise ValueError(
+                f"expansion_factor must be an integer >= 1 (or None: a replica), got {expansion_factor!r}."
+            )
         if n_ov_heads is None:
             n_ov_heads = expansion_factor * cfg.hidden_size if expansion_factor else n_heads * head_dim
         if n_qk_heads is None:

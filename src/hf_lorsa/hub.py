@@ -35,7 +35,16 @@ def read_eval_results(name_or_path, subfolder: str = "") -> dict | None:
         path = repo_file(name_or_path, EVAL_RESULTS_FILE, subfolder)
     except OSError:
         return None
-    return json.loads(Path(path).read_text()) if path else None
+    if not path:
+        return None
+    try:
+        results = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} (the evaluation results of the Lorsa at {location(name_or_path, subfolder)}) is not "
+                         f"valid JSON ({err}); fix it, or delete it and run hf-lorsa evaluate again.") from err  # fmt: skip
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} must hold a JSON object of results; delete it and run hf-lorsa evaluate again.")
+    return results
 
 
 def check_lorsa_config(name_or_path, kwargs: dict) -> dict | None:

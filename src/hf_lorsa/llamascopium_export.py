@@ -16,6 +16,33 @@ from safetensors.torch import save_file
 from .llamascopium import STASH_KEY, THRESHOLD_KEY, WEIGHTS_FILE, require_that, transform_input
 
 
+EXPORT_FILES = ("config.json", WEIGHTS_FILE)
+
+
+def check_export_folder(folder: str | Path, overwrite: bool) -> None:
+    """Export writes into a new or empty folder, or (with `overwrite`) over its own earlier export: a folder holding
+    anything else (a user's config.json, other files) is refused whatever the flag, and left untouched."""
+    folder = Path(folder)
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    others = sorted(p.name for p in folder.iterdir() if p.name not in EXPORT_FILES)
+    config = folder / "config.json"
+    ours = not others and config.is_file() and _written_by_us(config)
+    if not ours:
+        listed = ", ".join(others) or "config.json"
+        raise ValueError(f"{folder} holds files hf-lorsa export did not write ({listed}); export writes only into a "
+                         "new or empty folder or over its own earlier export. Choose another --output.")  # fmt: skip
+    if not overwrite:
+        raise ValueError(f"{folder} already holds an export; pass --overwrite to replace it.")
+
+
+def _written_by_us(config: Path) -> bool:
+    try:
+        return STASH_KEY in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None = None) -> Path:
     """Write `lorsa` as llamascopium writes a Lorsa (config.json, sae_weights.safetensors) into `folder`, so that
     their `LowRankSparseAttention.from_pretrained(folder)` and tools built on it read it.
@@ -156,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         check_int("n_ctx", args.n_ctx, optional=True)
         out = Path(args.output)
         check_writable_dir(out, "output")
-        require(args.overwrite or not (out / "config.json").exists(),
-                f"{out} already holds an export; pass --overwrite to replace it.")  # fmt: skip
+        check_export_folder(out, args.overwrite)
         lorsa = LorsaModel.from_pretrained(args.lorsa, subfolder=args.subfolder)
         check_exportable(lorsa.config, args.n_ctx)
         host = None

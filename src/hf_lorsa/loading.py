@@ -68,9 +68,15 @@ class LorsaSourceArguments:
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
-            torch.device(self.device)
+            device = torch.device(self.device)
         except RuntimeError as err:
             raise UsageError(f"--device {self.device!r} is not a device (cpu, cuda, cuda:1, ...).") from err
+        if device.type == "cuda":
+            require(
+                torch.cuda.is_available(), f"--device {self.device}: this machine has no CUDA GPU; use --device cpu."
+            )
+            require(device.index is None or device.index < torch.cuda.device_count(),
+                    f"--device {self.device}: this machine has {torch.cuda.device_count()} GPUs.")  # fmt: skip
 
     @property
     def lorsa_dir(self) -> Path:
