@@ -407,3 +407,13 @@ def test_bad_results_files_steps_loggers_devices_and_sizes_are_named(tmp_path):
 
         with pytest.raises(UsageError, match="--device cuda: this machine has no CUDA GPU"):
             LorsaSourceArguments(lorsa=str(tmp_path / "lorsa"), device="cuda")
+
+
+def test_a_command_refused_after_claiming_its_folder_leaves_the_corrected_command_free_to_run(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(OSError, match="Dataset file .* does not exist"):  # refused once the folder was claimed
+        train(*parse(options(out, dataset=str(tmp_path / "typo.jsonl"), max_steps=2)))
+    assert json.loads((out / "lorsa_run.json").read_text())["status"] == "starting"
+    lorsa = train(*parse(options(out, max_steps=2)))  # the corrected command, into the same folder
+    assert lorsa.config.tokens_trained == 2 * 256
+    assert json.loads((out / "lorsa_run.json").read_text())["status"] == "finished"

@@ -68,8 +68,8 @@ def prepare(output_dir: str | Path, signature: dict, overwrite: bool) -> OutputF
             f"--output_dir {path} holds a run and also files that no run made ({', '.join(foreign[:6])}); "
             "move them away or choose another folder."
         )
-    if overwrite:
-        clear(path)
+    if overwrite or (record.get("status") == "starting" and not list(path.glob("checkpoint-*"))):
+        clear(path)  # asked to; or a run refused (or stopped) before its first step: nothing of it to keep
         return OutputFolder(path, "new")
     if record["signature"] != signature:
         raise UsageError(

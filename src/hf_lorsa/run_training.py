@@ -139,6 +139,8 @@ def train_layers(
         trainer.load_extra_state(resume)
         logger.info("Resuming from %s", resume)
     release_process_group_at_exit()
+    if args.should_save:  # until now a refusal left nothing worth keeping: a rerun starts afresh
+        output_folder.write_run_file(args.output_dir, signature, "running")
     trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, model_args, data_args, args, eval_windows, signature)
 
@@ -178,7 +180,7 @@ def claim_output_folder(args: TrainingArguments, signature: dict) -> output_fold
         folder = output_folder.prepare(args.output_dir, signature, args.overwrite_output_dir)
         if folder.state == "new" and args.should_save:
             folder.path.mkdir(parents=True, exist_ok=True)
-            output_folder.write_run_file(folder.path, signature, "running")
+            output_folder.write_run_file(folder.path, signature, "starting")  # "running" at the first step
     return folder
 
 
