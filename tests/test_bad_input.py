@@ -417,3 +417,27 @@ def test_a_command_refused_after_claiming_its_folder_leaves_the_corrected_comman
     lorsa = train(*parse(options(out, max_steps=2)))  # the corrected command, into the same folder
     assert lorsa.config.tokens_trained == 2 * 256
     assert json.loads((out / "lorsa_run.json").read_text())["status"] == "finished"
+
+
+def test_one_run_at_a_time_in_a_folder_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    import os
+
+    from hf_lorsa.output_folder import LOCK_FILE, lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_FILE).write_text(str(sleeper.pid))  # another live run holds the folder
+        with pytest.raises(UsageError, match=rf"in use by another hf-lorsa run \(process {sleeper.pid}\)"):
+            train(*parse(options(out, max_steps=2)))
+        assert (out / LOCK_FILE).read_text() == str(sleeper.pid) and sorted(os.listdir(out)) == [LOCK_FILE]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lorsa = train(*parse(options(out, max_steps=2)))  # its process is gone: the lock is taken over
+    assert lorsa.config.tokens_trained == 512 and "which no longer runs" in caplog.text
+    assert not (out / LOCK_FILE).exists()  # released at the end
+    lock(out)
+    lock(out)  # the holder may take it again
+    assert (out / LOCK_FILE).read_text() == str(os.getpid())

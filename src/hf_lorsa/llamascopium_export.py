@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from .llamascopium import STASH_KEY, THRESHOLD_KEY, WEIGHTS_FILE, require_that, transform_input
 
-
 EXPORT_FILES = ("config.json", WEIGHTS_FILE)
 
 

@@ -17,7 +17,7 @@ from .model_card import eval_result_entries, publishable_base
 
 LAYER_FOLDER = re.compile(r"^layer(\d+)$")
 CARD_COLUMNS = ("fvu", "l0", "dead_heads", "loss_recovered_zero", "kl_spliced")
-NOT_PUBLISHED = ["checkpoint-*", "*/checkpoint-*", "runs/*", "lorsa_run.json"]  # training state and logs
+NOT_PUBLISHED = ["checkpoint-*", "*/checkpoint-*", "runs/*", "lorsa_run.json", ".lorsa_lock"]  # training state and logs
 
 
 def layer_folder(layer: int) -> str:

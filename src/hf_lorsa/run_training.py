@@ -104,6 +104,15 @@ def train_layers(
     in args.output_dir/layer{L} (a release)."""
     check_against_host(model_args, data_args, args)
     signature = run_signature(model_args, data_args)
+    try:
+        return run(model_args, data_args, args, callbacks, signature)
+    finally:  # the folder is free again, whether the run finished or stopped
+        if args.should_save:
+            output_folder.unlock(args.output_dir)
+
+
+def run(model_args, data_args, args, callbacks, signature: dict) -> dict[int, LorsaModel]:
+    """The run itself, in the output folder it holds (`train_layers`)."""
     folder = claim_output_folder(args, signature)
     if folder.state == "finished":
         logger.warning(
@@ -177,6 +186,8 @@ def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, d
 def claim_output_folder(args: TrainingArguments, signature: dict) -> output_folder.OutputFolder:
     """Decide (main process first) whether this run may use its output folder, and mark it as this run's."""
     with args.main_process_first(local=False, desc="output folder"):
+        if args.should_save:  # one run at a time in a folder
+            output_folder.lock(args.output_dir)
         folder = output_folder.prepare(args.output_dir, signature, args.overwrite_output_dir)
         if folder.state == "new" and args.should_save:
             folder.path.mkdir(parents=True, exist_ok=True)
