@@ -441,3 +441,24 @@ def test_one_run_at_a_time_in_a_folder_and_a_stale_lock_is_taken_over(tmp_path, 
     lock(out)
     lock(out)  # the holder may take it again
     assert (out / LOCK_FILE).read_text() == str(os.getpid())
+
+
+def test_an_options_file_with_command_line_options_over_it(tmp_path):
+    from conftest import ROOT
+
+    model_args, data_args, args = parse([str(ROOT / "examples" / "stories-l2.yaml"), "--layer", "3", "--output_dir",
+                                         str(tmp_path / "run"), "--max_tokens", "4096"])  # fmt: skip
+    assert (model_args.layer, model_args.model_name_or_path, data_args.dataset) == (3, *["hf_lorsa:stories260K"] * 2)
+    assert (
+        data_args.max_tokens == 4096 and data_args.holdout_fraction == 0.01 and args.output_dir == str(tmp_path / "run")
+    )
+    result = subprocess.run([sys.executable, "-m", "hf_lorsa", "train", str(ROOT / "examples" / "stories-l2.yaml"),
+                             "--layer", "nine"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and len(result.stderr.splitlines()) <= 4 and "--layer" in result.stderr
+
+
+def test_text_with_nothing_to_train_on_is_refused(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("".join('{"text": ""}\n' for _ in range(3000)))
+    with pytest.raises(UsageError, match="nothing to train on"):
+        train(*parse(options(tmp_path / "run", dataset=str(empty), holdout_fraction=0.0, max_steps=2)))

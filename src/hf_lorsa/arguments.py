@@ -364,10 +364,13 @@ def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTraining
     """Options from a command line, or from one YAML/JSON file (its name is in any error)."""
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         return parse_file(argv[0])
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        return parse_file(argv[0], argv[1:])  # the file's options, the command line's over them
     return parser(show_all="--help-all" in argv).parse_args_into_dataclasses(argv)
 
 
-def parse_file(path: str) -> tuple:
+def parse_file(path: str, overrides: list[str] | None = None) -> tuple:
+    """Options from a YAML/JSON file; `overrides` (command-line options) replace the file's."""
     import yaml
 
     file = Path(path)
@@ -378,6 +381,16 @@ def parse_file(path: str) -> tuple:
         raise UsageError(f"Options file {path} is not valid {file.suffix[1:].upper()}: {err}") from err
     require(isinstance(options, dict), f"Options file {path} must hold a mapping of option names to values.")
     try:
+        if overrides:
+            known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
+            unknown = sorted(set(options) - known)
+            require(not unknown, f"Unknown options {unknown}; see `hf-lorsa train --help`.")
+            tokens = [
+                t
+                for k, v in options.items()
+                for t in (f"--{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            ]
+            return parser().parse_args_into_dataclasses(tokens + list(overrides))
         return parse_dict(options)
     except UsageError as err:
         raise UsageError(f"{path}: {err}") from err

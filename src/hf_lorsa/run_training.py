@@ -168,6 +168,10 @@ def normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, d
     initial heads (`initialization.calibrate`); then every head gets the norm ratio of `--norm_ratio`."""
     layer = lorsa.config.layer
     sample = activation_sample(host, layer, windows, data_args.batch_size, data_args.norm_batches, skip)
+    if not bool(sample[2].any()):
+        raise UsageError(f"The first {sample[2].numel()} positions of --dataset {data_args.dataset} are all document "
+                         "separators, BOS, padding or window starts: there is nothing to train on. Check the text "
+                         "(--text_column) and --document_separator.")  # fmt: skip
     rows = max(1, CALIBRATION_TOKENS // sample[0].shape[1])
     x, y = (t[:rows].to(device, torch.float32) for t in sample[:2])
     counted = sample[2][:rows].to(device)
