@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_train import take  # the scripts' own option reading (this folder is on the path)
 from transformers import TrainerCallback
 
 from hf_lorsa import collect
@@ -95,15 +96,6 @@ class DepthCourse(TrainerCallback):
             fvu = float((recon - y).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
             self.eval_fvu.setdefault(layer, []).append((state.global_step * 1024, round(fvu, 4)))
             print("HELDOUT " + json.dumps({"layer": layer, "tokens": state.global_step * 1024, "fvu": fvu}), flush=True)
-
-
-def take(args: list[str], name: str, default: str) -> str:
-    if name not in args:
-        return default
-    i = args.index(name)
-    value = args[i + 1]
-    del args[i : i + 2]
-    return value
 
 
 def main() -> None:

@@ -226,7 +226,7 @@ def mechanisms(probes: ProbeScores, shares: torch.Tensor) -> dict:
             "host_heads": {  # best first
                 str(h): sorted(({"head": i, "score": round(probes.lorsa[name][i].item(), 4),
                                  "share": round(shares[i, h].item(), 4)}
-                                for i in lorsa_heads if home[i] == h and shares[i, h] >= 0.5),
+                                for i in lorsa_heads if home[i] == h and shares[i, h] >= SINGLE_HEAD_SHARE),
                                key=lambda entry: -entry["score"])
                 for h in probes.host_heads(name)
             },

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from datasets import Dataset, Features, List, Value
 
+from .probes import PROBES
+
 ANALYSIS_DIR = "analysis"
 TAGS = ("bos", "previous_token", "current_token", "induction", "duplicate_token")
-PROBES = ("induction", "duplicate_token", "previous_token", "current_token", "bos")  # hf_lorsa.probes
 
 _SOURCE = {
     "position": Value("int64"),

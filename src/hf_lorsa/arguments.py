@@ -342,10 +342,10 @@ def parser(show_all: bool = False) -> HfArgumentParser:
     training = built.add_argument_group("training (transformers TrainingArguments, with the recipe's defaults)")
     grouped = {a.dest for group in built._action_groups[2:] for a in group._group_actions}  # the Lorsa, the data
     for action in list(built._actions):
-        if action.dest in grouped or action.dest in ("help", "help_all"):
-            continue
         if action.option_strings and action.option_strings[0].startswith("--no_"):  # HfArgumentParser's negation
             action.help = f"turn off --{action.option_strings[0][5:]}"
+        if action.dest in grouped or action.dest in ("help", "help_all"):
+            continue
         action.help = HELP_OVERRIDES.get(action.dest, action.help)
         if action.dest in TRAINING_SHOWN:
             for group in built._action_groups:
@@ -354,9 +354,6 @@ def parser(show_all: bool = False) -> HfArgumentParser:
             training._group_actions.append(action)
         elif not show_all:
             action.help = argparse.SUPPRESS
-    for action in built._actions:  # the Lorsa's own negations too
-        if action.option_strings and action.option_strings[0].startswith("--no_") and action.dest in grouped:
-            action.help = f"turn off --{action.option_strings[0][5:]}"
     return built
 
 
@@ -382,9 +379,7 @@ def parse_file(path: str, overrides: list[str] | None = None) -> tuple:
     require(isinstance(options, dict), f"Options file {path} must hold a mapping of option names to values.")
     try:
         if overrides:
-            known = {f.name for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
-            unknown = sorted(set(options) - known)
-            require(not unknown, f"Unknown options {unknown}; see `hf-lorsa train --help`.")
+            option_fields(options)
             tokens = [
                 t
                 for k, v in options.items()
@@ -396,11 +391,17 @@ def parse_file(path: str, overrides: list[str] | None = None) -> tuple:
         raise UsageError(f"{path}: {err}") from err
 
 
-def parse_dict(options: dict) -> tuple:
-    """Options as keywords (`train_lorsa(**options)`); numbers given as strings are converted by type."""
+def option_fields(options: dict) -> dict[str, dataclasses.Field]:
+    """The fields of every option hf-lorsa train takes, after refusing the names of `options` it does not."""
     known = {f.name: f for cls in ARGUMENT_CLASSES for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - set(known))
     require(not unknown, f"Unknown options {unknown}; see `hf-lorsa train --help`.")
+    return known
+
+
+def parse_dict(options: dict) -> tuple:
+    """Options as keywords (`train_lorsa(**options)`); numbers given as strings are converted by type."""
+    known = option_fields(options)
     return parser().parse_dict({k: _coerce(known[k], v) for k, v in options.items()})
 
 

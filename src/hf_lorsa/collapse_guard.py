@@ -9,8 +9,6 @@ for PATIENCE logs in a row. The best weights are kept on the CPU, updated at eac
 
 from __future__ import annotations
 
-import copy
-
 from transformers import TrainerCallback
 
 RISE = 0.5  # a healthy run's smoothed FVU stays within 10% of its best (BENCHMARKS.md, "The recipe at every depth")
@@ -58,5 +56,5 @@ class CollapseGuard(TrainerCallback):
         }  # fmt: skip
         for each, lorsa in self.trainer.lorsas().items():
             if each in self.best:
-                lorsa.load_state_dict(copy.deepcopy(self.best[each][2]))
+                lorsa.load_state_dict(self.best[each][2])  # copies the values in
         control.should_training_stop = True

@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 
 from .analysis import analyze, token_strings
-from .analysis_table import PROBES, TAGS, load_analysis
+from .analysis_table import TAGS, load_analysis
 from .head_statistics import histogram_edges
 from .hooks import check_lorsa_matches, collect
+from .probes import PROBES
 
 logger = logging.getLogger(__name__)
 DEFAULT_CORPUS_SEQUENCES, DEFAULT_CORPUS_LENGTH = 24, 128

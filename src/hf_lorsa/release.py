@@ -166,6 +166,7 @@ def push_release(folder: str | Path, repo_id: str, private: bool | None = None, 
 
     from huggingface_hub import HfApi
 
+    from .configuration_lorsa import LorsaConfig
     from .modeling_lorsa import LorsaModel
 
     folder = Path(folder)
@@ -175,11 +176,12 @@ def push_release(folder: str | Path, repo_id: str, private: bool | None = None, 
             raise ValueError(f"{folder} is one Lorsa, not a release: upload it with "
                              "LorsaModel.from_pretrained(folder).push_to_hub(repo_id).")  # fmt: skip
         raise ValueError(f"{folder} is not a release: it has no layer{{L}} folders holding a Lorsa.")
-    lorsas = {layer: LorsaModel.from_pretrained(folder, subfolder=layer_folder(layer)) for layer in layers}
-    base = publishable_base(lorsas[layers[0]].config, base_model)
+    recorded = LorsaConfig.from_pretrained(folder, subfolder=layer_folder(layers[0]))
+    base = publishable_base(recorded, base_model)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as staging:
-        if base != lorsas[layers[0]].config.base_model_name_or_path:  # the release as it will read on the Hub
+        if base != recorded.base_model_name_or_path:  # the release as it will read on the Hub
+            lorsas = {layer: LorsaModel.from_pretrained(folder, subfolder=layer_folder(layer)) for layer in layers}
             for layer, lorsa in lorsas.items():
                 lorsa.config.base_model_name_or_path = base
                 lorsa.save_pretrained(Path(staging, layer_folder(layer)))

@@ -229,9 +229,8 @@ class LorsaTrainer(Trainer):
         for layer, (dead, bump) in pending.items():
             lorsa = self.lorsas()[layer]
             lorsa.b_v[dead] += bump.to(lorsa.b_v.dtype)
-            if (
-                lorsa.config.act_fn == "batchtopk"
-            ):  # the bump is sized for the shared threshold: the heads take it again
+            # the bump is sized for the shared threshold: the revived heads take it again
+            if lorsa.config.act_fn == "batchtopk":
                 lorsa.threshold_scale[dead.to(lorsa.threshold_scale.device)] = 1.0
             counters = self.tokens_since_fired[layer]
             counters[dead.to(counters.device)] = 0
