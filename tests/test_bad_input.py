@@ -452,6 +452,9 @@ def test_an_options_file_with_command_line_options_over_it(tmp_path):
     assert (
         data_args.max_tokens == 4096 and data_args.holdout_fraction == 0.01 and args.output_dir == str(tmp_path / "run")
     )
+    nulls = tmp_path / "nulls.yaml"  # null keeps an option's default, with overrides as without
+    nulls.write_text((ROOT / "examples" / "stories-l2.yaml").read_text() + "aux_k: null\n")
+    assert parse([str(nulls), "--layer", "3", "--output_dir", str(tmp_path / "run")])[0].aux_k is None
     result = subprocess.run([sys.executable, "-m", "hf_lorsa", "train", str(ROOT / "examples" / "stories-l2.yaml"),
                              "--layer", "nine"], capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2 and len(result.stderr.splitlines()) <= 4 and "--layer" in result.stderr

@@ -380,9 +380,10 @@ def parse_file(path: str, overrides: list[str] | None = None) -> tuple:
     try:
         if overrides:
             option_fields(options)
+            given = {k: v for k, v in options.items() if v is not None}  # null: the option's default
             tokens = [
                 t
-                for k, v in options.items()
+                for k, v in given.items()
                 for t in (f"--{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v))
             ]
             return parser().parse_args_into_dataclasses(tokens + list(overrides))
