@@ -33,7 +33,7 @@ STEP = 0.05  # change of log(scale) per step: down for a rare head, up for a den
 # shared bar nowhere adds little when it fires, and is left to the dead-head machinery (AuxK, revival). Lower scales
 # made such heads fire at up to 10,000 times their score as soon as their z turned positive (after a revival, say),
 # on nearly every position: on SmolLM2-135M layer 18 the other heads then went silent one after another and the
-# training FVU went from 0.275 to 0.95 (BENCHMARKS.md, "The recipe at every depth").
+# training FVU went from 0.275 to 1.02 (BENCHMARKS.md, "The recipe at every depth").
 LOG_RANGE = (math.log(0.1), math.log(1e2))
 # A head is rare when silent for this many times the average head's interval (Hov / K tokens). On SmolLM2-135M
 # layer 15 (4,608 heads, K 16, 300K tokens) 10 left 275 heads (6%) that never fired on the held-out text, 5 left 101.
