@@ -56,8 +56,9 @@ def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
     start = InitialNormRatio()
     balanced = []  # each step's heads' own thresholds (hf_lorsa.head_balance), as the trainer updated them
 
-    def recording(scale, fired, positions, since, rare_tokens, max_frequency):
-        balance_thresholds(scale, fired, positions, since, rare_tokens, max_frequency)
+    def recording(scale, fired, positions, since, rare_tokens, max_frequency, bound):
+        assert bound.shape == scale.shape and bound.isfinite().all()  # each head's dense bound on this batch
+        balance_thresholds(scale, fired, positions, since, rare_tokens, max_frequency, bound)
         balanced.append((scale.clone(), int(fired.sum()), int(positions), rare_tokens, max_frequency))
 
     monkeypatch.setattr("hf_lorsa.trainer.balance_thresholds", recording)

@@ -256,13 +256,18 @@ class LorsaModel(LorsaPreTrainedModel):
         act = z.relu() if self.config.topk_rule == "relu" else z
         if k == self.config.n_ov_heads:  # every head (the start of K annealing): no ranking to do
             return act, torch.arange(k, device=z.device).expand_as(act)
-        norms = self.w_o.detach().norm(dim=-1).to(z.dtype)
-        scores = (act.abs() if self.config.topk_rule == "abs" else act).detach() * norms  # ranks only: no gradient
+        scores = self.head_scores(z)
         if self.config.act_fn == "batchtopk":  # (B, T, 4K), zeros where a kept head is below its bar
             learn = self.training and k == self.config.top_k
             scores = scores / self.threshold_scale.to(scores.dtype)  # each head's own threshold (head_balance)
             return batch_top_k(scores, act, k, self.threshold, self.training, learn)
         return top_k_per_position(scores, act, k)
+
+    def head_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Each head's score (..., Hov) before its own threshold scale: the size of what it writes, |z| or ReLU(z)
+        times ||w_o|| (LORSA.md). Ranks only: no gradient."""
+        act = z.relu() if self.config.topk_rule == "relu" else z.abs()
+        return act.detach() * self.w_o.detach().norm(dim=-1).to(z.dtype)
 
     def decode(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """sum_k values_k w_o[indices_k] + b_D: (B, T, D).

@@ -20,7 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .attention_mask import counted_positions
 from .collapse_guard import CollapseGuard
 from .configuration_lorsa import LorsaConfig
-from .head_balance import balance_thresholds
+from .head_balance import balance_thresholds, dense_bound
 from .hooks import collect_layers
 from .json_logs import JsonLogPrinter, JsonLogProgress, Progress
 from .release import LorsaLayers
@@ -140,10 +140,15 @@ class LorsaTrainer(Trainer):
         past_window = self.tokens_seen() >= self.dead_tokens
         use_aux = self.aux_k_coef > 0 and past_window
         revive = self.revive_every > 0 and past_window and self.state.global_step % self.revive_every == 0
+        # the heads' dense bounds (hf_lorsa.head_balance) read every head's score
+        bounded = (
+            self.max_head_frequency < 1 and k == self.lorsa.config.top_k and self.lorsa.config.act_fn == "batchtopk"
+        )
+        wanted = use_aux or revive or bounded
         if self.several:
-            outs = model(xs, top_k=k, output_pre_activations=use_aux or revive)
+            outs = model(xs, top_k=k, output_pre_activations=wanted)
         else:
-            outs = {layer: model(x, top_k=k, output_pre_activations=use_aux or revive) for layer, x in xs.items()}
+            outs = {layer: model(x, top_k=k, output_pre_activations=wanted) for layer, x in xs.items()}
         counted = counted.flatten()
         loss = sum(self.layer_loss(layer, outs[layer], ys[layer], counted, k, use_aux, revive) for layer in xs)
         self._record("k", k)
@@ -179,8 +184,12 @@ class LorsaTrainer(Trainer):
         fired = self._update_fired(layer, out.top_k_indices.flatten(0, 1), values, n)
         if lorsa.config.act_fn == "batchtopk" and k == lorsa.config.top_k:  # K annealed: the bounds hold
             scale = lorsa.threshold_scale
+            bound = None  # the threshold is learned by now (from K's first batch at its final value)
+            if self.max_head_frequency < 1:
+                scores = lorsa.head_scores(out.pre_activations.flatten(0, 1)) * weight
+                bound = dense_bound(scores, lorsa.threshold, self.max_head_frequency)
             balance_thresholds(
-                scale, fired, n, self.tokens_since_fired[layer], self.rare_tokens, self.max_head_frequency
+                scale, fired, n, self.tokens_since_fired[layer], self.rare_tokens, self.max_head_frequency, bound
             )
             self._record(self.metric_name(layer, "thresholds_lowered"), (scale < 1).sum())
             self._record(self.metric_name(layer, "thresholds_raised"), (scale > 1).sum())
