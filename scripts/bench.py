@@ -26,16 +26,11 @@ from collections.abc import Callable
 
 import torch
 
-from hf_lorsa import (
-    LorsaConfig,
-    LorsaModel,
-    blocked_projection,
-    causal_attention,
-    qk_projection,
-    sparse_gradient_attention,
-)
-from hf_lorsa.freed_memory import keep_freed_memory
-from hf_lorsa.selection import room_per_position
+from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa.kernels import blocked_projection, causal_attention, sparse_gradient_attention
+from hf_lorsa.kernels.freed_memory import keep_freed_memory
+from hf_lorsa.model import qk_projection
+from hf_lorsa.model.selection import room_per_position
 
 ROW_SHARE = causal_attention.PACKED_ROW_SHARE
 DENSE_SHARE = sparse_gradient_attention.DENSE_SHARE
@@ -226,7 +221,7 @@ def main() -> None:
         "--allocator",
         default="keep",
         choices=("keep", "system"),
-        help="keep: freed memory stays in the process, as in training (hf_lorsa.freed_memory); system: glibc's "
+        help="keep: freed memory stays in the process, as in training (hf_lorsa.kernels.freed_memory); system: glibc's "
         "thresholds as the environment sets them",
     )
     parser.add_argument("--pipeline", action="store_true", help="time the whole pipeline instead (bench_pipeline.py)")

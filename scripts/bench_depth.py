@@ -22,10 +22,10 @@ from bench_train import take  # the scripts' own option reading (this folder is 
 from transformers import TrainerCallback
 
 from hf_lorsa import collect
-from hf_lorsa.activations import document_separator, load_text, pack, skip_tokens, split_holdout
-from hf_lorsa.attention_mask import counted_positions
-from hf_lorsa.loading import open_host, open_tokenizer
-from hf_lorsa.run_training import parse, train_layers
+from hf_lorsa.host.attention_mask import counted_positions
+from hf_lorsa.inputs.activations import document_separator, load_text, pack, skip_tokens, split_holdout
+from hf_lorsa.inputs.loading import open_host, open_tokenizer
+from hf_lorsa.training.run_training import parse, train_layers
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

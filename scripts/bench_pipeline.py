@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
-from hf_lorsa.arguments import quiet_when_not_a_terminal
+from hf_lorsa.base.usage import quiet_when_not_a_terminal
 from hf_lorsa.embedded import STORIES_MODEL
-from hf_lorsa.run_training import parse, train
+from hf_lorsa.training.run_training import parse, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 # host config, plus the Lorsa's layer, the tokens per window (context) and the default --max_tokens (tokens)

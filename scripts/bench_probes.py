@@ -13,9 +13,9 @@ import argparse
 import json
 
 from hf_lorsa import LorsaModel
-from hf_lorsa.analysis import host_correspondence, mechanisms
-from hf_lorsa.loading import open_host, open_tokenizer
-from hf_lorsa.probes import probe_scores
+from hf_lorsa.analysis.analysis import host_correspondence, mechanisms
+from hf_lorsa.analysis.probes import probe_scores
+from hf_lorsa.inputs.loading import open_host, open_tokenizer
 
 
 def main() -> None:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from hf_lorsa.activations import document_separator, load_text, pack, skip_tokens, split_holdout
-from hf_lorsa.attention_mask import counted_positions
-from hf_lorsa.hooks import collect_layers
-from hf_lorsa.loading import open_host, open_tokenizer
+from hf_lorsa.host.attention_mask import counted_positions
+from hf_lorsa.host.hooks import collect_layers
+from hf_lorsa.inputs.activations import document_separator, load_text, pack, skip_tokens, split_holdout
+from hf_lorsa.inputs.loading import open_host, open_tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from hf_lorsa.run_training import parse, train
+from hf_lorsa.training.run_training import parse, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 # This file's folder comes first on sys.path and its name would shadow the `evaluate` library.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from hf_lorsa.evaluation import main  # noqa: E402
+from hf_lorsa.evaluation.command import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

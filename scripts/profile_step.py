@@ -5,7 +5,7 @@
 Also times the step with torch.optim.Adam's default (bench.py's: on the CPU a loop over the parameters, since
 foreach is the default on CUDA only), foreach and fused implementations (mean of 10 steps); the Trainer's default
 optimizer is the fused one. The table profiles the fused one. Freed memory stays in the process, as in training
-(`hf_lorsa.freed_memory`).
+(`hf_lorsa.kernels.freed_memory`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from bench import CONFIGS, synchronize
 from torch.profiler import ProfilerActivity, profile
 
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.freed_memory import keep_freed_memory
+from hf_lorsa.kernels.freed_memory import keep_freed_memory
 
 
 def main() -> None:

@@ -9,8 +9,7 @@ import torch
 
 from conftest import ROOT, STORIES_DATA, require_shared
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.activations import load_text, pack
-from hf_lorsa.analysis import (
+from hf_lorsa.analysis.analysis import (
     HEAD_FEATURES,
     TAGS,
     analyze,
@@ -21,6 +20,7 @@ from hf_lorsa.analysis import (
     source_kinds,
     tags_from_counts,
 )  # fmt: skip
+from hf_lorsa.inputs.activations import load_text, pack
 
 
 def repeated_sequences(n: int = 4, length: int = 20, vocab: int = 97, bos: int = 1) -> torch.Tensor:
@@ -155,7 +155,7 @@ def test_analyze_command(tmp_path, stories_model):
 def test_push_analysis_uploads_the_folder(analysed, tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
-    from hf_lorsa.analysis import push_analysis
+    from hf_lorsa.analysis.analysis import push_analysis
 
     calls = []
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: calls.append(kw) or "ok")

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from conftest import STORIES_DATA, STORIES_MODEL, build_host, require_shared, token_batch
 from hf_lorsa import LorsaModel, capture, splice
-from hf_lorsa.arguments import UsageError
-from hf_lorsa.evaluation import evaluate_lorsa
-from hf_lorsa.run_training import parse, train
-from hf_lorsa.trainer import TrainingDiverged
+from hf_lorsa.base.usage import UsageError
+from hf_lorsa.evaluation.evaluation import evaluate_lorsa
+from hf_lorsa.training.run_training import parse, train
+from hf_lorsa.training.trainer import TrainingDiverged
 from test_training import options
 
 
@@ -370,7 +370,7 @@ def test_numbers_in_an_options_file_read_as_on_the_command_line(tmp_path):
 
 
 def test_export_writes_only_into_an_empty_folder_or_over_its_own_export(tmp_path):
-    from hf_lorsa.llamascopium_export import check_export_folder, export_llamascopium
+    from hf_lorsa.formats.llamascopium_export import check_export_folder, export_llamascopium
 
     lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4, topk_rule="relu")
     host = build_host("llama")
@@ -403,7 +403,7 @@ def test_bad_results_files_steps_loggers_devices_and_sizes_are_named(tmp_path):
     with pytest.raises(ValueError, match="expansion_factor must be an integer >= 1"):
         LorsaModel.from_host(build_host("llama"), 1, expansion_factor=0)
     if not torch.cuda.is_available():
-        from hf_lorsa.loading import LorsaSourceArguments
+        from hf_lorsa.inputs.loading import LorsaSourceArguments
 
         with pytest.raises(UsageError, match="--device cuda: this machine has no CUDA GPU"):
             LorsaSourceArguments(lorsa=str(tmp_path / "lorsa"), device="cuda")
@@ -422,7 +422,7 @@ def test_a_command_refused_after_claiming_its_folder_leaves_the_corrected_comman
 def test_one_run_at_a_time_in_a_folder_and_a_stale_lock_is_taken_over(tmp_path, caplog):
     import os
 
-    from hf_lorsa.output_folder import LOCK_FILE, lock
+    from hf_lorsa.training.output_folder import LOCK_FILE, lock
 
     out = tmp_path / "run"
     out.mkdir()

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-import hf_lorsa.blocked_projection as bp
-import hf_lorsa.causal_attention as ca
-import hf_lorsa.qk_projection as qkp
-import hf_lorsa.sparse_gradient_attention as sga
+import hf_lorsa.kernels.blocked_projection as bp
+import hf_lorsa.kernels.causal_attention as ca
+import hf_lorsa.kernels.sparse_gradient_attention as sga
+import hf_lorsa.model.qk_projection as qkp
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

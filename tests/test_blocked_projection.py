@@ -1,11 +1,11 @@
-"""The value projection as a batch of row blocks (hf_lorsa.blocked_projection) is the one product's function."""
+"""The value projection as a batch of row blocks (hf_lorsa.kernels.blocked_projection) is the one product's function."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hf_lorsa.blocked_projection import BLOCK_ROWS, project_positions_last, row_blocks
+from hf_lorsa.kernels.blocked_projection import BLOCK_ROWS, project_positions_last, row_blocks
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

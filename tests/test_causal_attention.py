@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hf_lorsa.causal_attention as ca
+import hf_lorsa.kernels.causal_attention as ca
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.causal_attention import causal_attention, packs_rows
+from hf_lorsa.kernels.causal_attention import causal_attention, packs_rows
 
 B, H, T, D, G, K = 2, 16, 96, 8, 8, 8  # G OV heads per QK head, K of H * G kept per position
 

@@ -4,8 +4,8 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.collapse_guard import CollapseGuard
-from hf_lorsa.model_card import model_card
+from hf_lorsa.model.model_card import model_card
+from hf_lorsa.training.collapse_guard import CollapseGuard
 
 
 class FakeTrainer:

@@ -130,7 +130,7 @@ def test_host_initialisation_with_more_heads_matches_the_cpu():
 def test_host_initialisation_of_a_cpu_lorsa_from_a_gpu_host():
     """As training does it: the Lorsa is built on the CPU, the host already sits on the GPU."""
     from hf_lorsa import LorsaConfig
-    from hf_lorsa.initialization import initialize_from_host
+    from hf_lorsa.model.initialization import initialize_from_host
 
     model = build_host("llama")
     config = LorsaConfig.from_host(model, 1, n_ov_heads=256, top_k=256)

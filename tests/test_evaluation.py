@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard
 
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, build_host, require_shared
-from hf_lorsa import LorsaModel, capture, hosts
-from hf_lorsa.evaluation import evaluate_lorsa
+from hf_lorsa import LorsaModel, capture
+from hf_lorsa.evaluation.evaluation import evaluate_lorsa
+from hf_lorsa.host import families
 
 KEYS = {
     "fvu", "explained_variance", "mse", "l0", "dead_heads", "heads_below_1e-5", "heads_below_1e-6", "dense_heads",
@@ -40,7 +41,7 @@ def brute_force(model, lorsa, rows, skip) -> dict:
     x, y = cap.last.hidden_states, cap.last.attention_output
     y_hat = lorsa(x).reconstruction
     mean = y[counted].mean(0)
-    attn = hosts.get_module(model, hosts.attention_path(model, layer))
+    attn = families.get_module(model, families.attention_path(model, layer))
 
     def replaced(fn):
         handle = attn.register_forward_hook(lambda m, a, o: (torch.where(counted[..., None], fn(o[0]), o[0]), *o[1:]))
@@ -128,7 +129,7 @@ def test_budget_stops_after_enough_tokens():
 
 def test_loss_clean_is_the_models_own_loss(stories_model, stories_tokenizer):
     require_shared()
-    from hf_lorsa.activations import load_text, pack
+    from hf_lorsa.inputs.activations import load_text, pack
 
     rows = list(pack(load_text(str(STORIES_DATA)).select(range(40)), stories_tokenizer, 128))[:8]
     lorsa = LorsaModel.from_host(stories_model, 3, n_ov_heads=256, top_k=16)
@@ -215,6 +216,6 @@ def test_the_host_runs_only_as_far_as_it_must():
 def test_hf_lorsa_evaluate_is_the_same_command():
     from hf_lorsa import cli
 
-    assert cli.COMMANDS["evaluate"][0] == "hf_lorsa.evaluation:main"
+    assert cli.COMMANDS["evaluate"][0] == "hf_lorsa.evaluation.command:main"
     result = subprocess.run([sys.executable, "-m", "hf_lorsa", "evaluate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--update_card" in result.stdout and "--max_tokens" in result.stdout

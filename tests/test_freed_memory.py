@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from hf_lorsa import freed_memory
-from hf_lorsa.freed_memory import keep_freed_memory
+from hf_lorsa.kernels import freed_memory
+from hf_lorsa.kernels.freed_memory import keep_freed_memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings: Linux only")
 

@@ -1,4 +1,4 @@
-"""Each BatchTopK head's own threshold (`hf_lorsa.head_balance`): lowered while rare, raised while dense."""
+"""Each BatchTopK head's own threshold (`hf_lorsa.training.head_balance`): lowered while rare, raised while dense."""
 
 import math
 
@@ -6,7 +6,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.head_balance import DENSE_ROOM, LOG_RANGE, STEP, balance_thresholds, default_rare_tokens, dense_bound
+from hf_lorsa.training.head_balance import (
+    DENSE_ROOM,
+    LOG_RANGE,
+    STEP,
+    balance_thresholds,
+    default_rare_tokens,
+    dense_bound,
+)
 
 
 def batch_lorsa() -> LorsaModel:
@@ -89,7 +96,7 @@ def test_a_silent_head_is_lowered_no_further_than_a_tenth_and_a_revived_head_tak
     """The mechanism that took SmolLM2's layer 18 apart: a head silent for long had its threshold lowered to 1e-4;
     revival then raised its value bias to reach the shared bar, so it passed its own bar by 10,000 times and fired
     on nearly every position, crowding out the other heads (BENCHMARKS.md, "The recipe at every depth")."""
-    from hf_lorsa.trainer import LorsaTrainer
+    from hf_lorsa.training.trainer import LorsaTrainer
 
     scale = torch.ones(3)
     for _ in range(1000):  # silent all along

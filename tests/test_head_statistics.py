@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_lorsa.head_statistics import (
+from hf_lorsa.analysis.head_statistics import (
     HISTOGRAM_BINS,
     ActivationHistogram,
     CoFiring,

@@ -6,8 +6,9 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import build_host, require_shared, token_batch
 from hf_lorsa import LorsaConfig, LorsaModel, capture, collect, splice
-from hf_lorsa.hosts import ARCHITECTURES, get_module, unwrap
-from hf_lorsa.initialization import head_output_variance, share_qk_heads
+from hf_lorsa.host.families import ARCHITECTURES, get_module, unwrap
+from hf_lorsa.model.initialization import share_qk_heads
+from hf_lorsa.model.replica import head_output_variance
 
 LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -273,8 +274,8 @@ def test_head_output_variance_is_the_variance_of_each_host_heads_output():
 def test_training_shares_qk_heads_by_output_variance_unless_asked_for_an_even_share():
     from types import SimpleNamespace
 
-    from hf_lorsa.activations import activation_sample
-    from hf_lorsa.run_training import normalise_and_calibrate
+    from hf_lorsa.inputs.activations import activation_sample
+    from hf_lorsa.training.run_training import normalise_and_calibrate
 
     model = build_host("llama")
     windows = [{"input_ids": row} for row in token_batch(batch=8)]

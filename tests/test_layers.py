@@ -10,9 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
-from hf_lorsa.arguments import UsageError
-from hf_lorsa.release import parse_layers
-from hf_lorsa.run_training import parse, train, train_layers
+from hf_lorsa.base.usage import UsageError, parse_layers
+from hf_lorsa.training.run_training import parse, train, train_layers
 from test_bad_input import Crash, no_model_loading, snapshot  # noqa: F401 - fixtures
 from test_training import options
 
@@ -194,9 +193,9 @@ def test_evaluating_a_release_gives_each_layer_and_the_whole_replacement(tmp_pat
 
     from conftest import STORIES_DATA, STORIES_MODEL
     from hf_lorsa import splice
-    from hf_lorsa.activations import load_text, pack
-    from hf_lorsa.attention_mask import counted_positions
-    from hf_lorsa.evaluation import evaluate_lorsa
+    from hf_lorsa.evaluation.evaluation import evaluate_lorsa
+    from hf_lorsa.host.attention_mask import counted_positions
+    from hf_lorsa.inputs.activations import load_text, pack
 
     out = tmp_path / "release"
     lorsas = train_layers(*parse(several(out)))
@@ -252,7 +251,7 @@ def test_analyze_and_the_space_take_a_release(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Saved the analysis of 128 heads") == 2
     assert all((out / f"layer{layer}" / "analysis" / "heads.parquet").exists() for layer in (2, 3))
-    from hf_lorsa.inspector import cached_inspector  # the Space's layers share one host, and its lock
+    from hf_lorsa.analysis.inspector import cached_inspector  # the Space's layers share one host, and its lock
 
     two, three = cached_inspector(str(out), None, "layer2"), cached_inspector(str(out), None, "layer3")
     assert (two.lorsa.config.layer, three.lorsa.config.layer) == (2, 3) and len(three.head_table()) == 128

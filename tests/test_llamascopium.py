@@ -19,10 +19,10 @@ from transformers import AutoTokenizer
 
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, build_host, require_shared, token_batch
 from hf_lorsa import LorsaConfig, LorsaModel, collect, export_llamascopium, splice
-from hf_lorsa.activations import load_text, pack
-from hf_lorsa.evaluation import evaluate_lorsa
-from hf_lorsa.hosts import input_norm_affine
-from hf_lorsa.inspector import Inspector
+from hf_lorsa.analysis.inspector import Inspector
+from hf_lorsa.evaluation.evaluation import evaluate_lorsa
+from hf_lorsa.host.families import input_norm_affine
+from hf_lorsa.inputs.activations import load_text, pack
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llamascopium"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir())
@@ -181,7 +181,7 @@ def test_a_batch_top_k_lorsa_travels_as_their_jumprelu_with_a_threshold_per_head
         torch.testing.assert_close(back.state_dict()[name], tensor, rtol=1e-6, atol=1e-7, msg=name)
     torch.testing.assert_close(back.eval()(x).reconstruction, lorsa.eval()(x).reconstruction)
     assert (lorsa(x).top_k_values != 0).sum() > 0
-    # heads with their own thresholds (hf_lorsa.head_balance): theirs per head, and back
+    # heads with their own thresholds (hf_lorsa.training.head_balance): theirs per head, and back
     with torch.no_grad():
         lorsa.threshold_scale.copy_(torch.linspace(0.2, 1.5, 64))
     folder = export_llamascopium(lorsa, tmp_path / "per-head", host)

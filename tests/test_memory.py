@@ -8,7 +8,7 @@ import sys
 
 PROBE = """
 import json, resource, sys, torch
-import hf_lorsa.modeling_lorsa as M
+import hf_lorsa.model.modeling_lorsa as M
 from hf_lorsa import LorsaConfig, LorsaModel
 torch.manual_seed(0)
 k, naive, act_fn = int(sys.argv[1]), sys.argv[2] == "naive", sys.argv[3]

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_lorsa import LorsaConfig, LorsaModel, qk_projection
-from hf_lorsa.rotary import rotate_half_split
+from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa.model import qk_projection
+from hf_lorsa.model.rotary import rotate_half_split
 
 ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
@@ -74,7 +75,7 @@ def reference_z(model: LorsaModel, x: torch.Tensor, mask: torch.Tensor | None = 
 
 @pytest.fixture(params=["pair order", "head by head"])
 def qk_path(request, monkeypatch):
-    """Both ways the CPU computes queries and keys (hf_lorsa.qk_projection); head by head must be taken."""
+    """Both ways the CPU computes queries and keys (hf_lorsa.model.qk_projection); head by head must be taken."""
     calls = []
     project_by_head = qk_projection.project_by_head
     monkeypatch.setattr(qk_projection, "project_by_head", lambda *a: calls.append(1) or project_by_head(*a))
@@ -120,7 +121,7 @@ def test_unpadded_pre_activations_match_reference(n_ov_heads, overrides):
 @pytest.mark.usefixtures("qk_path")
 @pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"qk_norm": True, "qk_norm_per_head": True}])
 def test_gradients_match_reference(overrides):
-    """Queries and keys are computed with each rotary pair's dims side by side (hf_lorsa.qk_projection): the
+    """Queries and keys are computed with each rotary pair's dims side by side (hf_lorsa.model.qk_projection): the
     gradients reaching the projections and the QK norm's gain are those of the host's order."""
     model = make(**overrides)
     x = torch.randn(2, 7, 32)

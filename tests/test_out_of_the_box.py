@@ -14,11 +14,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, TrainerControl, Train
 
 from conftest import STORIES_MODEL, build_host
 from hf_lorsa import LorsaModel, embedded
-from hf_lorsa.activations import load_text
-from hf_lorsa.arguments import UsageError, check_model_name
-from hf_lorsa.json_logs import Progress
-from hf_lorsa.model_card import publishable_base
-from hf_lorsa.run_training import parse, train
+from hf_lorsa.base.usage import UsageError, check_model_name
+from hf_lorsa.inputs.activations import load_text
+from hf_lorsa.model.model_card import model_card, publishable_base
+from hf_lorsa.training.json_logs import Progress
+from hf_lorsa.training.run_training import parse, train
 from test_training import options
 
 
@@ -106,7 +106,7 @@ def test_the_card_is_ready_for_the_hub_and_push_wants_a_hub_id_for_a_local_host(
     assert publishable_base(lorsa.config, "org/my-llama") == "org/my-llama"
     lorsa.config.base_model_name_or_path = "hf_lorsa:stories260K"
     assert publishable_base(lorsa.config) == "hf_lorsa:stories260K"
-    assert "hf_lorsa.embedded.STORIES_MODEL" in ModelCard(str(__import__("hf_lorsa").model_card.model_card(
+    assert "hf_lorsa.embedded.STORIES_MODEL" in ModelCard(str(model_card(
         lorsa.config))).text  # fmt: skip
 
 
@@ -135,7 +135,7 @@ def test_a_cpu_run_prints_no_pin_memory_warning_and_names_eval_tokens(tmp_path):
 
 
 def test_a_release_card_holds_every_layers_results_as_metadata(tmp_path):
-    from hf_lorsa.release import write_release_card
+    from hf_lorsa.formats.release import write_release_card
 
     host, lorsas = build_host("llama"), {}
     for layer in (1, 2):

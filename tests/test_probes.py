@@ -6,7 +6,7 @@ import torch
 
 from conftest import build_host
 from hf_lorsa import LorsaModel, collect
-from hf_lorsa.probes import (
+from hf_lorsa.analysis.probes import (
     event_scores,
     pattern_scores,
     probe_scores,

@@ -12,12 +12,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from conftest import build_host, token_batch
 from hf_lorsa import LorsaModel
-from hf_lorsa.activations import document_separator, load_text, pack, skip_tokens, split_holdout
-from hf_lorsa.attention_mask import counted_positions
-from hf_lorsa.hooks import capture
-from hf_lorsa.initialization import balance_head_norms, calibrate
-from hf_lorsa.recipe import default_dead_tokens, default_learning_rate, scheduler_kwargs
-from hf_lorsa.run_training import train_lorsa
+from hf_lorsa.host.attention_mask import counted_positions
+from hf_lorsa.host.hooks import capture
+from hf_lorsa.inputs.activations import document_separator, load_text, pack, skip_tokens, split_holdout
+from hf_lorsa.model.initialization import balance_head_norms, calibrate
+from hf_lorsa.training.recipe import default_dead_tokens, default_learning_rate, scheduler_kwargs
+from hf_lorsa.training.run_training import train_lorsa
 
 WORDS = [f"w{i}" for i in range(200)]
 
@@ -197,7 +197,7 @@ def test_the_default_command_trains_at_realistic_width_without_divergence(wide_h
 def test_revival_brings_a_dead_head_back_into_the_top_k():
     from types import SimpleNamespace
 
-    from hf_lorsa.trainer import LorsaTrainer
+    from hf_lorsa.training.trainer import LorsaTrainer
 
     model = build_host("llama")
     ids = token_batch(batch=4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.selection import BATCH_TOPK_CAP, THRESHOLD_DECAY
+from hf_lorsa.model.selection import BATCH_TOPK_CAP, THRESHOLD_DECAY
 
 
 def batch_lorsa(top_k=4, rule="relu") -> LorsaModel:

@@ -15,7 +15,7 @@ import torch
 
 from conftest import ROOT, STORIES_MODEL, app_config, free_port, require_shared
 from hf_lorsa import LorsaModel, collect
-from hf_lorsa.inspector import Inspector, InspectorError, describe
+from hf_lorsa.analysis.inspector import Inspector, InspectorError, describe
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -94,7 +94,7 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
 def test_a_saved_analysis_is_used(lorsa_dir, tmp_path, inspector):
     import shutil as sh
 
-    from hf_lorsa.analysis import save_analysis
+    from hf_lorsa.analysis.analysis import save_analysis
 
     folder = tmp_path / "with-analysis"
     sh.copytree(lorsa_dir, folder)

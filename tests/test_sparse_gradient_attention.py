@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hf_lorsa.sparse_gradient_attention as sga
+import hf_lorsa.kernels.sparse_gradient_attention as sga
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.causal_attention import causal_attention
-from hf_lorsa.sparse_gradient_attention import takes_sparse_gradient
+from hf_lorsa.kernels.causal_attention import causal_attention
+from hf_lorsa.kernels.sparse_gradient_attention import takes_sparse_gradient
 
 B, H, T, D, G = 2, 6, 40, 4, 8  # QK heads of width D; G OV heads per QK head
 
@@ -90,8 +90,8 @@ def test_model_step_equals_sdpa(monkeypatch):
     model(x, attention_mask=padded)  # the masked path is SDPA's: v in the model's layout
     assert layouts == [{"positions_last": False}]
     layouts.clear()
-    monkeypatch.setattr("hf_lorsa.modeling_lorsa.takes_sparse_gradient", lambda *a: False)
-    monkeypatch.setattr("hf_lorsa.causal_attention.takes_sparse_gradient", lambda *a: False)
+    monkeypatch.setattr("hf_lorsa.model.modeling_lorsa.takes_sparse_gradient", lambda *a: False)
+    monkeypatch.setattr("hf_lorsa.kernels.causal_attention.takes_sparse_gradient", lambda *a: False)
     sdpa, sdpa_grads = step()
     assert layouts == [{"positions_last": False}]
     torch.testing.assert_close(out.pre_activations, sdpa.pre_activations, atol=1e-6, rtol=1e-5)

@@ -15,10 +15,10 @@ from transformers import TrainerCallback
 
 from conftest import ROOT, STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
-from hf_lorsa.head_balance import MAX_FREQUENCY, balance_thresholds
-from hf_lorsa.model_card import SELECTIONS
-from hf_lorsa.run_training import parse, train
-from hf_lorsa.trainer import annealed_k
+from hf_lorsa.model.model_card import SELECTIONS
+from hf_lorsa.training.head_balance import MAX_FREQUENCY, balance_thresholds
+from hf_lorsa.training.run_training import parse, train
+from hf_lorsa.training.trainer import annealed_k
 
 pytestmark = pytest.mark.usefixtures("shared")
 
@@ -54,16 +54,16 @@ class InitialNormRatio(TrainerCallback):
 def test_training_writes_a_loadable_recorded_lorsa(tmp_path, monkeypatch):
     out = tmp_path / "run"
     start = InitialNormRatio()
-    balanced = []  # each step's heads' own thresholds (hf_lorsa.head_balance), as the trainer updated them
+    balanced = []  # each step's heads' own thresholds (hf_lorsa.training.head_balance), as the trainer updated them
 
     def recording(scale, fired, positions, since, rare_tokens, max_frequency, bound):
         assert bound.shape == scale.shape and bound.isfinite().all()  # each head's dense bound on this batch
         balance_thresholds(scale, fired, positions, since, rare_tokens, max_frequency, bound)
         balanced.append((scale.clone(), int(fired.sum()), int(positions), rare_tokens, max_frequency))
 
-    monkeypatch.setattr("hf_lorsa.trainer.balance_thresholds", recording)
-    kept = []  # the run keeps freed memory for its steps (hf_lorsa.freed_memory)
-    monkeypatch.setattr("hf_lorsa.run_training.keep_freed_memory", lambda: kept.append(True))
+    monkeypatch.setattr("hf_lorsa.training.trainer.balance_thresholds", recording)
+    kept = []  # the run keeps freed memory for its steps (hf_lorsa.kernels.freed_memory)
+    monkeypatch.setattr("hf_lorsa.training.run_training.keep_freed_memory", lambda: kept.append(True))
     final = train(*parse(options(out, eval_strategy="steps", eval_steps=6, keep_checkpoints="true")), [start])
     assert kept == [True]
     # every head starts with ||w_v|| / ||w_o|| = --norm_ratio (4); calibration alone leaves them from 0.3 to 1.8 here
@@ -173,8 +173,8 @@ SUMMARY_SCRIPT = """
 import hashlib, json, os, sys
 from pathlib import Path
 from transformers import TrainerCallback
-import hf_lorsa.run_training as run
-from hf_lorsa.launch import relaunch_on_cpu
+import hf_lorsa.training.run_training as run
+from hf_lorsa.training.launch import relaunch_on_cpu
 
 if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
     sys.exit(code)
@@ -202,7 +202,7 @@ run.train_layers(*run.parse(sys.argv[1:]), callbacks=[Summary()])
 EXIT_SCRIPT = """
 import atexit, sys
 import torch.distributed as dist
-from hf_lorsa.launch import release_process_group_at_exit
+from hf_lorsa.training.launch import release_process_group_at_exit
 
 atexit.register(lambda: print("group alive at exit:", dist.is_initialized()))  # runs after those registered later
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
@@ -272,7 +272,7 @@ def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
     first = train(*parse(short(tmp_path / "a", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))
     assert (cache / "cache.json").exists()
     calls = []
-    import hf_lorsa.trainer as training
+    import hf_lorsa.training.trainer as training
 
     monkeypatch.setattr(training, "collect_layers", lambda *a, **k: calls.append(1))
     second = train(*parse(short(tmp_path / "b", activation_cache=cache, holdout_fraction=0.0, max_tokens=256 * 4)))

@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard
 
 from conftest import STORIES_MODEL, build_host, require_shared
 from hf_lorsa import LorsaConfig, LorsaModel
-from hf_lorsa.arguments import UsageError
-from hf_lorsa.run_training import parse, train
+from hf_lorsa.base.usage import UsageError
+from hf_lorsa.training.run_training import parse, train
 from test_hub import FakeHub, small_lorsa
 from test_training import options
 
@@ -74,7 +74,7 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, option, instead):
 def test_report_to_defaults_to_tensorboard_and_takes_a_list(tmp_path):
     require_shared()
     assert parse(options(tmp_path / "a", report_to="tensorboard"))[2].report_to == ["tensorboard"]
-    from hf_lorsa.arguments import LorsaTrainingArguments
+    from hf_lorsa.training.arguments import LorsaTrainingArguments
 
     assert LorsaTrainingArguments(output_dir=str(tmp_path / "b")).report_to == ["tensorboard"]
     assert parse(options(tmp_path / "c", report_to="none"))[2].report_to == []
@@ -197,7 +197,7 @@ def test_a_gguf_host_trains_and_reopens_from_its_recorded_file(tmp_path):
     assert math.isfinite(results["fvu"]) and results["fvu"] > 0  # four steps: no quality asked
     assert 4 < results["l0"] < 16  # BatchTopK's threshold, learned in three steps, keeps about K = 8 heads
 
-    from hf_lorsa.loading import load_lorsa_and_host
+    from hf_lorsa.inputs.loading import load_lorsa_and_host
 
     lorsa, host, tokenizer = load_lorsa_and_host(str(out))  # no --model_name_or_path, no --gguf_file
     assert tokenizer("Once upon a time").input_ids[:1] != [tokenizer.bos_token_id]

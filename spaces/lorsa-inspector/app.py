@@ -3,7 +3,7 @@
     python spaces/lorsa-inspector/app.py --lorsa PATH_OR_ID [--model PATH_OR_ID]
 
 Defaults come from LORSA_ID / LORSA_SUBFOLDER / LORSA_MODEL / LORSA_GGUF_FILE; GRADIO_SERVER_NAME and GRADIO_SERVER_PORT
-are honoured. All logic lives in hf_lorsa.inspector; this file is UI only.
+are honoured. All logic lives in hf_lorsa.analysis.inspector; this file is UI only.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import gradio as gr
 from transformers import HfArgumentParser
 
-from hf_lorsa.inspector import InspectorError, cached_inspector, describe, release_subfolders
+from hf_lorsa.analysis.inspector import InspectorError, cached_inspector, describe, release_subfolders
 
 CSS = """
 .tok { white-space: pre; font-family: monospace; }

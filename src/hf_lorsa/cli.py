@@ -10,13 +10,19 @@ COMMANDS = {
         "train and evaluate a Lorsa on the embedded stories260K host, nothing downloaded (about a minute)",
     ),
     "train": (
-        "hf_lorsa.run_training:main",
+        "hf_lorsa.training.run_training:main",
         "train a Lorsa on one attention layer of a causal LM (or one per layer: --layers)",
     ),
-    "evaluate": ("hf_lorsa.evaluation:main", "splice a Lorsa into its model: FVU, L0, dead heads, loss recovered"),
-    "analyze": ("hf_lorsa.analysis:main", "read every head: top contexts, z-patterns, logit attribution, tags"),
-    "export": ("hf_lorsa.llamascopium_export:main", "write a Lorsa in the authors' format (llamascopium)"),
-    "push": ("hf_lorsa.release:main", "upload a release (one Lorsa per layer) to the Hub in one commit"),
+    "evaluate": (
+        "hf_lorsa.evaluation.command:main",
+        "splice a Lorsa into its model: FVU, L0, dead heads, loss recovered",
+    ),
+    "analyze": (
+        "hf_lorsa.analysis.analysis:main",
+        "read every head: top contexts, z-patterns, logit attribution, tags",
+    ),
+    "export": ("hf_lorsa.formats.llamascopium_export:main", "write a Lorsa in the authors' format (llamascopium)"),
+    "push": ("hf_lorsa.formats.release:main", "upload a release (one Lorsa per layer) to the Hub in one commit"),
 }
 
 

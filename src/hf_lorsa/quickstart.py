@@ -12,9 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from .arguments import command_line, parse
+from .base.usage import command_line
 from .embedded import STORIES
-from .run_training import train
+from .training.arguments import parse
+from .training.run_training import train
 
 DEFAULTS = {
     "model_name_or_path": STORIES,
