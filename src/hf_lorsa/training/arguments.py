@@ -15,7 +15,16 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..base.locations import resolved, resolved_files
-from ..base.usage import UsageError, check_float, check_int, check_layer_options, check_model_name, check_writable_dir, parse_layers, require
+from ..base.usage import (
+    UsageError,
+    check_float,
+    check_int,
+    check_layer_options,
+    check_model_name,
+    check_writable_dir,
+    parse_layers,
+    require,
+)
 from ..embedded import STORIES
 from ..model.configuration_lorsa import ACT_FNS
 from .head_balance import MAX_FREQUENCY
