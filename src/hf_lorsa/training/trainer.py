@@ -24,7 +24,7 @@ from ..host.attention_mask import counted_positions
 from ..host.hooks import collect_layers
 from ..model.configuration_lorsa import LorsaConfig
 from .collapse_guard import CollapseGuard
-from .head_balance import balance_thresholds, dense_bound
+from .head_balance import balance_thresholds, dense_bound, follow_bound
 from .json_logs import JsonLogPrinter, JsonLogProgress, Progress
 from .output_folder import write_run_file
 
@@ -78,6 +78,7 @@ class LorsaTrainer(Trainer):
         self.tokens_since_fired = {
             layer: torch.zeros(lorsa.config.n_ov_heads, dtype=torch.long) for layer, lorsa in self.lorsas().items()
         }
+        self.dense_bounds: dict[int, torch.Tensor | None] = dict.fromkeys(self.tokens_since_fired)  # head_balance
         self._metrics: dict[str, list[float]] = {}
         self._finite = torch.ones((), dtype=torch.bool)  # stays on the device: checked at logs and saves
         self._pending_revival: dict[int, tuple] = {}
@@ -190,10 +191,10 @@ class LorsaTrainer(Trainer):
             bound = None  # the threshold is learned by now (from K's first batch at its final value)
             if self.max_head_frequency < 1:
                 scores = lorsa.head_scores(out.pre_activations.flatten(0, 1)) * weight
-                bound = dense_bound(scores, lorsa.threshold, self.max_head_frequency)
-            balance_thresholds(
-                scale, fired, n, self.tokens_since_fired[layer], self.rare_tokens, self.max_head_frequency, bound
-            )
+                batch_bound = dense_bound(scores, lorsa.threshold, self.max_head_frequency)
+                bound = self.dense_bounds[layer] = follow_bound(self.dense_bounds[layer], batch_bound)
+            since = self.tokens_since_fired[layer]
+            balance_thresholds(scale, fired, n, since, self.rare_tokens, self.max_head_frequency, bound)
             self._record(self.metric_name(layer, "thresholds_lowered"), (scale < 1).sum())
             self._record(self.metric_name(layer, "thresholds_raised"), (scale > 1).sum())
         with torch.no_grad():
@@ -353,11 +354,13 @@ class LorsaTrainer(Trainer):
     # ---- state beyond what the Trainer checkpoints -----------------------------------------------------
 
     def save_extra_state(self, checkpoint_dir: str | Path) -> None:
-        """Dead-head counters, and with several layers each Lorsa's normalisation factors (a single Lorsa's are
+        """Dead-head counters, the heads' dense bounds, and with several layers each Lorsa's normalisation factors (a single Lorsa's are
         in the checkpoint's config.json)."""
         state = {}
         for layer, lorsa in self.lorsas().items():
             state[self._state_key("tokens_since_fired", layer)] = self.tokens_since_fired[layer].cpu()
+            if self.dense_bounds[layer] is not None:
+                state[self._state_key("dense_bounds", layer)] = self.dense_bounds[layer].cpu()
             if self.several:
                 c = lorsa.config
                 state[self._state_key("norm_factors", layer)] = torch.tensor(
@@ -373,6 +376,7 @@ class LorsaTrainer(Trainer):
             state = load_file(path)
             for layer in self.tokens_since_fired:
                 self.tokens_since_fired[layer] = state[self._state_key("tokens_since_fired", layer)]
+                self.dense_bounds[layer] = state.get(self._state_key("dense_bounds", layer))  # absent: not yet
 
 
 def saved_norm_factors(checkpoint_dir: str | Path) -> dict[int, tuple[float, float]]:
