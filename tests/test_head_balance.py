@@ -152,7 +152,7 @@ def trained_scales(bounded: bool, steps: int) -> torch.Tensor:
         fired = (scores >= scale).sum(0)
         since = torch.where(fired > 0, 0, since + 1024)
         if bounded:
-            bound = follow_bound(bound, dense_bound(scores, torch.tensor(1.0), 0.45))
+            bound = follow_bound(bound, dense_bound(scores, 0.45))  # the threshold is 1
         balance_thresholds(scale, fired, torch.tensor(1024), since, 1024, 0.45, bound)
     return scale
 
@@ -171,7 +171,7 @@ def test_a_head_whose_score_hardly_varies_is_held_at_its_dense_bound_instead_of_
 
 def test_the_dense_bound_is_the_scale_at_which_a_head_fires_on_its_share_of_positions():
     scores = torch.arange(1, 1001, dtype=torch.float)[:, None].repeat(1, 3) * torch.tensor([1.0, 2.0, 0.0])
-    bound = dense_bound(scores, torch.tensor(10.0), 0.5).exp()  # 40% of 1,000 positions: scores above 600
-    torch.testing.assert_close(bound[:2], torch.tensor([60.0, 120.0]) * (1 + BOUND_MARGIN))
-    assert ((scores[:, 0] >= 10 * bound[0]).float().mean()) == 0.4
+    bound = dense_bound(scores, 0.5).exp()  # 40% of 1,000 positions: scores above 600
+    torch.testing.assert_close(bound[:2], torch.tensor([600.0, 1200.0]) * (1 + BOUND_MARGIN))
+    assert ((scores[:, 0] >= bound[0]).float().mean()) == 0.4
     assert bound[2] < 1e-6  # a head that never scores is not raised by it

@@ -10,8 +10,8 @@ each step with K at its final value (`balance_thresholds`):
 - a head active on more than `max_frequency` of the batch's positions has its scale raised by STEP, so that no
   head becomes a dense direction that fires almost everywhere;
 - every other head moves back towards 1 by STEP per step, so that healthy heads keep the threshold they share.
-- no scale goes below the head's `dense_bound` on the step: the scale at which it would fire on DENSE_ROOM x
-  max_frequency of the batch's positions. A head whose score hardly varies (one that reads only the attention
+- no scale goes below the head's dense bound: the scale at which it would fire on DENSE_ROOM x max_frequency of
+  the positions (`dense_bound`, a running mean over batches, `follow_bound`). A head whose score hardly varies (one that reads only the attention
   sink: its score within 3% across a window, the same at every position of it) cannot be steered in steps of 5%:
   lowered while silent, it went from no position to every one in one step, then back, and kept whichever it had
   at the end (on SmolLM2-135M layer 18, eight such heads of one QK group, at 0.15-0.4 of the shared threshold,
@@ -46,7 +46,7 @@ LOG_RANGE = (math.log(0.1), math.log(1e2))
 # layer 15 (4,608 heads, K 16, 300K tokens) 10 left 275 heads (6%) that never fired on the held-out text, 5 left 101.
 RARE_INTERVALS = 5
 MAX_FREQUENCY = 0.45  # the default bound on the fraction of positions a head fires on
-# A head held up by its dense bound fires on this fraction of max_frequency of a batch: room for text that differs.
+# A head held up by its dense bound fires on this fraction of max_frequency of the positions: room for other text.
 DENSE_ROOM = 0.8
 BOUND_MARGIN = 1e-3
 # The bound follows the batches' with this running-mean decay (about the last ten): one batch of a few windows places
@@ -63,21 +63,23 @@ def default_rare_tokens(n_ov_heads: int, top_k: int, tokens_per_step: int) -> in
 
 
 @torch.no_grad()
-def dense_bound(scores: torch.Tensor, threshold: torch.Tensor, max_frequency: float) -> torch.Tensor:
-    """(Hov,) log of the scale at which each head would fire on DENSE_ROOM x max_frequency of these positions:
-    `scores` (N, Hov) the heads' scores before their scales (>= 0, in the units of `threshold`, the shared
-    threshold, a 0-d tensor). At most DENSE_BOUND_ROWS evenly spaced positions are read. No host sync."""
+def dense_bound(scores: torch.Tensor, max_frequency: float) -> torch.Tensor:
+    """(Hov,) log of the score above which each head fires on DENSE_ROOM x max_frequency of these positions (a head's
+    dense bound is this over the shared threshold): `scores` (N, Hov) the heads' scores before their scales (>= 0).
+    At most DENSE_BOUND_ROWS evenly spaced positions are read. No host sync."""
     rows = scores[:: max(1, -(-scores.shape[0] // DENSE_BOUND_ROWS))].float()
     k = max(1, round(rows.shape[0] * (1 - DENSE_ROOM * max_frequency)))  # the k-th smallest score passes on the rest
     quantile = rows.kthvalue(k, dim=0).values * (
         1 + BOUND_MARGIN
     )  # just above: ties (a window's equal scores) stay out
-    return (quantile / threshold.float().clamp_min(1e-12)).clamp_min(1e-12).log()
+    return quantile.clamp_min(1e-12).log()
 
 
 @torch.no_grad()
 def follow_bound(previous: torch.Tensor | None, bound: torch.Tensor) -> torch.Tensor:
-    """The running mean of the heads' dense bounds (log scales), `bound` this step's."""
+    """The running mean of the heads' `dense_bound` (in score units, not over the threshold: the threshold follows
+    the batches too, and a bound taken over it at each step drifted by about 1% from it at the end), `bound` this
+    step's."""
     return bound if previous is None else BOUND_DECAY * previous.to(bound.device) + (1 - BOUND_DECAY) * bound
 
 
@@ -87,7 +89,7 @@ def balance_thresholds(scale: torch.Tensor, fired: torch.Tensor, positions: torc
                        bound: torch.Tensor | None = None) -> None:  # fmt: skip
     """Update `scale` (Hov,) in place from one step: `fired` (Hov,) how many of the step's `positions` (a 0-d
     tensor) each head was active at; `tokens_since_fired` (Hov,) already counting this step; `bound` (Hov,) the
-    heads' dense bounds (`follow_bound`), if known. No host sync."""
+    heads' dense bounds as log scales (`follow_bound` minus the log of the threshold), if known. No host sync."""
     log_scale = scale.float().log()
     dense = fired > max_frequency * positions
     rare = tokens_since_fired.to(scale.device) > rare_tokens

@@ -191,8 +191,9 @@ class LorsaTrainer(Trainer):
             bound = None  # the threshold is learned by now (from K's first batch at its final value)
             if self.max_head_frequency < 1:
                 scores = lorsa.head_scores(out.pre_activations.flatten(0, 1)) * weight
-                batch_bound = dense_bound(scores, lorsa.threshold, self.max_head_frequency)
-                bound = self.dense_bounds[layer] = follow_bound(self.dense_bounds[layer], batch_bound)
+                followed = follow_bound(self.dense_bounds[layer], dense_bound(scores, self.max_head_frequency))
+                self.dense_bounds[layer] = followed
+                bound = followed - lorsa.threshold.float().clamp_min(1e-12).log()  # as log scales of the threshold
             since = self.tokens_since_fired[layer]
             balance_thresholds(scale, fired, n, since, self.rare_tokens, self.max_head_frequency, bound)
             self._record(self.metric_name(layer, "thresholds_lowered"), (scale < 1).sum())
