@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from hf_lorsa import LorsaModel
 from hf_lorsa.model.model_card import SELECTIONS
 from hf_lorsa.training.head_balance import MAX_FREQUENCY, balance_thresholds
 from hf_lorsa.training.run_training import parse, train
-from hf_lorsa.training.trainer import annealed_k
+from hf_lorsa.training.trainer import LorsaTrainer, annealed_k
 
 pytestmark = pytest.mark.usefixtures("shared")
 
@@ -167,6 +168,33 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path):
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     log = json.loads((tmp_path / "crashed" / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     assert [row["step"] for row in log if "fvu" in row] == [3, 6, 9, 12]
+
+
+def test_a_checkpoint_cut_off_while_being_written_is_dropped_and_the_run_resumes_from_the_one_before(
+    tmp_path, monkeypatch
+):
+    """A kill at any point of a save leaves a checkpoint without its run file (written last): the rerun removes it
+    and resumes from the last complete one, ending as the uninterrupted run."""
+    train(*parse(options(tmp_path / "straight")))
+    save = LorsaTrainer.save_extra_state
+
+    def killed_at_step_12(self, checkpoint_dir):
+        if self.state.global_step == 12:
+            Path(checkpoint_dir, "model.safetensors").write_bytes(b"half")  # and a file cut short
+            raise RuntimeError("killed")
+        save(self, checkpoint_dir)
+
+    monkeypatch.setattr(LorsaTrainer, "save_extra_state", killed_at_step_12)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(*parse(options(tmp_path / "crashed")))
+    monkeypatch.setattr(LorsaTrainer, "save_extra_state", save)
+    crashed = tmp_path / "crashed"
+    assert (crashed / "checkpoint-12").is_dir() and not (crashed / "checkpoint-12" / "lorsa_run.json").exists()
+    train(*parse(options(crashed)))  # continues from checkpoint-6
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(crashed / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
 SUMMARY_SCRIPT = """

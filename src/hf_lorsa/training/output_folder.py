@@ -106,6 +106,22 @@ def check_checkpoint(checkpoint: str | Path, signature: dict) -> None:
         )
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest checkpoint written to its end, or None. A checkpoint is complete once its run file is there: the
+    run writes it after every other file of the checkpoint (`LorsaTrainer.save_extra_state`). Newer checkpoints
+    without one were cut off while being written (a kill, a full disk): they are removed, with a message."""
+    found = sorted(
+        (int(entry.name.split("-")[1]), entry) for entry in Path(output_dir).glob("checkpoint-*")
+        if entry.is_dir() and entry.name.split("-")[1].isdigit()
+    )  # fmt: skip
+    for _, entry in reversed(found):
+        if (entry / RUN_FILE).is_file():
+            return str(entry)
+        logger.warning("%s was cut off while being written; resuming from the checkpoint before it.", entry)
+        shutil.rmtree(entry)
+    return None
+
+
 def remove_checkpoints(path: str | Path) -> None:
     for entry in Path(path).glob("checkpoint-*"):
         if entry.is_dir():

@@ -10,15 +10,13 @@ import copy
 import dataclasses
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from datasets import IterableDataset
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..base.usage import UsageError, command_line
+from ..base.usage import UsageError
 from ..evaluation.evaluation import evaluate_lorsa
 from ..formats.release import LorsaLayers, write_release_card
 from ..host.families import num_layers
@@ -52,7 +50,7 @@ from .arguments import (
 )
 from .head_balance import default_rare_tokens
 from .host_checks import check_against_host
-from .launch import relaunch_on_cpu, release_process_group_at_exit
+from .launch import release_process_group_at_exit
 from .output_folder import RUN_FILE
 from .recipe import (
     default_aux_k,
@@ -298,7 +296,7 @@ def resume_checkpoint(args: TrainingArguments, signature: dict) -> str | None:
             raise UsageError(f"--resume_from_checkpoint {requested} is not a checkpoint folder.")
         checkpoint = requested
     elif Path(args.output_dir).is_dir():
-        checkpoint = get_last_checkpoint(args.output_dir)
+        checkpoint = output_folder.last_complete_checkpoint(args.output_dir)
     else:
         checkpoint = None
     if checkpoint:
@@ -368,19 +366,3 @@ def evaluated_data(data_args: DataArguments) -> dict:
         "dataset": data_args.dataset,
         "dataset_split": f"last {data_args.holdout_fraction:g} of the documents (--holdout_fraction)",
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    # the processes started for `accelerate launch --cpu --num_processes N` rerun this very command line
-    if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
-        return code
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with command_line("hf-lorsa train"):
-        model_args, data_args, args = parse(argv)
-        trained = train_layers(model_args, data_args, args)
-    for layer, lorsa in trained.items():
-        if lorsa.eval_results and args.should_save:
-            shown = {k: lorsa.eval_results[k] for k in ("fvu", "l0", "loss_recovered_zero", "kl_spliced")}
-            print(json.dumps({"layer": layer, **shown} if model_args.several else shown))
-    return 0
