@@ -3,7 +3,7 @@
 Same options as `hf-lorsa train`; a single .yaml/.json argument is read as an options file.
 """
 
-from hf_lorsa.training.run_training import main
+from hf_lorsa.training.command import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -403,7 +403,7 @@ def test_bad_results_files_steps_loggers_devices_and_sizes_are_named(tmp_path):
     with pytest.raises(ValueError, match="expansion_factor must be an integer >= 1"):
         LorsaModel.from_host(build_host("llama"), 1, expansion_factor=0)
     if not torch.cuda.is_available():
-        from hf_lorsa.inputs.loading import LorsaSourceArguments
+        from hf_lorsa.inputs.source_arguments import LorsaSourceArguments
 
         with pytest.raises(UsageError, match="--device cuda: this machine has no CUDA GPU"):
             LorsaSourceArguments(lorsa=str(tmp_path / "lorsa"), device="cuda")

@@ -10,7 +10,7 @@ COMMANDS = {
         "train and evaluate a Lorsa on the embedded stories260K host, nothing downloaded (about a minute)",
     ),
     "train": (
-        "hf_lorsa.training.run_training:main",
+        "hf_lorsa.training.command:main",
         "train a Lorsa on one attention layer of a causal LM (or one per layer: --layers)",
     ),
     "evaluate": (
@@ -18,7 +18,7 @@ COMMANDS = {
         "splice a Lorsa into its model: FVU, L0, dead heads, loss recovered",
     ),
     "analyze": (
-        "hf_lorsa.analysis.analysis:main",
+        "hf_lorsa.analysis.command:main",
         "read every head: top contexts, z-patterns, logit attribution, tags",
     ),
     "export": ("hf_lorsa.formats.llamascopium_export:main", "write a Lorsa in the authors' format (llamascopium)"),

@@ -15,7 +15,6 @@ from pathlib import Path
 from .base.usage import command_line
 from .embedded import STORIES
 from .training.arguments import parse
-from .training.run_training import train
 
 DEFAULTS = {
     "model_name_or_path": STORIES,
@@ -65,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with command_line("hf-lorsa quickstart"):
         model_args, data_args, args = parse(options(argv))
+        from .training.run_training import train  # loads once the options are known to be good: start-up
+
         lorsa = train(model_args, data_args, args)
     if args.should_save:
         print(next_steps(args.output_dir, lorsa.eval_results))

@@ -8,10 +8,9 @@ from pathlib import Path
 
 from datasets import Dataset, Features, List, Value
 
-from ..model.files import repo_file
+from ..model.files import ANALYSIS_DIR, repo_file
 from .probes import PROBES
 
-ANALYSIS_DIR = "analysis"
 TAGS = ("bos", "previous_token", "current_token", "induction", "duplicate_token")
 
 _SOURCE = {

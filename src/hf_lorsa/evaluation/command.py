@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from ..base.usage import command_line
-from ..inputs.loading import LorsaSourceArguments, open_lorsa_source
+from ..inputs.source_arguments import LorsaSourceArguments
 from ..model.files import EVAL_RESULTS_FILE, release_layers
-from .evaluation import evaluate_lorsa, save_results, update_card
-from .replacement import release_command
 
 
 @dataclass
@@ -33,6 +31,10 @@ def parser() -> HfArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     with command_line("hf-lorsa evaluate"):
         (args,) = parser().parse_args_into_dataclasses(argv)
+        from ..inputs.loading import open_lorsa_source  # the heavy part loads once the options are good: start-up
+        from .evaluation import evaluate_lorsa, save_results, update_card
+        from .replacement import release_command
+
         layers = release_layers(args.lorsa_dir)
         if layers:  # a release: every layer, and the whole replacement
             print(json.dumps(release_command(args, layers), indent=2))

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 EVAL_RESULTS_FILE = "eval_results.json"
+ANALYSIS_DIR = "analysis"  # the folder beside a Lorsa that holds its analysis (hf_lorsa.analysis.analysis_table)
 LAYER_FOLDER = re.compile(r"^layer(\d+)$")
 
 
