@@ -266,6 +266,38 @@ def test_a_checkpoint_missing_a_tensor_or_a_config_key_is_refused(tmp_path):
         LorsaModel.from_pretrained(tmp_path / "no-d_model")
 
 
+def test_sizes_that_disagree_with_the_config_and_non_finite_weights_are_named(tmp_path):
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
+    lorsa.save_pretrained(tmp_path / "ok")
+    shutil.copytree(tmp_path / "ok", tmp_path / "wider")
+    config = json.loads((tmp_path / "ok" / "config.json").read_text())
+    (tmp_path / "wider" / "config.json").write_text(json.dumps({**config, "n_ov_heads": 64}))
+    d = config["d_model"]
+    with pytest.raises(ValueError, match=rf"w_o \(the file holds \(32, {d}\), its config.json asks for \(64, {d}\)\)"):
+        LorsaModel.from_pretrained(tmp_path / "wider")
+    shutil.copytree(tmp_path / "ok", tmp_path / "nan")
+    weights = load_file(tmp_path / "ok" / "model.safetensors")
+    weights["b_v"][3] = float("nan")
+    save_file(weights, tmp_path / "nan" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="NaN or infinite values in b_v"):
+        LorsaModel.from_pretrained(tmp_path / "nan")
+
+
+def test_evaluate_says_whether_a_nan_comes_from_the_host_or_the_lorsa():
+    model = build_host("llama")
+    lorsa = LorsaModel.from_host(model, 1, n_ov_heads=32, top_k=4)
+    windows = [{"input_ids": row} for row in token_batch(length=16, batch=4).tolist()]
+    with torch.no_grad():
+        lorsa.b_D[0] = float("nan")
+    with pytest.raises(ValueError, match="The Lorsa of layer 1 gives NaN"):
+        evaluate_lorsa(model, lorsa, windows, max_tokens=64, batch_size=2, progress=False)
+    lorsa = LorsaModel.from_host(model, 1, n_ov_heads=32, top_k=4)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")  # the host overflows below the layer
+    with pytest.raises(ValueError, match="The host's layer 1 attention has NaN"):
+        evaluate_lorsa(model, lorsa, windows, max_tokens=64, batch_size=2, progress=False)
+
+
 # ---- shapes, dtypes and models at the boundary ---------------------------------------------------------------
 
 

@@ -148,6 +148,7 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals, clean: torch
     def variants(record, y):  # y: (B, T, D) on layer L's device
         out = lorsa_output(lorsa, record)
         y_hat = out.reconstruction.to(y.device, y.dtype)
+        check_finite_batch(lorsa.config.layer, record.hidden_states, y, y_hat)
         here = counted.to(y.device)
         keep = here[..., None]
         on_lorsa = here.to(out.top_k_values.device)
@@ -167,6 +168,17 @@ def _evaluate_batch(model, lorsa, ids, skip, mean, totals: _Totals, clean: torch
         totals.loss[name] += value
     totals.kl += kl
     totals.n_pred += n_pred
+
+
+def check_finite_batch(layer: int, x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor) -> None:
+    """Say where a NaN or infinity came from, instead of reporting NaN metrics: the host (its attention input or
+    output at the layer) or the Lorsa (finite input, non-finite reconstruction). One check per batch."""
+    if not bool(x.isfinite().all() & y.isfinite().all()):
+        raise ValueError(f"The host's layer {layer} attention has NaN or infinite values on this text (before the "
+                         "Lorsa): the host itself overflows; load it in float32 or bfloat16 (--torch_dtype).")  # fmt: skip
+    if not bool(y_hat.isfinite().all()):
+        raise ValueError(f"The Lorsa of layer {layer} gives NaN or infinite outputs on finite input: its weights or "
+                         "normalisation factors are damaged; train it again.")  # fmt: skip
 
 
 def prediction_sums(logits: torch.Tensor, ids: torch.Tensor, counted: torch.Tensor) -> tuple[list[float], float, int]:

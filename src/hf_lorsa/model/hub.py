@@ -67,13 +67,28 @@ def check_loading_info(name_or_path, info: dict) -> None:
     problems = {
         "missing": sorted(set(info.get("missing_keys") or []) - MAY_BE_MISSING),
         "unexpected": sorted(info.get("unexpected_keys") or []),
-        "of the wrong shape": sorted(str(k[0]) if isinstance(k, tuple) else str(k)
-                                     for k in info.get("mismatched_keys") or []),
+        "of the wrong shape": sorted(_mismatch(k) for k in info.get("mismatched_keys") or []),
     }  # fmt: skip
     found = {kind: keys for kind, keys in problems.items() if keys}
     if found:
         listed = "; ".join(f"{kind}: {', '.join(keys)}" for kind, keys in found.items())
         raise ValueError(f"The weights of the Lorsa at {name_or_path} do not match its config ({listed}).")
+
+
+def _mismatch(entry) -> str:
+    """'name (file: (8, 16), config: (16, 16))' from transformers' (name, file shape, model shape)."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, stored, expected = entry
+        return f"{name} (the file holds {tuple(stored)}, its config.json asks for {tuple(expected)})"
+    return str(entry[0] if isinstance(entry, tuple) else entry)
+
+
+def check_finite(lorsa, where: str) -> None:
+    """A weight with NaN or infinite entries is refused at load, naming it (a damaged or diverged checkpoint)."""
+    bad = [name for name, t in lorsa.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise ValueError(f"The Lorsa at {where} has NaN or infinite values in {', '.join(bad)}: the checkpoint is "
+                         "damaged or comes from a run that diverged; train it again or load another.")  # fmt: skip
 
 
 def saved_mechanisms(directory: str | Path) -> dict | None:
@@ -140,6 +155,9 @@ def load_safetensors_only(load, name_or_path, *args, **kwargs):
     if kwargs.get("use_safetensors") is False:
         raise ValueError("hf_lorsa loads safetensors checkpoints only; pickle checkpoints are never loaded.")
     kwargs["use_safetensors"] = True
+    # a tensor whose size disagrees with config.json is reported by `check_loading_info`, naming it and both sizes
+    # (transformers would raise, suggesting ignore_mismatched_sizes: the wrong fix for a Lorsa)
+    kwargs.setdefault("ignore_mismatched_sizes", True)
     where = location(name_or_path, kwargs.get("subfolder"))
     try:
         return load(name_or_path, *args, **kwargs)

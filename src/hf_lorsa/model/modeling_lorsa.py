@@ -24,7 +24,7 @@ from ..kernels.causal_attention import causal_attention
 from ..kernels.sparse_gradient_attention import takes_sparse_gradient
 from . import hub
 from .configuration_lorsa import LorsaConfig
-from .files import read_eval_results
+from .files import location, read_eval_results
 from .host_match import check_lorsa_matches
 from .initialization import initialize_from_host
 from .input_checks import check_attention_input
@@ -162,6 +162,7 @@ class LorsaModel(LorsaPreTrainedModel):
         kwargs["output_loading_info"] = True
         lorsa, info = hub.load_safetensors_only(super().from_pretrained, pretrained_model_name_or_path, *args, **kwargs)
         hub.check_loading_info(pretrained_model_name_or_path, info)
+        hub.check_finite(lorsa, location(pretrained_model_name_or_path, kwargs.get("subfolder")))
         lorsa.eval_results = read_eval_results(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         return lorsa, info
 
