@@ -416,6 +416,23 @@ def test_export_writes_only_into_an_empty_folder_or_over_its_own_export(tmp_path
         check_export_folder(tmp_path / "ours", overwrite=True)
 
 
+def test_export_checks_its_n_ctx_against_the_lorsas_positions_and_the_disk(tmp_path, monkeypatch):
+    from hf_lorsa.formats import llamascopium_export as export
+
+    host = build_host("llama")
+    lorsa = LorsaModel.from_host(host, 1, n_ov_heads=32, top_k=4, topk_rule="relu")
+    positions = lorsa.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"n_ctx {positions + 1} is more positions than this Lorsa has \({positions}"):
+        export.export_llamascopium(lorsa, tmp_path / "long", host, n_ctx=positions + 1)
+    folder = export.export_llamascopium(lorsa, tmp_path / "fits", host, n_ctx=64)
+    written = (folder / export.WEIGHTS_FILE).stat().st_size
+    assert 0 <= written - export.export_bytes(lorsa.config, 64) < 4096  # the estimate is the tensors written
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ValueError, match="The export needs 0.00 GiB and .* has 0.00 GiB free"):
+        export.export_llamascopium(lorsa, tmp_path / "full", host, n_ctx=64)
+    assert not (tmp_path / "full").exists()  # nothing written
+
+
 def test_bad_results_files_steps_loggers_devices_and_sizes_are_named(tmp_path):
     lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
     lorsa.save_pretrained(tmp_path / "lorsa")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
 
     c = lorsa.config
     n_ctx = check_exportable(c, n_ctx)
+    check_room(folder, export_bytes(c, n_ctx))
     exported = copy.deepcopy(lorsa).float().cpu()
     if not c.input_before_gain:
         require_that(host is not None, "Exporting needs the host model (host=...): their input is taken before the "
@@ -101,6 +103,8 @@ def check_exportable(c, n_ctx: int | None = None) -> int:
     require_that(c.layer is not None, "This Lorsa records no layer; set lorsa.config.layer.")
     if n_ctx is None:
         n_ctx = (c.training_args or {}).get("context_length") or min(c.max_position_embeddings, 4096)
+    require_that(n_ctx <= c.max_position_embeddings, f"n_ctx {n_ctx} is more positions than this Lorsa has "
+                 f"({c.max_position_embeddings}, its host's); pass --n_ctx {c.max_position_embeddings} or less.")  # fmt: skip
     require_that(c.sliding_window is None or c.sliding_window >= n_ctx, f"Their Lorsa sees every earlier position; this "
              f"one has a sliding window of {c.sliding_window}, shorter than n_ctx {n_ctx} (pass a smaller n_ctx).")  # fmt: skip
     require_that(int(c.d_model * (c.n_ov_heads / c.d_model)) == c.n_ov_heads,
@@ -129,6 +133,24 @@ def _their_config(c, n_ctx: int) -> dict:
         "jumprelu_threshold_window": 2.0,
     }  # fmt: skip
     return base
+
+
+def export_bytes(c, n_ctx: int) -> int:
+    """The size of what `export_llamascopium` writes: the weights in float32, their n_ctx x n_ctx mask (a byte an
+    entry) and the rotary tables (two n_ctx x rotary-width float32 tables)."""
+    weights = (2 * c.n_qk_heads * c.d_model * c.d_qk_head + 2 * c.n_qk_heads * c.d_qk_head
+               + 2 * c.n_ov_heads * c.d_model + c.n_ov_heads + c.d_model)  # fmt: skip
+    return 4 * weights + n_ctx * n_ctx + 2 * 4 * n_ctx * c.d_qk_head
+
+
+def check_room(folder: str | Path, size: int) -> None:
+    """Refuse, before anything is written, an export the disk under `folder` cannot hold."""
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    require_that(size < free, f"The export needs {size / 2**30:.2f} GiB and {existing} has {free / 2**30:.2f} GiB "
+                              "free; free some space or write elsewhere (a smaller --n_ctx shrinks it).")  # fmt: skip
 
 
 def _their_weights(lorsa, n_ctx: int) -> dict[str, torch.Tensor]:
