@@ -514,3 +514,24 @@ def test_text_with_nothing_to_train_on_is_refused(tmp_path):
     empty.write_text("".join('{"text": ""}\n' for _ in range(3000)))
     with pytest.raises(UsageError, match="nothing to train on"):
         train(*parse(options(tmp_path / "run", dataset=str(empty), holdout_fraction=0.0, max_steps=2)))
+
+
+def test_an_upload_that_fails_says_so_and_that_no_commit_was_made(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HTTPError
+
+    from hf_lorsa.formats import release
+
+    def unreachable(self, *args, **kwargs):
+        raise HTTPError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=32, top_k=4)
+    lorsa.config.base_model_name_or_path = "org/model"
+    with pytest.raises(OSError, match="Uploading to the Hub repository me/one failed .*Name or service not known"):
+        lorsa.push_to_hub("me/one")
+    lorsa.save_pretrained(tmp_path / "release" / "layer1")
+    with pytest.raises(SystemExit) as stopped:
+        release.main(["--folder", str(tmp_path / "release"), "--repo_id", "me/release"])
+    assert stopped.value.code == 2
+    assert "me/release failed ([Errno -2] Name or service not known); no commit was made" in capsys.readouterr().err

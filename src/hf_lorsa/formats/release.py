@@ -14,6 +14,7 @@ from ..base.locations import is_hub_id
 from ..base.usage import command_line, require
 from ..model.configuration_lorsa import LorsaConfig
 from ..model.files import LAYER_FOLDER, layer_folder, release_layers
+from ..model.hub import uploading
 from ..model.model_card import eval_result_entries, publishable_base
 from ..model.modeling_lorsa import LorsaModel
 
@@ -132,11 +133,12 @@ def push_release(folder: str | Path, repo_id: str, private: bool | None = None, 
                 lorsa.save_pretrained(Path(staging, layer_folder(layer)))
             write_release_card(staging, lorsas, repo_id)
             folder = Path(staging)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        return api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
-            ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
-        )  # fmt: skip
+        with uploading(repo_id):
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            return api.upload_folder(
+                folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
+                ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
+            )  # fmt: skip
 
 
 @dataclass

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from huggingface_hub.errors import HTTPError
 
 from ..base.locations import looks_like_a_path
 from .configuration_lorsa import LorsaConfig
@@ -123,6 +127,18 @@ def usual_file_modes(directory: str | Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
+@contextmanager
+def uploading(repo_id: str) -> Iterator[None]:
+    """A failed upload (no network, a bad token, no rights to the repository) ends with what failed and that no
+    commit was made, not a connection error's traceback."""
+    try:
+        yield
+    except HTTPError as err:
+        reason = str(err).splitlines()[0][:300] or type(err).__name__
+        raise OSError(f"Uploading to the Hub repository {repo_id} failed ({reason}); no commit was made. Check the "
+                      "network and your token (hf auth login, or HF_TOKEN), then run it again.") from err  # fmt: skip
+
+
 def push(lorsa, repo_id, subfolder, commit_message, private, token, revision, create_pr, base_model=None):
     """Save into a temporary folder laid out like the repository and upload it with transformers' mixin. A Lorsa of
     a local host needs `base_model`, its Hub id (refused before anything is uploaded)."""
@@ -136,8 +152,8 @@ def push(lorsa, repo_id, subfolder, commit_message, private, token, revision, cr
 
     from transformers.utils.hub import hf_api
 
-    repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as tmp:
+    with uploading(repo_id), tempfile.TemporaryDirectory() as tmp:
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         target = Path(tmp, subfolder) if subfolder else Path(tmp)
         target.mkdir(parents=True, exist_ok=True)
         lorsa.save_pretrained(target)
