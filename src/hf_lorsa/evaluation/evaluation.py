@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..base.writing import write_atomically
 from ..host.attention_mask import counted_positions
 from ..host.hooks import collect_layers, run_variants
 from ..inputs.activations import batches
@@ -241,8 +242,7 @@ def save_results(results: dict, path: Path) -> None:
     meta = {"hf_lorsa_version": version("hf_lorsa"), "torch_version": torch.__version__,
             "transformers_version": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**results, **meta}, indent=2) + "\n")
+    write_atomically(path, json.dumps({**results, **meta}, indent=2) + "\n")
 
 
 def update_card(lorsa, results: dict, name_or_path: str, subfolder: str = "") -> None:

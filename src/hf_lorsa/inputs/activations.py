@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..base.locations import looks_like_a_path
+from ..base.writing import write_atomically
 from ..embedded import text_location
 from ..host.attention_mask import counted_positions
 from ..host.hooks import collect_to_cpu
@@ -225,7 +226,7 @@ class ActivationCache(torch.utils.data.Dataset):
             save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
             shard, count = shard + 1, count + len(chunk)
         meta = {"key": key.__dict__, "n_windows": count, "shard_size": shard_size}
-        (directory / "cache.json").write_text(json.dumps(meta, indent=2))
+        write_atomically(directory / "cache.json", json.dumps(meta, indent=2))
         return ActivationCache(directory)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from huggingface_hub.errors import HTTPError
 
 from ..base.locations import looks_like_a_path
+from ..base.writing import write_atomically
 from .configuration_lorsa import LorsaConfig
 from .files import EVAL_RESULTS_FILE, location, release_layers
 from .llamascopium import is_llamascopium_config, lorsa_config_dict
@@ -109,7 +110,7 @@ def write_card(lorsa, directory: str | Path, repo_id: str | None = None, subfold
     README.md card into `directory`."""
     results_file = Path(directory, EVAL_RESULTS_FILE)
     if lorsa.eval_results:
-        results_file.write_text(json.dumps(lorsa.eval_results, indent=2))
+        write_atomically(results_file, json.dumps(lorsa.eval_results, indent=2))
     elif results_file.exists():
         results_file.unlink()
     hint = None if repo_id else os.path.abspath(directory)  # the snippet loads it from any folder

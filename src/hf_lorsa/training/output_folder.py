@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.usage import UsageError
+from ..base.writing import write_atomically
 
 logger = logging.getLogger(__name__)
 LOCK_FILE = ".lorsa_lock"
@@ -44,7 +45,7 @@ def read_run_file(folder: str | Path) -> dict | None:
 
 def write_run_file(folder: str | Path, signature: dict, status: str, **extra) -> None:
     record = {"signature": signature, "status": status, **extra}
-    Path(folder, RUN_FILE).write_text(json.dumps(record, indent=2))
+    write_atomically(Path(folder, RUN_FILE), json.dumps(record, indent=2))
 
 
 @dataclass
