@@ -535,3 +535,29 @@ def test_an_upload_that_fails_says_so_and_that_no_commit_was_made(tmp_path, monk
         release.main(["--folder", str(tmp_path / "release"), "--repo_id", "me/release"])
     assert stopped.value.code == 2
     assert "me/release failed ([Errno -2] Name or service not known); no commit was made" in capsys.readouterr().err
+
+
+def test_a_release_checks_itself_against_its_folders_and_its_card(tmp_path, capsys):
+    from hf_lorsa.analysis import command as analyze_command
+    from hf_lorsa.evaluation import command as evaluate_command
+    from hf_lorsa.formats.release import write_release_card
+    from hf_lorsa.model.files import checked_release_layers
+
+    host = build_host("llama")
+    lorsas = {layer: LorsaModel.from_host(host, layer, n_ov_heads=32, top_k=4) for layer in (0, 1)}
+    for layer, lorsa in lorsas.items():
+        lorsa.save_pretrained(tmp_path / "release" / f"layer{layer}")
+    write_release_card(tmp_path / "release", lorsas)
+    assert checked_release_layers(tmp_path / "release") == [0, 1]
+    shutil.copytree(tmp_path / "release", tmp_path / "deleted")
+    shutil.rmtree(tmp_path / "deleted" / "layer1")
+    shutil.copytree(tmp_path / "release", tmp_path / "swapped")
+    shutil.rmtree(tmp_path / "swapped" / "layer0")
+    shutil.move(tmp_path / "swapped" / "layer1", tmp_path / "swapped" / "layer0")
+    for main in (evaluate_command.main, analyze_command.main):
+        with pytest.raises(SystemExit):
+            main(["--lorsa", str(tmp_path / "deleted")])
+        assert "lists layers [0, 1] in its card, but [1] are missing (layer1/)" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            main(["--lorsa", str(tmp_path / "swapped")])
+        assert "layer0 holds the Lorsa of layer 1, not 0: move it to layer1/" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from transformers import HfArgumentParser
 
 from ..base.usage import check_int, command_line
 from ..inputs.source_arguments import LorsaSourceArguments
-from ..model.files import ANALYSIS_DIR, layer_folder, release_layers
+from ..model.files import ANALYSIS_DIR, checked_release_layers, layer_folder
 
 
 @dataclass
@@ -35,7 +35,7 @@ def per_layer_arguments(args: AnalyzeArguments) -> list[AnalyzeArguments]:
     """The arguments themselves for one Lorsa; for a release (a folder of layer{L} Lorsas), one copy per layer,
     each writing beside its own Lorsa (or into OUTPUT/layer{L})."""
 
-    layers = release_layers(args.lorsa_dir)
+    layers = checked_release_layers(args.lorsa_dir)
     if not layers:
         return [args]  # one Lorsa (or nothing: the loader says what is missing)
     return [dataclasses.replace(args, subfolder=Path(args.subfolder, layer_folder(layer)).as_posix(),

@@ -19,7 +19,7 @@ import torch
 
 from ..host.hooks import collect
 from ..inputs.loading import host_and_tokenizer, load_lorsa_and_host
-from ..model.files import LAYER_FOLDER, release_layers
+from ..model.files import LAYER_FOLDER, checked_release_layers
 from ..model.host_match import check_lorsa_matches
 from .analysis import analyze, token_strings
 from .analysis_table import TAGS, load_analysis
@@ -395,7 +395,7 @@ def release_subfolders(lorsa_id: str, subfolder: str = "") -> list[str]:
     folder = Path(lorsa_id, subfolder)
     if folder.is_dir():
         prefix = f"{subfolder}/" if subfolder else ""
-        return [f"{prefix}layer{layer}" for layer in release_layers(folder)]
+        return [f"{prefix}layer{layer}" for layer in checked_release_layers(folder)]
     try:
         from huggingface_hub import list_repo_files
 

@@ -10,7 +10,7 @@ from transformers import HfArgumentParser
 
 from ..base.usage import command_line
 from ..inputs.source_arguments import LorsaSourceArguments
-from ..model.files import EVAL_RESULTS_FILE, release_layers
+from ..model.files import EVAL_RESULTS_FILE, checked_release_layers
 
 
 @dataclass
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluation import evaluate_lorsa, save_results, update_card
         from .replacement import release_command
 
-        layers = release_layers(args.lorsa_dir)
+        layers = checked_release_layers(args.lorsa_dir)
         if layers:  # a release: every layer, and the whole replacement
             print(json.dumps(release_command(args, layers), indent=2))
             return 0

@@ -13,7 +13,7 @@ from torch import nn
 from ..base.locations import is_hub_id
 from ..base.usage import command_line, require
 from ..model.configuration_lorsa import LorsaConfig
-from ..model.files import LAYER_FOLDER, layer_folder, release_layers
+from ..model.files import LAYER_FOLDER, RELEASE_LAYERS_KEY, layer_folder, release_layers
 from ..model.hub import uploading
 from ..model.model_card import eval_result_entries, publishable_base
 from ..model.modeling_lorsa import LorsaModel
@@ -75,6 +75,7 @@ def write_release_card(folder: str | Path, lorsas: dict, repo_id: str | None = N
         library_name="hf_lorsa", license="other", license_name="base-model-license",
         base_model=base if is_hub_id(base) else None, model_name=repo_id or f"Lorsa release for {base}",
         tags=["lorsa", "hf_lorsa", "sparse-attention", "interpretability"], eval_results=entries or None,
+        **{RELEASE_LAYERS_KEY: sorted(lorsas)},
     )  # fmt: skip
     where = repo_id or str(folder)
     text = f"""---

@@ -10,6 +10,7 @@ from pathlib import Path
 EVAL_RESULTS_FILE = "eval_results.json"
 ANALYSIS_DIR = "analysis"  # the folder beside a Lorsa that holds its analysis (hf_lorsa.analysis.analysis_table)
 LAYER_FOLDER = re.compile(r"^layer(\d+)$")
+RELEASE_LAYERS_KEY = "hf_lorsa_layers"  # the release card's metadata: the layers the release holds
 
 
 def location(name_or_path, subfolder: str | None) -> str:
@@ -58,3 +59,26 @@ def release_layers(folder: str | Path) -> list[int]:
         return []
     found = [LAYER_FOLDER.match(p.name) for p in folder.iterdir() if (p / "config.json").is_file()]
     return sorted(int(m.group(1)) for m in found if m)
+
+
+def checked_release_layers(folder: str | Path) -> list[int]:
+    """`release_layers`, after checking the release against itself: each `layer{L}` folder holds the Lorsa of layer L
+    (its config.json says so), and every layer the release card lists is there. A release that fails either is
+    refused with what is wrong: its results would be reported under the wrong layer, or for fewer layers."""
+    from huggingface_hub.repocard import metadata_load  # reads the card's YAML front matter
+
+    folder = Path(folder)
+    layers = release_layers(folder)
+    for layer in layers:
+        recorded = json.loads((folder / layer_folder(layer) / "config.json").read_text()).get("layer")
+        if recorded is not None and recorded != layer:
+            raise ValueError(f"{folder / layer_folder(layer)} holds the Lorsa of layer {recorded}, not {layer}: move it to "
+                             f"{layer_folder(recorded)}/ (a release keeps each layer's Lorsa in layer{{L}}/).")  # fmt: skip
+    card = folder / "README.md"
+    listed = (metadata_load(card) or {}).get(RELEASE_LAYERS_KEY) if layers and card.is_file() else None
+    missing = sorted(set(listed or []) - set(layers))
+    if missing:
+        raise ValueError(f"The release {folder} lists layers {sorted(listed)} in its card, but {missing} are missing "
+                         f"({', '.join(layer_folder(m) + '/' for m in missing)}); restore them, or remove them from "
+                         f"the card's {RELEASE_LAYERS_KEY} to use the rest.")  # fmt: skip
+    return layers
