@@ -1,6 +1,7 @@
 """Head analysis: tags on inputs with known answers, every field against an independent computation."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -106,6 +107,29 @@ def test_frequencies_and_top_contexts_match_a_direct_run(analysed, stories_model
         assert ctx["z"] == pytest.approx(ctx["activation"], rel=1e-4)  # the contributions add up to z
         assert abs(ctx["sources"][0]["contribution"]) >= abs(ctx["sources"][-1]["contribution"])
         assert len(ctx["pattern"]) == ctx["position"] + 1 and sum(ctx["pattern"]) <= 1 + 1e-4
+
+
+def test_samples_come_from_each_of_the_highest_ranges_of_activation(analysed, stories_model):
+    """Beside its top contexts, each head shows contexts drawn from the decades of |activation| it reaches (its
+    histogram's), the highest SHOWN_RANGES of them, each sample inside the range it is labelled with."""
+    from hf_lorsa.analysis.analysis import SAMPLES_PER_RANGE, SHOWN_RANGES
+
+    lorsa, windows, result = analysed
+    edges = json.loads(result.info.description)["histogram_edges"]
+    checked = 0
+    for row in result:
+        assert len(row["samples"]) == len(row["sample_ranges"])
+        reached = sorted({int(math.floor(edges[i])) for i, n in enumerate(row["histogram"]) if n}, reverse=True)
+        expected = [f"1e{d} to 1e{d + 1}" for d in reached[:SHOWN_RANGES]]
+        assert sorted(set(row["sample_ranges"]), reverse=True, key=lambda r: float(r.split()[0])) == expected
+        for ctx, label in zip(row["samples"], row["sample_ranges"]):
+            low = float(label.split()[0])
+            assert low <= abs(ctx["activation"]) < 10 * low  # inside its range
+            assert ctx["activations"][ctx["position"]] == pytest.approx(ctx["activation"])
+        counts = [row["sample_ranges"].count(label) for label in expected]
+        assert all(1 <= n <= SAMPLES_PER_RANGE for n in counts)
+        checked += bool(row["samples"])
+    assert checked > 32
 
 
 def test_exact_pieces_belong_to_their_host_head_and_logit_attribution(analysed, stories_model):

@@ -51,6 +51,12 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     assert inspector.head_table(token=part).empty  # whole tokens only: no match inside a longer token
     html = inspector.contexts_html(3)
     assert 'class="context"' in html and "outline" in html
+    samples = inspector.samples_html(3)  # contexts from each range of |z| it reaches, labelled by range
+    row = inspector.head(3)
+    assert samples.count('class="context"') == len(row["samples"]) > 0
+    assert [f"|z| from {label}" for label in dict.fromkeys(row["sample_ranges"])] == re.findall(
+        r"<b>(\|z\| from [^<]+)</b>", samples
+    )
     # the heatmap shows the head's z-pattern on its top context: each cell is A[q, s] * v[s]
     cells = re.findall(r"<td style='background:[^']*' title='(-?[0-9.]+)'>", inspector.pattern_html(3))
     ids = torch.tensor(inspector.head(3)["top_contexts"][0]["tokens"])[None]
@@ -187,6 +193,8 @@ def test_space_in_a_real_browser(app_url, inspector):
         page.locator("#show-head").click()
         expect(page.locator("#head-summary")).to_contain_text("Head 5", timeout=30_000)
         expect(page.locator("#head-contexts .context").first).to_be_visible()
+        expect(page.locator("#head-samples .sample-range").first).to_contain_text("|z| from 1e")
+        expect(page.locator("#head-samples .context").first).to_be_visible()
         heatmap = page.locator("#head-pattern .heatmap")
         expect(heatmap.locator("table")).to_be_visible()
         for plot in ("#head-logits", "#head-hosts", "#head-histogram"):  # bar charts drawn by the browser

@@ -93,6 +93,7 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
                     show = gr.Button("Show head", elem_id="show-head")
                 summary = gr.Markdown(elem_id="head-summary")
                 contexts = gr.HTML(elem_id="head-contexts")
+                samples = gr.HTML(elem_id="head-samples")
                 pattern = gr.HTML(elem_id="head-pattern")
                 with gr.Row():
                     logits = gr.BarPlot(
@@ -123,11 +124,11 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
         def browse(sub, tag, token, sort, probe, min_score):
             return inspector(sub).head_table(tag, token or "", sort, probe, min_score)
 
-        @guarded(7)
+        @guarded(8)
         def head_page(sub, h):
             i = inspector(sub)
-            return (i.head_summary(h), i.contexts_html(h), i.pattern_html(h), i.logit_table(h), i.host_table(h),
-                    i.histogram_table(h), i.similar_table(h))  # fmt: skip
+            return (i.head_summary(h), i.contexts_html(h), i.samples_html(h), i.pattern_html(h), i.logit_table(h),
+                    i.host_table(h), i.histogram_table(h), i.similar_table(h))  # fmt: skip
 
         def open_row(sub, evt: gr.SelectData):
             h = int(evt.row_value[0])
@@ -152,7 +153,7 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
         demo.load(browse, filters, table)
         if layers:  # another layer: its header and head table
             layer.change(header_of, layer, header, api_name="pick_layer").then(browse, filters, table)
-        page = [summary, contexts, pattern, logits, hosts, histogram, similar]
+        page = [summary, contexts, samples, pattern, logits, hosts, histogram, similar]
         table.select(open_row, layer, [head, *page, tabs])
         similar.select(open_row, layer, [head, *page, tabs])
         show.click(head_page, [layer, head], page)

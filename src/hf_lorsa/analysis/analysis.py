@@ -46,6 +46,27 @@ TAG_MIN_EVENTS = 20
 SINGLE_HEAD_SHARE = 0.5
 
 
+# Samples from ranges of |activation| (hf_lorsa.analysis.analysis_table's "samples"): one range a decade, from 1e-4 to
+# 1e4 (the histogram's span), SAMPLES_PER_RANGE drawn uniformly from each in one pass (the events with the smallest
+# random keys), the SHOWN_RANGES highest ranges a head reaches kept.
+SAMPLE_DECADES = (-4, 4)
+SAMPLES_PER_RANGE = 2
+SHOWN_RANGES = 4
+SAMPLE_SEED = 0
+
+
+def activation_range(values: torch.Tensor) -> torch.Tensor:
+    """The range (decade) index of each activation: 0 for |a| < 1e-3, up to 7 for |a| >= 1e3."""
+    low, high = SAMPLE_DECADES
+    decade = values.abs().float().clamp_min(1e-30).log10().floor().clamp(low, high - 1)
+    return (decade - low).long()
+
+
+def range_label(index: int) -> str:
+    decade = SAMPLE_DECADES[0] + index
+    return f"1e{decade} to 1e{decade + 1}"
+
+
 def source_kinds(ids: torch.Tensor, window: torch.Tensor, query: torch.Tensor, source: torch.Tensor,
                  bos_ids: list[int]) -> torch.Tensor:  # fmt: skip
     """Which of TAGS each (query, source) event is, as a (E, len(TAGS)) boolean matrix.
@@ -170,6 +191,9 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
     fires = torch.zeros(c.n_ov_heads, dtype=torch.long)
     kinds = torch.zeros(c.n_ov_heads, len(TAGS), dtype=torch.long)
     top = _TopEvents.empty(c.n_ov_heads, top_n)
+    n_ranges = SAMPLE_DECADES[1] - SAMPLE_DECADES[0]
+    samples = _TopEvents.empty(c.n_ov_heads * n_ranges, SAMPLES_PER_RANGE)  # one group per (head, range)
+    keys = torch.Generator().manual_seed(SAMPLE_SEED)
     histogram, cofiring = ActivationHistogram(c.n_ov_heads), CoFiring(c.n_ov_heads)
     stored: dict[int, torch.Tensor] = {}  # token ids of the windows that hold a current top event
     n_tokens, n_windows = 0, 0
@@ -185,21 +209,32 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
         kind = source_kinds(ids.to(device), b, t, source, skip).long()
         kinds.index_add_(0, heads.cpu(), kind.cpu())
         top.update(heads, values, window, t)
+        groups = heads.cpu() * n_ranges + activation_range(values).cpu()
+        samples.update(
+            groups, torch.rand(len(groups), generator=keys), window, t
+        )  # the largest random keys: a uniform draw
         histogram.update(heads, values)
         cofiring.update(window * ids.shape[1] + t.cpu(), heads)
-        referenced = set(top.windows.unique().tolist())
+        referenced = set(top.windows.unique().tolist()) | set(samples.windows.unique().tolist())
         stored = {w: row for w, row in stored.items() if w in referenced}
     if not n_windows:
         raise ValueError("The dataset gave no full windows; use more data or a shorter context_length.")
     warn_if_short(n_windows * ids.shape[1], max_tokens)
-    contexts = _top_contexts(model, lorsa, top, stored, tokenizer, batch_size)
+    drawn = _drawn_samples(samples, c.n_ov_heads, n_ranges)
+    wanted = [[(w, p) for w, p in zip(top.windows[h].tolist(), top.positions[h].tolist()) if w >= 0]
+              + [(w, p) for w, p, _ in drawn[h]] for h in range(c.n_ov_heads)]  # fmt: skip
+    found = _contexts(model, lorsa, wanted, stored, tokenizer, batch_size)
+    n_top = [len(w) - len(d) for w, d in zip(wanted, drawn)]
+    contexts = [sorted(found[h][: n_top[h]], key=lambda ctx: -abs(ctx["activation"])) for h in range(c.n_ov_heads)]
+    sampled = [found[h][n_top[h] :] for h in range(c.n_ov_heads)]
     probes = probe_scores(model, lorsa, tokenizer)
     shares = host_correspondence(model, lorsa)
     rows = _rows(model, lorsa, fires, kinds, contexts, n_tokens, tokenizer, probes, shares)
     direction_heads, cosines = similar_directions(lorsa.w_o)
     cofiring_heads, jaccards = cofiring.similar()
     for i, row in enumerate(rows):
-        row.update(histogram=histogram.counts[i].tolist(), similar_direction=direction_heads[i].tolist(),
+        row.update(samples=sampled[i], sample_ranges=[range_label(r) for _, _, r in drawn[i]],
+                   histogram=histogram.counts[i].tolist(), similar_direction=direction_heads[i].tolist(),
                    similar_direction_cosine=cosines[i].tolist(), similar_cofiring=cofiring_heads[i],
                    similar_cofiring_jaccard=jaccards[i])  # fmt: skip
     dataset = Dataset.from_list(rows, features=HEAD_FEATURES)
@@ -261,18 +296,32 @@ def _rows(model, lorsa, fires, kinds, contexts, n_tokens: int, tokenizer, probes
     return rows
 
 
-def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: int) -> list[list[dict]]:
-    """For every head's top events: the context, the head's activation at each of its positions, the
-    source tokens that carry the activation (A[q, s] * v[s] and their share of z), and the QK pattern."""
+def _drawn_samples(samples: _TopEvents, n_heads: int, n_ranges: int) -> list[list[tuple[int, int, int]]]:
+    """Each head's drawn (window, position, range), its SHOWN_RANGES highest ranges first."""
+    drawn: list[list[tuple[int, int, int]]] = [[] for _ in range(n_heads)]
+    windows, positions = samples.windows.view(n_heads, n_ranges, -1), samples.positions.view(n_heads, n_ranges, -1)
+    for h, r in (windows[..., 0] >= 0).nonzero().tolist()[::-1]:  # highest range first within a head
+        if len({rng for _, _, rng in drawn[h]}) < SHOWN_RANGES:
+            drawn[h] += [(w, p, r) for w, p in zip(windows[h, r].tolist(), positions[h, r].tolist()) if w >= 0]
+    for h in range(n_heads):
+        drawn[h].sort(key=lambda event: -event[2])
+    return drawn
+
+
+def _contexts(
+    model, lorsa, wanted: list[list[tuple[int, int]]], stored, tokenizer, batch_size: int
+) -> list[list[dict]]:
+    """For each head's wanted events (window, position), in that order: the context, the head's activation at each of
+    its positions, the source tokens that carry the activation (A[q, s] * v[s] and their share of z), and the QK
+    pattern. Each window runs once through the host, for every head that wants it."""
     c = lorsa.config
     device = next(lorsa.parameters()).device
-    needed = sorted({w for w in top.windows.flatten().tolist() if w >= 0})
-    per_head: list[list[dict]] = [[] for _ in range(c.n_ov_heads)]
-    by_window: dict[int, list[tuple[int, int, float]]] = {}
-    for h in range(c.n_ov_heads):
-        for value, w, p in zip(top.values[h].tolist(), top.windows[h].tolist(), top.positions[h].tolist()):
-            if w >= 0:
-                by_window.setdefault(w, []).append((h, p, value))
+    per_head: list[list[dict | None]] = [[None] * len(events) for events in wanted]
+    by_window: dict[int, list[tuple[int, int, int]]] = {}
+    for h, events in enumerate(wanted):
+        for slot, (w, p) in enumerate(events):
+            by_window.setdefault(w, []).append((h, p, slot))
+    needed = sorted(by_window)
     for start in range(0, len(needed), batch_size):
         group = needed[start : start + batch_size]
         ids = torch.stack([stored[w] for w in group])
@@ -281,15 +330,12 @@ def _top_contexts(model, lorsa, top: _TopEvents, stored, tokenizer, batch_size: 
         acts = torch.zeros(*out.top_k_indices.shape[:2], c.n_ov_heads, device=device)
         acts.scatter_(-1, out.top_k_indices, out.top_k_values.float())  # (B, T, Hov) after top-k
         v = lorsa.ov_values(x * c.input_norm_factor)  # (B, S, Hov)
-        events = [(row, h, p) for row, w in enumerate(group) for h, p, _ in by_window[w]]
-        b, h, p = (torch.tensor(e, device=device) for e in zip(*events))
+        events = [(row, h, p, slot) for row, w in enumerate(group) for h, p, slot in by_window[w]]
+        b, h, p = (torch.tensor(e, device=device) for e in list(zip(*events))[:3])
         for part, rows in lorsa.iter_attention_rows(x, b, h // c.group_size, p):  # only the rows shown
-            for (row, head, pos), pattern_row in zip(events[part], rows):
-                per_head[head].append(
-                    _context(ids[row], acts[row, :, head], pattern_row, v[row, :, head], pos, tokenizer)
-                )
-    for h in range(c.n_ov_heads):
-        per_head[h].sort(key=lambda ctx: -abs(ctx["activation"]))
+            for (row, head, pos, slot), pattern_row in zip(events[part], rows):
+                per_head[head][slot] = _context(ids[row], acts[row, :, head], pattern_row, v[row, :, head], pos,
+                                                tokenizer)  # fmt: skip
     return per_head
 
 

@@ -34,6 +34,9 @@ HEAD_FEATURES = Features({
     "frequency": Value("float64"), "events": Value("int64"),  # share and number of counted positions it fires at
     "tags": List(Value("string")), "kind_shares": {tag: Value("float64") for tag in TAGS},
     "top_contexts": List(_CONTEXT),
+    # contexts drawn at random from each of its highest ranges of |activation| (decades: the histogram's), as the
+    # feature dashboards show beside the top ones, and each one's range ("1e-1 to 1e0")
+    "samples": List(_CONTEXT), "sample_ranges": List(Value("string")),
     "host_heads": List(Value("int64")), "host_shares": List(Value("float64")),  # shares: see host_correspondence
     "spans_several_host_heads": Value("bool"),
     # the mechanism probes' scores (hf_lorsa.analysis.probes; None: never fired on the probe) and its firing events there

@@ -31,6 +31,25 @@ DEFAULT_CORPUS_SEQUENCES, DEFAULT_CORPUS_LENGTH = 24, 128
 TEXT_LIMIT = 256  # tokens of typed text analysed; longer text is truncated with a notice
 
 
+CONTEXT_LEGEND = ("<p style='font-size:small'>orange/blue: the head's activation; boxed: the query token; "
+                  "green underline: source tokens carrying at least 5% of the activation.</p>")  # fmt: skip
+
+
+def _context_html(ctx: dict, mark: str) -> str:
+    """One context: its tokens shaded by the head's activation, the query boxed, its main sources underlined."""
+    scale = max(abs(a) for a in ctx["activations"]) or 1.0
+    sources = {s["position"]: s["share"] for s in ctx["sources"] if abs(s["share"]) >= 0.05}
+    spans = []
+    for j, (text, act) in enumerate(zip(ctx["text"], ctx["activations"])):
+        extra = "outline:2px solid #222;" if j == ctx["position"] else ""
+        if j in sources:
+            extra += "border-bottom:3px solid #0a7;"
+        title = f"activation {act:.3f}" + (f", source share {sources[j]:.0%}" if j in sources else "")
+        spans.append(_token_span(text, act, scale, extra, title))
+    return (f'<div class="context" data-activation="{ctx["activation"]:.4f}"><b>{mark}</b> '
+            f'z = {ctx["activation"]:.3f}: {"".join(spans)}</div>')  # fmt: skip
+
+
 class InspectorError(ValueError):
     """A problem the user can fix, shown as a message in the UI."""
 
@@ -191,29 +210,22 @@ class Inspector:
         row = self.head(head)
         if not row["top_contexts"]:
             return "<p>This head never fired on the analysed text.</p>"
-        parts = []
-        for i, ctx in enumerate(row["top_contexts"]):
-            scale = max(abs(a) for a in ctx["activations"]) or 1.0
-            sources = {s["position"]: s["share"] for s in ctx["sources"] if abs(s["share"]) >= 0.05}
-            spans = []
-            for j, (text, act) in enumerate(zip(ctx["text"], ctx["activations"])):
-                extra = "outline:2px solid #222;" if j == ctx["position"] else ""
-                if j in sources:
-                    extra += "border-bottom:3px solid #0a7;"
-                spans.append(
-                    _token_span(
-                        text,
-                        act,
-                        scale,
-                        extra,
-                        f"activation {act:.3f}" + (f", source share {sources[j]:.0%}" if j in sources else ""),
-                    )
-                )
-            parts.append(f'<div class="context" data-activation="{ctx["activation"]:.4f}"><b>#{i + 1}</b> '
-                         f'z = {ctx["activation"]:.3f}: {"".join(spans)}</div>')  # fmt: skip
-        legend = ("<p style='font-size:small'>orange/blue: the head's activation; boxed: the query token; "
-                  "green underline: source tokens carrying at least 5% of the activation.</p>")  # fmt: skip
-        return legend + "".join(parts)
+        parts = [_context_html(ctx, f"#{i + 1}") for i, ctx in enumerate(row["top_contexts"])]
+        return CONTEXT_LEGEND + "".join(parts)
+
+    def samples_html(self, head) -> str:
+        """Contexts drawn from each of the head's highest ranges of |activation|, highest first, as the feature
+        dashboards show below the top ones: what the head does when it fires weakly too."""
+        row = self.head(head)
+        if not row.get("samples"):
+            return ""
+        parts, current = ["<h4>Samples by activation range</h4>"], None
+        for ctx, label in zip(row["samples"], row["sample_ranges"]):
+            if label != current:
+                parts.append(f'<div class="sample-range"><b>|z| from {label}</b></div>')
+                current = label
+            parts.append(_context_html(ctx, "·"))
+        return "".join(parts)
 
     def pattern_html(self, head, context: int = 0) -> str:
         """Heatmap of the z-pattern (A[q, s] * v[s]) of the head's top context, for each query position."""
