@@ -3,8 +3,8 @@
     python scripts/bench_probes.py --lorsa DIR [--model_name_or_path M] [--gguf_file F]
 
 Prints, per probe, every host head's score, how many Lorsa heads score 0.5 or more, and for each host head scoring
-0.5 or more the Lorsa heads that do too inside its OV subspace (the `mechanisms` that `hf-lorsa analyze` saves), as
-one JSON line. The host defaults to the Lorsa's recorded base model.
+0.5 or more the Lorsa heads that do too inside its OV subspace and the share of its output on the probe they
+reconstruct together (the `mechanisms` that `hf-lorsa analyze` saves), as one JSON line. The host defaults to the Lorsa's recorded base model.
 """
 
 from __future__ import annotations
@@ -29,14 +29,16 @@ def main() -> None:
     gguf = args.gguf_file or lorsa.config.base_model_gguf_file
     host, tokenizer = open_host(name, gguf), open_tokenizer(name, gguf)
     scores = probe_scores(host, lorsa, tokenizer)
-    found = mechanisms(scores, host_correspondence(host, lorsa))
+    found = mechanisms(scores, host_correspondence(host, lorsa), host, lorsa, tokenizer)
     summary = {"layer": lorsa.config.layer, "n_ov_heads": lorsa.config.n_ov_heads}
     for probe, result in found.items():
         if isinstance(result, dict) and "host_scores" in result:
             summary[probe] = {
                 "host_scores": [round(s, 2) for s in result["host_scores"]],
                 "lorsa_heads_at_least_0.5": result["lorsa_heads"],
-                "per_host_head": {h: {"lorsa_heads": len(heads), "best": heads[:3]} for h, heads in result["host_heads"].items()},
+                "per_host_head": {h: {"lorsa_heads": len(heads), "best": heads[:3],
+                                      "output_reconstructed": result.get("reconstructed", {}).get(h)}
+                                  for h, heads in result["host_heads"].items()},
             }  # fmt: skip
     print(json.dumps(summary))
 

@@ -9,9 +9,11 @@ from hf_lorsa import LorsaModel, collect
 from hf_lorsa.analysis.probes import (
     event_scores,
     pattern_scores,
+    probe_inputs,
     probe_scores,
     probe_targets,
     probe_tokens,
+    reconstructed_shares,
     source_weights,
 )
 
@@ -80,3 +82,25 @@ def test_host_heads_are_scored_from_the_hosts_own_attention_and_a_replica_scores
         torch.testing.assert_close(scores.host[name], expected[name], rtol=1e-4, atol=1e-5)
     assert scores.lorsa["previous_token"].shape == (lorsa.config.n_ov_heads,)
     assert collect(host, layer, input_ids=ids).hidden_states.shape[1] == 2 * L
+
+
+def test_the_share_of_a_host_heads_output_its_lorsa_heads_reconstruct():
+    """The exact replica's own pieces of a host head rebuild all of its output on the probe; half of them less,
+    exactly the share their part of the output has; no heads nothing."""
+    host = build_host("llama")
+    replica = LorsaModel.from_host(host, 1)
+    pieces = replica.config.group_size
+    every = {h: list(range(h * pieces, (h + 1) * pieces)) for h in range(replica.config.n_qk_heads)}
+    shares = reconstructed_shares(host, replica, every, n_sequences=4, length=8)
+    torch.testing.assert_close(torch.tensor(list(shares.values())), torch.ones(len(every)), atol=1e-5, rtol=0)
+    assert reconstructed_shares(host, replica, {0: []}, n_sequences=4, length=8) == {0: 0.0}
+    half = {0: every[0][: pieces // 2]}
+    got = reconstructed_shares(host, replica, half, n_sequences=4, length=8)[0]
+    # the reference: the head's output and the other half's, on the same probe positions, computed here directly
+    ids = probe_inputs(host, replica, None, 4, 8)
+    out = replica(collect(host, 1, input_ids=ids).hidden_states, top_k=replica.config.n_ov_heads)
+    z = torch.zeros(*ids.shape, replica.config.n_ov_heads).scatter(-1, out.top_k_indices, out.top_k_values)[:, -8:]
+    whole = z[..., every[0]] @ replica.w_o[every[0]]
+    rest = z[..., every[0][pieces // 2 :]] @ replica.w_o[every[0][pieces // 2 :]]
+    assert got == pytest.approx(1 - (rest.pow(2).sum() / whole.pow(2).sum()).item(), abs=1e-5)
+    assert 0 < got < 1

@@ -32,7 +32,7 @@ from .analysis_table import (  # noqa: F401 - load_analysis is part of this modu
     save_analysis,
 )
 from .head_statistics import COFIRING_POSITIONS, ActivationHistogram, CoFiring, histogram_edges, similar_directions
-from .probes import MECHANISM_SCORE, ProbeScores, probe_scores
+from .probes import MECHANISM_SCORE, ProbeScores, probe_scores, reconstructed_shares
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 24, 4  # tokens shown around a top activation
 N_SOURCES = 5  # source tokens listed for each top activation
@@ -210,9 +210,8 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
         kinds.index_add_(0, heads.cpu(), kind.cpu())
         top.update(heads, values, window, t)
         groups = heads.cpu() * n_ranges + activation_range(values).cpu()
-        samples.update(
-            groups, torch.rand(len(groups), generator=keys), window, t
-        )  # the largest random keys: a uniform draw
+        # the largest random keys of each (head, range): a uniform draw
+        samples.update(groups, torch.rand(len(groups), generator=keys), window, t)
         histogram.update(heads, values)
         cofiring.update(window * ids.shape[1] + t.cpu(), heads)
         referenced = set(top.windows.unique().tolist()) | set(samples.windows.unique().tolist())
@@ -238,15 +237,16 @@ def analyze(model, lorsa, windows, max_tokens: int, top_n: int = 10, batch_size:
                    similar_direction_cosine=cosines[i].tolist(), similar_cofiring=cofiring_heads[i],
                    similar_cofiring_jaccard=jaccards[i])  # fmt: skip
     dataset = Dataset.from_list(rows, features=HEAD_FEATURES)
-    meta = {"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer, "mechanisms": mechanisms(probes, shares),
+    meta = {"n_tokens": n_tokens, "top_n": top_n, "layer": c.layer, "mechanisms": mechanisms(probes, shares, model, lorsa, tokenizer),
             "histogram_edges": histogram_edges(), "cofiring_positions": COFIRING_POSITIONS - max(cofiring.left, 0)}  # fmt: skip
     dataset.info.description = json.dumps(meta)
     return dataset
 
 
-def mechanisms(probes: ProbeScores, shares: torch.Tensor) -> dict:
-    """Per probe: every host head's score, the host heads that are such heads (score >= MECHANISM_SCORE), and for
-    each of those the Lorsa heads that are too and whose OV map lies mostly in that host head's OV subspace."""
+def mechanisms(probes: ProbeScores, shares: torch.Tensor, model=None, lorsa=None, tokenizer=None) -> dict:
+    """Per probe: every host head's score, the host heads that are such heads (score >= MECHANISM_SCORE), for each
+    of those the Lorsa heads that are too and whose OV map lies mostly in that host head's OV subspace, and (given
+    the model and the Lorsa) how much of that host head's output on the probe they reconstruct together."""
     home = shares.argmax(-1)  # each Lorsa head's host head
     summary = {"probe": {"sequences": probes.n_sequences, "length": probes.length}, "threshold": MECHANISM_SCORE}
     for name, host in probes.host.items():
@@ -262,6 +262,10 @@ def mechanisms(probes: ProbeScores, shares: torch.Tensor) -> dict:
                 for h in probes.host_heads(name)
             },
         }  # fmt: skip
+        if model is not None and summary[name]["host_heads"]:
+            groups = {int(h): [e["head"] for e in heads] for h, heads in summary[name]["host_heads"].items()}
+            found = reconstructed_shares(model, lorsa, groups, tokenizer, probes.n_sequences, probes.length)
+            summary[name]["reconstructed"] = {str(h): round(share, 4) for h, share in found.items()}
     return summary
 
 

@@ -113,19 +113,25 @@ class ProbeScores:
 
 
 @torch.no_grad()
-def probe_scores(model, lorsa, tokenizer=None, n_sequences: int = N_SEQUENCES, length: int = LENGTH,
-                 seed: int = 0) -> ProbeScores:  # fmt: skip
-    """Every probe's score for every host head of the Lorsa's layer and every Lorsa head (`ProbeScores`)."""
-    c = lorsa.config
+def probe_inputs(model, lorsa, tokenizer=None, n_sequences: int = N_SEQUENCES, length: int = LENGTH,
+                 seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """The probe's token ids for this host (`probe_tokens`): no special token, BOS first when the tokenizer adds one."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    specials = list(getattr(tokenizer, "all_special_ids", None) or []) + list(c.skip_token_ids or [])
+    specials = list(getattr(tokenizer, "all_special_ids", None) or []) + list(lorsa.config.skip_token_ids or [])
     adds_bos = (
         tokenizer is not None
         and tokenizer.bos_token_id is not None
         and bool(tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id])
     )
     bos = tokenizer.bos_token_id if adds_bos else None
-    ids = probe_tokens(vocab, specials, bos, n_sequences, length, seed)
+    return probe_tokens(vocab, specials, bos, n_sequences, length, seed)
+
+
+def probe_scores(model, lorsa, tokenizer=None, n_sequences: int = N_SEQUENCES, length: int = LENGTH,
+                 seed: int = 0) -> ProbeScores:  # fmt: skip
+    """Every probe's score for every host head of the Lorsa's layer and every Lorsa head (`ProbeScores`)."""
+    c = lorsa.config
+    ids = probe_inputs(model, lorsa, tokenizer, n_sequences, length, seed)
     record = collect(model, c.layer, input_ids=ids)
     device, dtype = next(lorsa.parameters()).device, next(lorsa.parameters()).dtype
     x = record.hidden_states.to(device, torch.float32)
@@ -143,3 +149,36 @@ def probe_scores(model, lorsa, tokenizer=None, n_sequences: int = N_SEQUENCES, l
         weights[part] = source_weights(rows, v[b[part], :, heads[part]])
     scores, events = event_scores(weights, b, t, heads, c.n_ov_heads, ids.shape[1], length)
     return ProbeScores({k: v.cpu() for k, v in host.items()}, scores, events, n_sequences, length)
+
+
+@torch.no_grad()
+def reconstructed_shares(model, lorsa, groups: dict[int, list[int]], tokenizer=None, n_sequences: int = N_SEQUENCES,
+                         length: int = LENGTH, seed: int = 0) -> dict[int, float]:  # fmt: skip
+    """For each host head h of `groups`: how much of its output on the second copy of the probe's sequences the Lorsa
+    heads groups[h] reconstruct together, 1 - sum ||o_h - o_S||^2 / sum ||o_h||^2 (1: all of it; 0: none, or no
+    heads). o_h is the host head's output (its exact replica's OV pieces), o_S the Lorsa heads' outputs where they
+    fire (no bias), both in the host's units."""
+    c = lorsa.config
+    ids = probe_inputs(model, lorsa, tokenizer, n_sequences, length, seed)
+    device, dtype = next(lorsa.parameters()).device, next(lorsa.parameters()).dtype
+    x = collect(model, c.layer, input_ids=ids).hidden_states.to(device, torch.float32)
+    second = torch.zeros(ids.shape[1], dtype=torch.bool, device=device)
+    second[ids.shape[1] - length :] = True  # the positions of the repeated copy
+    replica = LorsaModel.from_host(model, c.layer).float().to(device)
+    host_out = replica(x, top_k=replica.config.n_ov_heads)
+    lorsa_out = lorsa(x.to(dtype))
+
+    def written(model_, out, heads: list[int]) -> torch.Tensor:  # (B, T_second, D): what these heads write
+        keep = torch.zeros(model_.config.n_ov_heads, dtype=torch.bool, device=device)
+        keep[heads] = True
+        values = out.top_k_values * keep[out.top_k_indices]
+        bias = model_.decode(torch.zeros_like(values), out.top_k_indices)
+        return (model_.decode(values, out.top_k_indices) - bias)[:, second].float()
+
+    pieces = replica.config.group_size
+    shares = {}
+    for h, heads in groups.items():
+        target = written(replica, host_out, list(range(h * pieces, (h + 1) * pieces)))
+        error = target - (written(lorsa, lorsa_out, heads) if heads else 0)
+        shares[h] = 1 - (error.pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)).item()
+    return shares

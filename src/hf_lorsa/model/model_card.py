@@ -135,13 +135,17 @@ def mechanisms_section(mechanisms: dict | None, layer: int) -> str:
         for host, heads in found.get("host_heads", {}).items():
             carried = ", ".join(f"{h['head']} ({h['score']:.2f}, share {h['share']:.0%})" for h in heads[:10])
             carried = f"{len(heads)}: {carried}{', ...' if len(heads) > 10 else ''}" if heads else "none"
-            rows.append(f"| {name} | {layer}.{host} ({found['host_scores'][int(host)]:.2f}) | {carried} |")
-        rows.append(f"| {name} | all | {found['lorsa_heads']} Lorsa heads score {threshold} or more |")
+            rebuilt = found.get("reconstructed", {}).get(host)
+            rebuilt = f"{rebuilt:.0%}" if rebuilt is not None else ""
+            rows.append(f"| {name} | {layer}.{host} ({found['host_scores'][int(host)]:.2f}) | {carried} | {rebuilt} |")
+        rows.append(f"| {name} | all | {found['lorsa_heads']} Lorsa heads score {threshold} or more | |")
     return (f"\n## Mechanisms\n\nProbe scores on {probe.get('sequences', '?')} sequences of {probe.get('length', '?')} "
             f"random tokens repeated once (`hf-lorsa analyze`, `hf_lorsa.analysis.probes`): the host heads of layer {layer} "
             f"scoring {threshold} or more, and the Lorsa heads that score as much and whose OV map lies mostly in that "
-            f"host head's OV subspace (head (score, share of its OV map inside the host head's)).\n\n"
-            f"| probe | host head (score) | Lorsa heads |\n| --- | --- | --- |\n" + "\n".join(rows) + "\n")  # fmt: skip
+            f"host head's OV subspace (head (score, share of its OV map inside the host head's)), and how much of the "
+            f"host head's output on the probe those Lorsa heads reconstruct together.\n\n"
+            f"| probe | host head (score) | Lorsa heads | host head's output they reconstruct |\n"
+            f"| --- | --- | --- | --- |\n" + "\n".join(rows) + "\n")  # fmt: skip
 
 
 def eval_result_entries(eval_results: dict | None, evaluated: str, name: str | None = None) -> list[EvalResult]:
