@@ -190,7 +190,15 @@ def test_a_batch_top_k_lorsa_travels_as_their_jumprelu_with_a_threshold_per_head
     torch.testing.assert_close(weights["activation_function.log_jumprelu_threshold"], expected)
     back = LorsaModel.from_pretrained(folder, host=host).eval()
     torch.testing.assert_close(back.threshold * back.threshold_scale, lorsa.threshold * lorsa.threshold_scale)
-    assert back.threshold_scale.max() == 1  # the largest is the shared threshold
+    # an hf_lorsa export records its shared threshold: the same buffers come back (a folder of theirs: the largest)
+    torch.testing.assert_close(back.threshold, lorsa.threshold, rtol=0, atol=0)
+    torch.testing.assert_close(back.threshold_scale, lorsa.threshold_scale, rtol=1e-6, atol=1e-7)
+    config = json.loads((folder / "config.json").read_text())
+    del config["hf_lorsa_threshold"]
+    (folder / "config.json").write_text(json.dumps(config))
+    theirs = LorsaModel.from_pretrained(folder, host=host).eval()
+    assert theirs.threshold_scale.max() == 1  # the largest is the shared threshold
+    torch.testing.assert_close(theirs(x).reconstruction, lorsa(x).reconstruction)
     torch.testing.assert_close(back(x).reconstruction, lorsa(x).reconstruction)
     with torch.no_grad():
         lorsa.threshold_scale.fill_(1.0)

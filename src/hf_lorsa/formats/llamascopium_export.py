@@ -18,7 +18,14 @@ from ..base.usage import check_int, check_writable_dir, command_line, require
 from ..host.families import input_norm_affine
 from ..inputs.loading import check_gguf_file, open_host
 from ..model.host_match import check_lorsa_matches
-from ..model.llamascopium import STASH_KEY, THRESHOLD_KEY, WEIGHTS_FILE, require_that, transform_input
+from ..model.llamascopium import (
+    SHARED_THRESHOLD_KEY,
+    STASH_KEY,
+    THRESHOLD_KEY,
+    WEIGHTS_FILE,
+    require_that,
+    transform_input,
+)
 from ..model.modeling_lorsa import LorsaModel
 
 EXPORT_FILES = ("config.json", WEIGHTS_FILE)
@@ -79,6 +86,8 @@ def export_llamascopium(lorsa, folder: str | Path, host=None, n_ctx: int | None 
     save_file(weights, folder / WEIGHTS_FILE, {"format": "pt", "written_by": "hf_lorsa"})
     stash = c.to_dict()
     their_config = {**_their_config(c, n_ctx), "act_fn": act_fn}
+    if act_fn == "jumprelu":  # read back, the heads' scales are those of our own shared threshold again
+        their_config[SHARED_THRESHOLD_KEY] = float(exported.threshold)
     (folder / "config.json").write_text(json.dumps({**their_config, STASH_KEY: stash}, indent=4))
     return folder
 

@@ -35,6 +35,7 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 PICKLED_FILES = ("sae_weights.pt", "sae_weights.dcp/.metadata", "checkpoints/final.pt")
 BUFFERS = ("mask", "IGNORE", "rotary_sin", "rotary_cos")  # their model's precomputed buffers, recomputed here
 STASH_KEY = "hf_lorsa"  # our own config, kept in an exported config.json (their loader ignores unknown keys)
+SHARED_THRESHOLD_KEY = "hf_lorsa_threshold"  # our shared threshold, beside their per-head ones
 STRUCTURE = ("d_model", "n_qk_heads", "d_qk_head", "n_ov_heads", "top_k", "act_fn", "rope_parameters",
              "rope_interleaved")  # fmt: skip
 LAYER_PATTERN = re.compile(r"^blocks\.(\d+)\.")
@@ -198,7 +199,7 @@ def from_llamascopium(model_class, cfg: dict, weights: dict[str, torch.Tensor], 
         if shared:
             state.update({n: state[n][0] for n in ("q_norm.weight", "k_norm.weight")})
     if cfg.get("act_fn") == "jumprelu":
-        state["threshold"], state["threshold_scale"] = head_thresholds(weights, where)
+        state["threshold"], state["threshold_scale"] = head_thresholds(weights, where, cfg.get(SHARED_THRESHOLD_KEY))
     lorsa = model_class(LorsaConfig(**fields))
     expected = {name: tuple(t.shape) for name, t in lorsa.state_dict().items() if name in state}
     wrong = [f"{theirs} {tuple(weights[theirs].shape)} (expected {expected[ours]})"
@@ -208,12 +209,14 @@ def from_llamascopium(model_class, cfg: dict, weights: dict[str, torch.Tensor], 
     return lorsa.eval()
 
 
-def head_thresholds(weights: dict[str, torch.Tensor], where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def head_thresholds(weights: dict[str, torch.Tensor], where: str,
+                    shared: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Their JumpReLU thresholds (one per head) as our BatchTopK threshold and each head's scale of it
-    (hf_lorsa.training.head_balance): the largest threshold, and every head's as a fraction of it (1 where all agree)."""
+    (hf_lorsa.training.head_balance): the `shared` threshold an hf_lorsa export recorded, else the largest of theirs,
+    and every head's as a fraction of it (1 where all agree)."""
     require_that(THRESHOLD_KEY in weights, f"The weights of the JumpReLU Lorsa at {where} lack {THRESHOLD_KEY}.")
     thresholds = weights[THRESHOLD_KEY].double().exp()
-    largest = thresholds.max()
+    largest = torch.tensor(shared, dtype=torch.float64) if shared is not None else thresholds.max()
     require_that(
         bool(largest > 0) and bool(torch.isfinite(largest)), f"{where}: its JumpReLU thresholds are not finite."
     )
