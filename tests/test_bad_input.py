@@ -520,7 +520,7 @@ def test_an_upload_that_fails_says_so_and_that_no_commit_was_made(tmp_path, monk
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HTTPError
 
-    from hf_lorsa.formats import release
+    from hf_lorsa.formats import commands
 
     def unreachable(self, *args, **kwargs):
         raise HTTPError("[Errno -2] Name or service not known")
@@ -532,7 +532,7 @@ def test_an_upload_that_fails_says_so_and_that_no_commit_was_made(tmp_path, monk
         lorsa.push_to_hub("me/one")
     lorsa.save_pretrained(tmp_path / "release" / "layer1")
     with pytest.raises(SystemExit) as stopped:
-        release.main(["--folder", str(tmp_path / "release"), "--repo_id", "me/release"])
+        commands.push_main(["--folder", str(tmp_path / "release"), "--repo_id", "me/release"])
     assert stopped.value.code == 2
     assert "me/release failed ([Errno -2] Name or service not known); no commit was made" in capsys.readouterr().err
 

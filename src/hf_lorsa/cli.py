@@ -21,8 +21,8 @@ COMMANDS = {
         "hf_lorsa.analysis.command:main",
         "read every head: top contexts, z-patterns, logit attribution, tags",
     ),
-    "export": ("hf_lorsa.formats.llamascopium_export:main", "write a Lorsa in the authors' format (llamascopium)"),
-    "push": ("hf_lorsa.formats.release:main", "upload a release (one Lorsa per layer) to the Hub in one commit"),
+    "export": ("hf_lorsa.formats.commands:export_main", "write a Lorsa in the authors' format (llamascopium)"),
+    "push": ("hf_lorsa.formats.commands:push_main", "upload a release (one Lorsa per layer) to the Hub in one commit"),
 }
 
 

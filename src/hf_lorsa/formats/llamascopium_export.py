@@ -8,15 +8,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..base.usage import check_int, check_writable_dir, command_line, require
 from ..host.families import input_norm_affine
-from ..inputs.loading import check_gguf_file, open_host
 from ..model.host_match import check_lorsa_matches
 from ..model.llamascopium import (
     SHARED_THRESHOLD_KEY,
@@ -26,7 +23,6 @@ from ..model.llamascopium import (
     require_that,
     transform_input,
 )
-from ..model.modeling_lorsa import LorsaModel
 
 EXPORT_FILES = ("config.json", WEIGHTS_FILE)
 
@@ -185,45 +181,3 @@ def _their_weights(lorsa, n_ctx: int) -> dict[str, torch.Tensor]:
 
 
 # ---- command line -----------------------------------------------------------------------------------
-
-
-@dataclass
-class ExportArguments:
-    """`hf-lorsa export`: which Lorsa, its host, and where their format goes."""
-
-    lorsa: str = field(metadata={"help": "Lorsa folder or Hub id (required)"})
-    output: str = field(metadata={"help": "folder to write config.json and sae_weights.safetensors into (required)"})
-    subfolder: str = field(default="", metadata={"help": "subfolder of the Lorsa repository"})
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "host model, whose input-norm gain is taken out (None: the recorded one)"}
-    )
-    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file of the host (None: the recorded one)"})
-    n_ctx: int | None = field(default=None, metadata={"help": "their n_ctx (None: the training context length)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an earlier export in --output"})
-
-
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    with command_line("hf-lorsa export"):
-        parser = HfArgumentParser(ExportArguments, prog="hf-lorsa export",
-                                  description="Write a Lorsa in the authors' format (llamascopium).")  # fmt: skip
-        (args,) = parser.parse_args_into_dataclasses(argv)
-        check_int("n_ctx", args.n_ctx, optional=True)
-        out = Path(args.output)
-        check_writable_dir(out, "output")
-        check_export_folder(out, args.overwrite)
-        lorsa = LorsaModel.from_pretrained(args.lorsa, subfolder=args.subfolder)
-        check_exportable(lorsa.config, args.n_ctx)
-        host = None
-        if not lorsa.config.input_before_gain:
-            name = args.model_name_or_path or lorsa.config.base_model_name_or_path
-            require(bool(name), "This Lorsa records no base model; pass --model_name_or_path.")
-            gguf = args.gguf_file or (None if args.model_name_or_path else lorsa.config.base_model_gguf_file)
-            check_gguf_file(name, gguf)
-            host = open_host(name, gguf)
-        export_llamascopium(lorsa, out, host, args.n_ctx)
-    print(f"Wrote {out / 'config.json'} and {out / WEIGHTS_FILE}: layer {lorsa.config.layer}, "
-          f"{lorsa.config.n_ov_heads} OV heads, hook points blocks.{lorsa.config.layer}.ln1.hook_normalized -> "
-          f"blocks.{lorsa.config.layer}.hook_attn_out")  # fmt: skip
-    return 0

@@ -4,14 +4,13 @@ each a complete Lorsa, with a card listing every layer's results at the root), p
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..base.locations import is_hub_id
-from ..base.usage import command_line, require
+from ..base.usage import require
 from ..model.configuration_lorsa import LorsaConfig
 from ..model.files import LAYER_FOLDER, RELEASE_LAYERS_KEY, layer_folder, release_layers
 from ..model.hub import uploading
@@ -140,31 +139,3 @@ def push_release(folder: str | Path, repo_id: str, private: bool | None = None, 
                 folder_path=str(folder), repo_id=repo_id, commit_message=commit_message or "Upload Lorsa release",
                 ignore_patterns=NOT_PUBLISHED, revision=revision, create_pr=create_pr,
             )  # fmt: skip
-
-
-@dataclass
-class PushArguments:
-    """`hf-lorsa push`: a release folder and the Hub repository it goes to."""
-
-    folder: str = field(metadata={"help": "release folder (the --output_dir of hf-lorsa train --layers) (required)"})
-    repo_id: str = field(metadata={"help": "Hub repository, e.g. your-name/lorsa-smollm2 (required)"})
-    private: bool = field(default=False, metadata={"help": "create the repository as private"})
-    commit_message: str | None = field(default=None, metadata={"help": "commit message"})
-    revision: str | None = field(default=None, metadata={"help": "branch to push to"})
-    create_pr: bool = field(default=False, metadata={"help": "open a pull request instead of committing"})
-    base_model: str | None = field(
-        default=None, metadata={"help": "Hub id of the host, for a release made from a local host's folder"}
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    from transformers import HfArgumentParser
-
-    with command_line("hf-lorsa push"):
-        parser = HfArgumentParser(PushArguments, prog="hf-lorsa push",
-                                  description="Upload a release (one Lorsa per layer) to the Hub in one commit.")  # fmt: skip
-        (args,) = parser.parse_args_into_dataclasses(argv)
-        commit = push_release(args.folder, args.repo_id, args.private or None, None, args.commit_message,
-                              args.revision, args.create_pr, args.base_model)  # fmt: skip
-    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
-    return 0
