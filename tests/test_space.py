@@ -1,5 +1,6 @@
 """The inspector Space in a real browser (headless Chromium driven by Playwright), and its logic."""
 
+import copy
 import json
 import os
 import re
@@ -116,6 +117,14 @@ def test_a_lorsa_and_model_that_do_not_belong_together(lorsa_dir, stories_model,
     lorsa.config.host_model_type = "gpt2"
     with pytest.raises(InspectorError, match="does not belong to this model"):
         Inspector(lorsa, stories_model, stories_tokenizer)
+    lorsa = LorsaModel.from_pretrained(lorsa_dir)
+    other = copy.deepcopy(stories_model)
+    with torch.no_grad():
+        other.model.layers[2].self_attn.q_proj.weight.mul_(1.5)  # the same shape, other weights
+    with pytest.raises(InspectorError, match="does not belong") as refused:
+        Inspector(lorsa, other, stories_tokenizer)
+    # the advice in the Space's own terms: it takes the host as --model and always checks it
+    assert "--model, or the variable LORSA_MODEL" in str(refused.value) and "strict=False" not in str(refused.value)
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,20 @@ DEFAULT_CORPUS_SEQUENCES, DEFAULT_CORPUS_LENGTH = 24, 128
 TEXT_LIMIT = 256  # tokens of typed text analysed; longer text is truncated with a notice
 
 
+# The library's advice, in the Space's own terms: it takes the host as --model (LORSA_MODEL) and always checks it.
+SPACE_WORDING = {
+    "Load that model, or pass strict=False to use it with this one anyway.": "Start the Space with that model "
+    "(--model, or the variable LORSA_MODEL).",
+    "pass --model_name_or_path": "start the Space with --model (or the variable LORSA_MODEL)",
+}
+
+
+def space_wording(message: str) -> str:
+    for library, space in SPACE_WORDING.items():
+        message = message.replace(library, space)
+    return message
+
+
 CONTEXT_LEGEND = ("<p style='font-size:small'>orange/blue: the head's activation; boxed: the query token; "
                   "green underline: source tokens carrying at least 5% of the activation.</p>")  # fmt: skip
 
@@ -85,7 +99,7 @@ class Inspector:
         try:
             check_lorsa_matches(model, lorsa)
         except ValueError as err:
-            raise InspectorError(f"This Lorsa does not belong to this model: {err}") from err
+            raise InspectorError(f"This Lorsa does not belong to this model: {space_wording(str(err))}") from err
         self.lorsa, self.model, self.tokenizer = lorsa.eval().requires_grad_(False), model.eval(), tokenizer
         with _LOADING:
             self.lock = _HOST_LOCKS.setdefault(model, threading.RLock())
@@ -107,7 +121,9 @@ class Inspector:
             lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id, gguf_file=gguf_file,
                                                           open_host_and_tokenizer=_shared_host)  # fmt: skip
         except (OSError, ValueError) as err:
-            raise InspectorError(f"Could not load the Lorsa {lorsa_id!r} with its model: {err}") from err
+            raise InspectorError(
+                f"Could not load the Lorsa {lorsa_id!r} with its model: {space_wording(str(err))}"
+            ) from err
         try:
             analysis = load_analysis(lorsa_id, subfolder)
         except ValueError as err:
