@@ -1,8 +1,8 @@
 """Read the heads of a Lorsa: top contexts, z-patterns, direct logit attribution, host-head
 correspondence and automatic tags, saved as a `datasets` Dataset (parquet) beside the Lorsa.
 
-Memory stays bounded on any dataset size: the first pass keeps running counts and the top-N events of
-each head; a second pass recomputes only the windows that hold a top event.
+Memory stays bounded on any dataset size: the first pass keeps running counts, the top-N events of each head and
+a few events drawn from each range of its activation; a second pass recomputes only the windows that hold one.
 
 Axes: B batch, T query positions, S source positions, D d_model, Hqk QK heads, Hov OV heads, N top-N.
 """
@@ -47,7 +47,7 @@ SINGLE_HEAD_SHARE = 0.5
 
 
 # Samples from ranges of |activation| (hf_lorsa.analysis.analysis_table's "samples"): one range a decade, from 1e-4 to
-# 1e4 (the histogram's span), SAMPLES_PER_RANGE drawn uniformly from each in one pass (the events with the smallest
+# 1e4 (the histogram's span), SAMPLES_PER_RANGE drawn uniformly from each in one pass (the events with the largest
 # random keys), the SHOWN_RANGES highest ranges a head reaches kept.
 SAMPLE_DECADES = (-4, 4)
 SAMPLES_PER_RANGE = 2
@@ -117,7 +117,8 @@ def head_events(lorsa, x: torch.Tensor, counted: torch.Tensor):
 
 @dataclass
 class _TopEvents:
-    """The N largest activations of every head, as (value, window, position), kept on the CPU."""
+    """The N best-scoring events of every group (a head; or a head and a range of activation, scored by a random
+    key), as (score, window, position), kept on the CPU."""
 
     values: torch.Tensor  # (Hov, N)
     windows: torch.Tensor  # (Hov, N)
@@ -128,7 +129,7 @@ class _TopEvents:
         return cls(torch.full((n_heads, n), -float("inf")), torch.full((n_heads, n), -1), torch.full((n_heads, n), -1))
 
     def update(self, heads, values, windows, positions) -> None:
-        """Merge a batch of events into the per-head top-N (vectorised: sort by score, then by head)."""
+        """Merge a batch of events into each group's top-N by |value| (vectorised: sort by score, then by group)."""
         n_heads, n = self.values.shape
         head_ids = torch.cat([torch.arange(n_heads).repeat_interleave(n), heads.cpu()])
         score = torch.cat([self.values.flatten(), values.abs().float().cpu()])

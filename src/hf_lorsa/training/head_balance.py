@@ -10,17 +10,18 @@ each step with K at its final value (`balance_thresholds`):
 - a head active on more than `max_frequency` of the batch's positions has its scale raised by STEP, so that no
   head becomes a dense direction that fires almost everywhere;
 - every other head moves back towards 1 by STEP per step, so that healthy heads keep the threshold they share.
-- no scale goes below the head's dense bound: the scale at which it would fire on DENSE_ROOM x max_frequency of
-  the positions (`dense_bound`, a running mean over batches, `follow_bound`). A head whose score hardly varies (one that reads only the attention
-  sink: its score within 3% across a window, the same at every position of it) cannot be steered in steps of 5%:
-  lowered while silent, it went from no position to every one in one step, then back, and kept whichever it had
-  at the end (on SmolLM2-135M layer 18, eight such heads of one QK group, at 0.15-0.4 of the shared threshold,
-  fired on 58-100% of the held-out positions). Bounded, it fires on the positions where its score is highest. With
-  the bounds known, a dense head goes up to its bound rather than by STEP.
   A head kept alive this way is lowered while silent and raised for as long again after it fires: it settles
   near one firing in 2 x rare_tokens tokens, so that the heads kept alive take a small part of the K heads a
   position has (moving back only on the steps a head fired let thousands of heads, lowered at once on a large,
   short run, fire far more often than that: the held-out FVU of SmolLM2 layer 15 went from 0.35 to 0.71).
+- no scale goes below the head's dense bound: the scale at which it would fire on DENSE_ROOM x max_frequency of
+  the positions (`dense_bound`, followed over batches by `follow_bound`). A head whose score hardly varies (one
+  that reads only the attention sink: its score within 3% across a window, the same at every position of it)
+  cannot be steered in steps of 5%: lowered while silent, it went from no position to every one in one step, then
+  back, and kept whichever it had at the end (on SmolLM2-135M layer 18, eight such heads of one QK group, at
+  0.15-0.4 of the shared threshold, fired on 58-100% of the held-out positions). Bounded, it fires on the
+  positions where its score is highest. With the bounds known, a dense head goes up to its bound rather than by
+  STEP.
 
 At inference each head keeps its own threshold (threshold x threshold_scale[h]): the authors' JumpReLU with a
 threshold per head (`hf_lorsa.formats.llamascopium_export`). The scale has no units, so folding the normalisation
@@ -48,7 +49,7 @@ RARE_INTERVALS = 5
 MAX_FREQUENCY = 0.45  # the default bound on the fraction of positions a head fires on
 # A head held up by its dense bound fires on this fraction of max_frequency of the positions: room for other text.
 DENSE_ROOM = 0.8
-BOUND_MARGIN = 1e-3
+BOUND_MARGIN = 1e-3  # the bound sits this much (relative) above the score it is read from
 # The bound follows the batches' with this running-mean decay (about the last ten): one batch of a few windows places
 # a head that is constant across each window at one of a handful of values (with four windows, a held-out frequency
 # from 25% to 53% by the batch training ended on).
@@ -69,9 +70,8 @@ def dense_bound(scores: torch.Tensor, max_frequency: float) -> torch.Tensor:
     At most DENSE_BOUND_ROWS evenly spaced positions are read. No host sync."""
     rows = scores[:: max(1, -(-scores.shape[0] // DENSE_BOUND_ROWS))].float()
     k = max(1, round(rows.shape[0] * (1 - DENSE_ROOM * max_frequency)))  # the k-th smallest score passes on the rest
-    quantile = rows.kthvalue(k, dim=0).values * (
-        1 + BOUND_MARGIN
-    )  # just above: ties (a window's equal scores) stay out
+    # just above the k-th smallest score: ties (a window's equal scores) stay out
+    quantile = rows.kthvalue(k, dim=0).values * (1 + BOUND_MARGIN)
     return quantile.clamp_min(1e-12).log()
 
 
@@ -100,9 +100,9 @@ def balance_thresholds(scale: torch.Tensor, fired: torch.Tensor, positions: torc
     within = ~dense & ~rare
     relaxed = log_scale.sign() * (log_scale.abs() - STEP).clamp_min(0)
     pushed = log_scale + STEP * (dense.float() - rare.float())
-    if bound is not None:  # a dense head goes up to its bound, not by STEP (no flip to silence)
+    if bound is not None:  # a dense head goes up to its bound (below), not by STEP: no flip to silence
         pushed = torch.where(dense, log_scale, pushed)
     moved = torch.where(within, relaxed, pushed)
-    if bound is not None:  # never so low that the head would be dense
+    if bound is not None:  # and no head goes so low that it would be dense
         moved = torch.maximum(moved, bound.to(moved.device))
     scale.copy_(moved.clamp(*LOG_RANGE).exp())
