@@ -91,10 +91,10 @@ def test_the_share_of_a_host_heads_output_its_lorsa_heads_reconstruct():
     replica = LorsaModel.from_host(host, 1)
     pieces = replica.config.group_size
     every = {h: list(range(h * pieces, (h + 1) * pieces)) for h in range(replica.config.n_qk_heads)}
-    shares = reconstructed_shares(host, replica, every, n_sequences=4, length=8)
-    torch.testing.assert_close(torch.tensor(list(shares.values())), torch.ones(len(every)), atol=1e-5, rtol=0)
-    assert reconstructed_shares(host, replica, {0: []}, n_sequences=4, length=8) == {0: 0.0}
-    half = {0: every[0][: pieces // 2]}
+    shares = reconstructed_shares(host, replica, list(every.items()), n_sequences=4, length=8)
+    torch.testing.assert_close(torch.tensor(shares), torch.ones(len(every)), atol=1e-5, rtol=0)
+    assert reconstructed_shares(host, replica, [(0, [])], n_sequences=4, length=8) == [0.0]
+    half = [(0, every[0][: pieces // 2])]
     got = reconstructed_shares(host, replica, half, n_sequences=4, length=8)[0]
     # the reference: the head's output and the other half's, on the same probe positions, computed here directly
     ids = probe_inputs(host, replica, None, 4, 8)

@@ -263,10 +263,16 @@ def mechanisms(probes: ProbeScores, shares: torch.Tensor, model=None, lorsa=None
                 for h in probes.host_heads(name)
             },
         }  # fmt: skip
-        if model is not None and summary[name]["host_heads"]:
-            groups = {int(h): [e["head"] for e in heads] for h, heads in summary[name]["host_heads"].items()}
-            found = reconstructed_shares(model, lorsa, groups, tokenizer, probes.n_sequences, probes.length)
-            summary[name]["reconstructed"] = {str(h): round(share, 4) for h, share in found.items()}
+    if model is not None:  # one run of the probe for every probe's host heads
+        found = [
+            (name, h, [e["head"] for e in heads])
+            for name in probes.host
+            for h, heads in summary[name]["host_heads"].items()
+        ]
+        rebuilt = reconstructed_shares(model, lorsa, [(int(h), heads) for _, h, heads in found], tokenizer,
+                                       probes.n_sequences, probes.length)  # fmt: skip
+        for (name, h, _), share in zip(found, rebuilt):
+            summary[name].setdefault("reconstructed", {})[h] = round(share, 4)
     return summary
 
 

@@ -152,10 +152,10 @@ def probe_scores(model, lorsa, tokenizer=None, n_sequences: int = N_SEQUENCES, l
 
 
 @torch.no_grad()
-def reconstructed_shares(model, lorsa, groups: dict[int, list[int]], tokenizer=None, n_sequences: int = N_SEQUENCES,
-                         length: int = LENGTH, seed: int = 0) -> dict[int, float]:  # fmt: skip
-    """For each host head h of `groups`: how much of its output on the second copy of the probe's sequences the Lorsa
-    heads groups[h] reconstruct together, 1 - sum ||o_h - o_S||^2 / sum ||o_h||^2 (1: all of it; 0: none, or no
+def reconstructed_shares(model, lorsa, groups: list[tuple[int, list[int]]], tokenizer=None,
+                         n_sequences: int = N_SEQUENCES, length: int = LENGTH, seed: int = 0) -> list[float]:  # fmt: skip
+    """For each (host head h, Lorsa heads S) of `groups`, from one run of the probe: how much of h's output on the
+    second copy of the probe's sequences the Lorsa heads S reconstruct together, 1 - sum ||o_h - o_S||^2 / sum ||o_h||^2 (1: all of it; 0: none, or no
     heads). o_h is the host head's output (its exact replica's OV pieces), o_S the Lorsa heads' outputs where they
     fire (no bias), both in the host's units."""
     c = lorsa.config
@@ -176,9 +176,9 @@ def reconstructed_shares(model, lorsa, groups: dict[int, list[int]], tokenizer=N
         return (model_.decode(values, out.top_k_indices) - bias)[:, second].float()
 
     pieces = replica.config.group_size
-    shares = {}
-    for h, heads in groups.items():
+    shares = []
+    for h, heads in groups:
         target = written(replica, host_out, list(range(h * pieces, (h + 1) * pieces)))
         error = target - (written(lorsa, lorsa_out, heads) if heads else 0)
-        shares[h] = 1 - (error.pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)).item()
+        shares.append(1 - (error.pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)).item())
     return shares
