@@ -30,3 +30,12 @@ def resolved(name: str | None) -> str | None:
 def resolved_files(spec: str | None) -> str | None:
     """`resolved` for each name of a comma-separated list of dataset files."""
     return spec if not isinstance(spec, str) else ",".join(resolved(part) for part in spec.split(","))
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """`path` as an absolute path if it exists, else the nearest of its parents that does (where a folder that is
+    still to be made would be created: what its writability and free space are read from)."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return existing

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from ..embedded import MODELS, is_embedded
-from .locations import looks_like_a_path
+from .locations import looks_like_a_path, nearest_existing
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -72,9 +72,7 @@ def check_writable_dir(path: str | Path, option: str) -> None:
     """`path` is (or can become) a folder we can write into: not a file, not under a file, writable."""
     path = Path(path).expanduser().absolute()
     require(not path.exists() or path.is_dir(), f"--{option} {path} is a file; give a folder.")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(path)
     require(existing.is_dir(), f"--{option} {path} lies under {existing}, which is a file; give another folder.")
     try:  # os.access says yes to root on read-only file systems: try for real
         tempfile.TemporaryFile(dir=existing).close()

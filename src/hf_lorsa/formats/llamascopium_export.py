@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..base.locations import nearest_existing
 from ..host.families import input_norm_affine
 from ..model.host_match import check_lorsa_matches
 from ..model.llamascopium import (
@@ -150,9 +151,7 @@ def export_bytes(c, n_ctx: int) -> int:
 
 def check_room(folder: str | Path, size: int) -> None:
     """Refuse, before anything is written, an export the disk under `folder` cannot hold."""
-    existing = Path(folder).expanduser().absolute()
-    while not existing.exists():
-        existing = existing.parent
+    existing = nearest_existing(folder)
     free = shutil.disk_usage(existing).free
     require_that(size < free, f"The export needs {size / 2**30:.2f} GiB and {existing} has {free / 2**30:.2f} GiB "
                               "free; free some space or write elsewhere (a smaller --n_ctx shrinks it).")  # fmt: skip
