@@ -63,12 +63,17 @@ def default_rare_tokens(n_ov_heads: int, top_k: int, tokens_per_step: int) -> in
     return max(tokens_per_step, RARE_INTERVALS * n_ov_heads // top_k)
 
 
+def bound_rows(n_positions: int) -> slice:
+    """At most DENSE_BOUND_ROWS evenly spaced positions of a batch of `n_positions`, that estimate the dense bound."""
+    return slice(None, None, max(1, -(-n_positions // DENSE_BOUND_ROWS)))
+
+
 @torch.no_grad()
 def dense_bound(scores: torch.Tensor, max_frequency: float) -> torch.Tensor:
     """(Hov,) log of the score above which each head fires on DENSE_ROOM x max_frequency of these positions (a head's
-    dense bound is this over the shared threshold): `scores` (N, Hov) the heads' scores before their scales (>= 0).
-    At most DENSE_BOUND_ROWS evenly spaced positions are read. No host sync."""
-    rows = scores[:: max(1, -(-scores.shape[0] // DENSE_BOUND_ROWS))].float()
+    dense bound is this over the shared threshold): `scores` (N, Hov) the heads' scores before their scales (>= 0), at
+    the positions `bound_rows` picks. No host sync."""
+    rows = scores.float()
     k = max(1, round(rows.shape[0] * (1 - DENSE_ROOM * max_frequency)))  # the k-th smallest score passes on the rest
     # just above the k-th smallest score: ties (a window's equal scores) stay out
     quantile = rows.kthvalue(k, dim=0).values * (1 + BOUND_MARGIN)

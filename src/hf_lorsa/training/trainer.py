@@ -24,7 +24,7 @@ from ..host.attention_mask import counted_positions
 from ..host.hooks import collect_layers
 from ..model.configuration_lorsa import LorsaConfig
 from .collapse_guard import CollapseGuard
-from .head_balance import balance_thresholds, dense_bound, follow_bound
+from .head_balance import balance_thresholds, bound_rows, dense_bound, follow_bound
 from .json_logs import JsonLogPrinter, JsonLogProgress, Progress
 from .output_folder import write_run_file
 
@@ -190,7 +190,8 @@ class LorsaTrainer(Trainer):
             scale = lorsa.threshold_scale
             bound = None  # the threshold is learned by now (from K's first batch at its final value)
             if self.max_head_frequency < 1:
-                scores = lorsa.head_scores(out.pre_activations.flatten(0, 1)) * weight
+                rows = bound_rows(weight.shape[0])  # scores only where the bound is read
+                scores = lorsa.head_scores(out.pre_activations.flatten(0, 1)[rows]) * weight[rows]
                 followed = follow_bound(self.dense_bounds[layer], dense_bound(scores, self.max_head_frequency))
                 self.dense_bounds[layer] = followed
                 bound = followed - lorsa.threshold.float().clamp_min(1e-12).log()  # as log scales of the threshold
