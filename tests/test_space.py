@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ import torch
 from conftest import ROOT, STORIES_MODEL, app_config, free_port, require_shared
 from hf_lorsa import LorsaModel, collect
 from hf_lorsa.analysis.inspector import Inspector, InspectorError, describe
+from hf_lorsa.analysis.search import matching_tokens
+from hf_lorsa.host import families
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -43,13 +46,26 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     table = inspector.head_table()
     assert len(table) == 64 and list(table["frequency"]) == sorted(table["frequency"], reverse=True)
     assert set(inspector.head_table(sort_by="head")["head"]) == set(range(64))
-    first = inspector.head_table(sort_by="head").iloc[0]
-    token = first["promotes"].split()[0]
-    assert first["head"] in set(inspector.head_table(token=token)["head"])
-    assert inspector.head_table(token="zzzzqqq").empty
-    promoted = {t.strip().lower() for row in inspector.analysis for t in row["promoted_tokens"]}
-    part = next(t[:-1] for t in sorted(promoted) if len(t) > 2 and t[:-1] not in promoted)
-    assert inspector.head_table(token=part).empty  # whole tokens only: no match inside a longer token
+    # a token search ranks every head by that token's logit (the largest of its forms), above the head's mean logit
+    first = inspector.head(0)
+    token = first["suppressed_tokens"][0].replace("▁", " ").strip()  # head 0 lowers it: not among those found
+    found = inspector.head_table(token=token.upper())
+    forms = [i for i in range(len(stories_tokenizer)) if stories_tokenizer.decode([i]).strip().lower() == token.lower()]
+    logits = families.direct_logits(inspector.model, inspector.lorsa.w_o)
+    expected = (logits[:, forms] - logits.mean(-1, keepdim=True)).amax(-1)
+    order = [h for h in expected.argsort(descending=True, stable=True).tolist() if expected[h] > 0]
+    assert list(found["head"]) == order and 0 not in order and 0 < len(order) < 64
+    assert found["logit of token"].tolist() == pytest.approx(expected[order].tolist(), abs=1e-3)
+    with pytest.raises(InspectorError, match="No token of this model's vocabulary reads 'zzzzqqq'"):
+        inspector.head_table(token="zzzzqqq")
+    assert matching_tokens(["the", "there", "the", "a", ""], " The ") == [0, 2]  # whole tokens, any case or space
+    # the browser gets one page at a time
+    every = inspector.head_table(sort_by="head")
+    with patch("hf_lorsa.analysis.inspector.PAGE_SIZE", 10):
+        shown, caption, number = inspector.head_table_page(every, 2)
+        assert list(shown["head"]) == list(range(10, 20)) and caption == "heads 11-20 of 64 (page 2 of 7)"
+        shown, caption, number = inspector.head_table_page(every, 99)  # past the end: the last page
+        assert list(shown["head"]) == list(range(60, 64)) and number == 7
     html = inspector.contexts_html(3)
     assert 'class="context"' in html and "outline" in html
     samples = inspector.samples_html(3)  # contexts from each range of |z| it reaches, labelled by range
@@ -70,6 +86,14 @@ def test_inspector_views_and_errors(inspector, stories_tokenizer):
     assert analysis.active[0] == [] and all(len(a) == 8 for a in analysis.active[1:])  # BOS skipped, K=8 after
     head, _ = analysis.active[4][0]
     assert "z = " in inspector.text_pattern_html("Once upon a time, there was a little dog.", 4, head)
+    # every head active at a token, with the sources it read: the largest contributions A[q, s] v[s] to its z
+    at = inspector.position_heads("Once upon a time, there was a little dog.", 4)
+    assert list(zip(at["head"], at["activation"])) == [(h, round(v, 4)) for h, v in analysis.active[4]]
+    ids = stories_tokenizer("Once upon a time, there was a little dog.", return_tensors="pt").input_ids
+    z = inspector.lorsa.z_pattern(collect(inspector.model, 2, input_ids=ids).hidden_states, head)[0, 4, :5]
+    source = int(z.abs().argmax())
+    assert at["read from (position token share)"][0].startswith(f"{source} ")
+    assert f"({z[source].item() / z.sum().item():.0%})" in at["read from (position token share)"][0]
     long = inspector.text("word " * 1000)
     assert long.truncated and "truncated" in inspector.text_html(long)
     # heads found by what they do: a probe's score at least x, best first
@@ -175,6 +199,7 @@ def test_space_in_a_real_browser(app_url, inspector):
         rows = table.locator("[role=row]")
         expect(rows).not_to_have_count(0, timeout=30_000)
         expect(table).to_contain_text("frequency")
+        expect(page.locator("#table-caption")).to_contain_text("heads 1-64 of 64 (page 1 of 1)")
         expect(page.locator("#inspector-header")).to_contain_text("host head 2 is a previous-token head")
         for probe in ("induction", "previous_token", "bos"):  # every probe's score is a column
             expect(table).to_contain_text(probe)
@@ -250,7 +275,24 @@ def test_space_in_a_real_browser(app_url, inspector):
         page.locator("#text-position input").fill("5")
         page.locator("#show-zpattern").click()
         expect(page.locator("#text-zpattern")).to_contain_text("Head 3 at token 5 ", timeout=30_000)
+        # and every head active at that token, each with the sources it read; one opens with a click
+        text = "Once upon a time, there was a little girl named Lily."
+        at = inspector.position_heads(text, 5)
+        heads_at = page.locator("#text-position-heads [role=row]")
+        expect(heads_at).to_have_count(len(at) + 1, timeout=30_000)
+        expect(page.locator("#text-position-heads")).to_contain_text(at["read from (position token share)"][0])
         page.screenshot(path=str(ARTIFACTS / "space-your-text.png"), full_page=True)
+        heads_at.nth(1).locator("[role=gridcell]").nth(1).click()
+        expect(page.locator("#head-summary")).to_contain_text(f"Head {at['head'][0]} ", timeout=30_000)
+        page.get_by_role("tab", name="Head browser").click()
+        # a token search: the heads that promote it, ranked by its logit
+        word = inspector.head_table(sort_by="head").iloc[0]["promotes"].split()[0]
+        page.locator("#token-filter textarea, #token-filter input").first.fill(word)
+        page.locator("#token-filter textarea, #token-filter input").first.press("Enter")
+        expect(page.locator("#table-caption")).to_contain_text(
+            f"of {len(inspector.head_table(token=word))} (page 1", timeout=30_000
+        )
+        expect(table).to_contain_text("logit of token")
         browser.close()
     # the app is still serving after the errors, and logged no traceback for them
     assert urllib.request.urlopen(app_url, timeout=5).status == 200
@@ -323,3 +365,32 @@ def test_space_folder_installs_and_starts_in_a_fresh_virtualenv(tmp_path, lorsa_
     where = subprocess.run([str(python), "-c", "import hf_lorsa; print(hf_lorsa.__file__)"], capture_output=True,
                            text=True, cwd=tmp_path, check=True).stdout  # fmt: skip
     assert str(venv) in where
+
+
+def test_a_32768_head_analysis_pages_and_opens_a_head_within_a_second(inspector):
+    """At the size researchers train (32,768 heads): the table goes to the browser a page at a time and a head's
+    page opens in well under a second once the inspector is loaded (it reads one row of the table)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    n = 32_768
+    table = inspector.analysis.data.table.take(pa.array([i % 64 for i in range(n)]))
+    table = table.set_column(table.schema.get_field_index("head"), "head", pa.array(range(n), pa.int64()))
+    analysis = Dataset(table, info=inspector.analysis.info)
+    lorsa = LorsaModel.from_host(inspector.model, 2, n_ov_heads=n, top_k=8)
+    big = Inspector(lorsa, inspector.model, inspector.tokenizer, analysis)
+    start = time.perf_counter()
+    shown, caption, _ = big.head_table_page(big.head_table(sort_by="head"), 300)
+    assert time.perf_counter() - start < 1.0
+    assert (
+        list(shown["head"]) == list(range(29_900, 30_000)) and caption == "heads 29901-30000 of 32768 (page 300 of 328)"
+    )
+    for head in (0, 20_001, n - 1):
+        start = time.perf_counter()
+        views = (big.head_summary(head), big.contexts_html(head), big.samples_html(head), big.pattern_html(head),
+                 big.logit_table(head), big.host_table(head), big.histogram_table(head), big.similar_table(head))  # fmt: skip
+        assert time.perf_counter() - start < 1.0
+        assert views[0].startswith(f"**Head {head}** ") and views[1] == inspector.contexts_html(head % 64)
+    start = time.perf_counter()
+    found = big.head_table(token=inspector.head(0)["promoted_tokens"][0].replace("▁", " "))
+    assert time.perf_counter() - start < 3.0 and len(found) > 64  # every head searched, not the 64 analysed

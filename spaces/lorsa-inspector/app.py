@@ -81,12 +81,18 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
             with gr.Tab("Head browser", id="browser"):
                 with gr.Row():
                     tag = gr.Dropdown(tags, value="any", label="tag", elem_id="tag-filter")
-                    token = gr.Textbox(label="promotes token", placeholder="e.g. the", elem_id="token-filter")
+                    token = gr.Textbox(label="promotes token (heads ranked by its logit)", placeholder="e.g. the",
+                                       elem_id="token-filter")  # fmt: skip
                     sort = gr.Dropdown(sorts, value="frequency", label="sort by", elem_id="sort-by")
                     probe = gr.Dropdown(probes, value="any", label="probe", elem_id="probe-filter")
                     min_score = gr.Slider(0, 1, value=0.5, step=0.05, label="probe score ≥", elem_id="min-score")
                 table = gr.Dataframe(label="heads (click a row to open the head)", interactive=False,
                                      elem_id="head-table")  # fmt: skip
+                with gr.Row():
+                    caption = gr.Markdown(elem_id="table-caption")
+                    previous = gr.Button("◀ previous", elem_id="table-previous", size="sm")
+                    page_number = gr.Number(value=1, precision=0, label="page", elem_id="table-page", minimum=1)
+                    following = gr.Button("next ▶", elem_id="table-next", size="sm")
             with gr.Tab("Head", id="head"):
                 with gr.Row():
                     head = gr.Number(value=0, precision=0, label="head", elem_id="head-number")
@@ -118,11 +124,14 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
                     position = gr.Number(value=0, precision=0, label="token position", elem_id="text-position")
                     zbutton = gr.Button("Show z-pattern", elem_id="show-zpattern")
                 zpattern = gr.HTML(elem_id="text-zpattern")
+                at_token = gr.Dataframe(label="every head active at that token, with the sources it read (click one to "
+                                        "open it)", interactive=False, elem_id="text-position-heads")  # fmt: skip
                 active = gr.HTML(elem_id="text-active")
 
-        @guarded(1)
-        def browse(sub, tag, token, sort, probe, min_score):
-            return inspector(sub).head_table(tag, token or "", sort, probe, min_score)
+        @guarded(3)
+        def browse(sub, tag, token, sort, probe, min_score, page):
+            i = inspector(sub)
+            return i.head_table_page(i.head_table(tag, token or "", sort, probe, min_score), page)
 
         @guarded(8)
         def head_page(sub, h):
@@ -144,23 +153,40 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
         def z_pattern(sub, t, q, h):
             return inspector(sub).text_pattern_html(t, q, h)
 
+        @guarded(1)
+        def heads_at(sub, t, q):
+            return inspector(sub).position_heads(t, q)
+
         def pick_token(sub, t, h, evt: gr.SelectData):
-            return evt.index, z_pattern(sub, t, evt.index, h)
+            return evt.index, z_pattern(sub, t, evt.index, h), heads_at(sub, t, evt.index)
+
+        def first_page(*options):
+            return browse(*options, 1)
+
+        def turn(step):
+            return lambda *options: browse(*options[:-1], (options[-1] or 1) + step)
 
         filters = [layer, tag, token, sort, probe, min_score]
+        listing = [table, caption, page_number]
         for control in (tag, token, sort, probe, min_score):
-            control.change(browse, filters, table)
-        demo.load(browse, filters, table)
+            control.change(first_page, filters, listing)
+        demo.load(first_page, filters, listing)
+        page_number.submit(browse, [*filters, page_number], listing)
+        previous.click(turn(-1), [*filters, page_number], listing)
+        following.click(turn(1), [*filters, page_number], listing)
         if layers:  # another layer: its header and head table
-            layer.change(header_of, layer, header, api_name="pick_layer").then(browse, filters, table)
+            layer.change(header_of, layer, header, api_name="pick_layer").then(first_page, filters, listing)
         page = [summary, contexts, samples, pattern, logits, hosts, histogram, similar]
         table.select(open_row, layer, [head, *page, tabs])
         similar.select(open_row, layer, [head, *page, tabs])
+        at_token.select(open_row, layer, [head, *page, tabs])
         show.click(head_page, [layer, head], page)
         run.click(analyse, [layer, text, text_head], [tokens, active])
         text_head.submit(analyse, [layer, text, text_head], [tokens, active])
-        tokens.select(pick_token, [layer, text, text_head], [position, zpattern])
-        zbutton.click(z_pattern, [layer, text, position, text_head], zpattern)
+        tokens.select(pick_token, [layer, text, text_head], [position, zpattern, at_token])
+        zbutton.click(z_pattern, [layer, text, position, text_head], zpattern).then(
+            heads_at, [layer, text, position], at_token
+        )
     return demo
 
 

@@ -25,10 +25,15 @@ from .analysis import analyze, token_strings
 from .analysis_table import TAGS, load_analysis
 from .head_statistics import histogram_edges
 from .probes import PROBES
+from .search import heads_promoting, vocabulary_texts
 
 logger = logging.getLogger(__name__)
 DEFAULT_CORPUS_SEQUENCES, DEFAULT_CORPUS_LENGTH = 24, 128
 TEXT_LIMIT = 256  # tokens of typed text analysed; longer text is truncated with a notice
+PAGE_SIZE = 100  # rows of the head table sent to the browser at once
+N_SOURCES = 3  # source tokens listed per head active at a token of the user's text
+TABLE_COLUMNS = ["head", "tags", "frequency", "promoted_tokens", "host_heads", "host_shares", "spans_several_host_heads",
+                 "probes"]  # fmt: skip
 
 
 # The library's advice, in the Space's own terms: it takes the host as --model (LORSA_MODEL) and always checks it.
@@ -112,7 +117,9 @@ class Inspector:
             analysis = analyze(model, lorsa, windows, max_tokens, top_n=5, tokenizer=tokenizer, progress=False)
         self.analysis = analysis
         self.meta = json.loads(analysis.info.description or "{}")  # tokens analysed, the probes' host heads
-        self.rows = {row["head"]: row for row in analysis}
+        self.table = _browse_table(analysis)  # the head table's rows, indexed by head; a head's page reads its row
+        self._row_of = {int(h): i for i, h in enumerate(self.table.index)}
+        self._vocabulary: list[str] | None = None
 
     @classmethod
     def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "", gguf_file: str | None = None):
@@ -142,39 +149,51 @@ class Inspector:
 
     def head_table(self, tag: str = "any", token: str = "", sort_by: str = "frequency", probe: str = "any",
                    min_score: float = 0.0) -> pd.DataFrame:  # fmt: skip
-        """One row per head with its probe scores: filtered by tag, by a token among its promoted tokens, and by a
-        probe score of at least `min_score`; sorted by frequency, head or a probe's score (best first)."""
+        """One row per head with its probe scores: filtered by tag and by a probe score of at least `min_score`,
+        sorted by frequency, head or a probe's score (best first). With `token`, only the heads that promote that
+        token (any case, with or without a leading space), ranked by its centred logit (`search.heads_promoting`):
+        every head is searched through its weights, not only the few top tokens the table lists."""
         if probe not in ("", "any", None) and probe not in PROBES:
             raise InspectorError(f"Unknown probe {probe!r}; choose one of {', '.join(PROBES)}.")
+        if sort_by not in ("frequency", "head", *PROBES):
+            raise InspectorError(f"Cannot sort by {sort_by!r}; sort by frequency, head or a probe.")
         try:
             min_score = float(min_score or 0.0)
         except (TypeError, ValueError) as err:
             raise InspectorError("The minimum score must be a number between 0 and 1.") from err
-        rows = []
-        needle = token.strip().lower()
-        for row in self.analysis:
-            promoted = [t.replace("▁", " ").replace("Ġ", " ") for t in row["promoted_tokens"]]
-            if tag not in ("", "any", None) and tag not in row["tags"]:
-                continue
-            if needle and not any(needle == t.strip().lower() for t in promoted):  # whole tokens only
-                continue
-            scores = row.get("probes") or {}
-            if probe in PROBES and (scores.get(probe) is None or scores[probe] < min_score):
-                continue
-            rows.append({
-                "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": round(row["frequency"], 5),
-                **{name: None if scores.get(name) is None else round(scores[name], 3) for name in PROBES},
-                "promotes": " ".join(p.strip() for p in promoted[:5]),
-                "host heads (OV share)": ", ".join(f"{h} ({row['host_shares'][h]:.2f})" for h in row["host_heads"][:2]),
-                "spans several": row["spans_several_host_heads"],
-            })  # fmt: skip
-        columns = ["head", "tags", "frequency", *PROBES, "promotes", "host heads (OV share)", "spans several"]
-        table = pd.DataFrame(rows, columns=columns)
-        if sort_by not in ("frequency", "head", *PROBES):
-            raise InspectorError(f"Cannot sort by {sort_by!r}; sort by frequency, head or a probe.")
-        return table.sort_values(sort_by, ascending=sort_by == "head", kind="stable", na_position="last").reset_index(
-            drop=True
-        )
+        table = self.table
+        if tag not in ("", "any", None):
+            table = table[table["tags"].map(lambda tags: tag in tags.split(", "))]
+        if probe in PROBES:
+            table = table[table[probe].fillna(-1.0) >= min_score]
+        if token and token.strip():
+            if self._vocabulary is None:
+                self._vocabulary = vocabulary_texts(self.tokenizer)
+            try:
+                found = heads_promoting(self.model, self.lorsa, self.tokenizer, token, self._vocabulary)
+            except ValueError as err:
+                raise InspectorError(str(err)) from err
+            found = found[found["head"].isin(table.index)]
+            table = table.loc[found["head"]].assign(**{"logit of token": found["logit"].round(3).to_numpy()})
+        else:
+            table = table.sort_values(sort_by, ascending=sort_by == "head", kind="stable", na_position="last")
+        return table.reset_index(drop=True)
+
+    def head_table_page(self, table: pd.DataFrame, page=1) -> tuple[pd.DataFrame, str, int]:
+        """Page `page` (from 1) of a head table, PAGE_SIZE rows, its caption and the page shown (clamped to the
+        table's pages): the browser gets one page, however many heads the Lorsa has."""
+        try:
+            page = int(page or 1)
+        except (TypeError, ValueError) as err:
+            raise InspectorError("The page must be a number.") from err
+        pages = max(1, -(-len(table) // PAGE_SIZE))
+        page = min(max(page, 1), pages)
+        first = (page - 1) * PAGE_SIZE
+        shown = table.iloc[first : first + PAGE_SIZE]
+        if shown.empty:
+            return shown, "No head matches.", page
+        caption = f"heads {first + 1}-{first + len(shown)} of {len(table)} (page {page} of {pages})"
+        return shown, caption, page
 
     def sort_choices(self) -> list[str]:
         return ["frequency", "head", *PROBES]
@@ -207,11 +226,13 @@ class Inspector:
             index = int(head)
         except (TypeError, ValueError) as err:
             raise InspectorError(f"Head must be a number between 0 and {self.lorsa.config.n_ov_heads - 1}.") from err
-        if index not in self.rows:
+        if index not in self._row_of:
+            if 0 <= index < self.lorsa.config.n_ov_heads:
+                raise InspectorError(f"Head {index} is not in this analysis.")
             raise InspectorError(
                 f"Head {index} does not exist: this Lorsa has heads 0 to {self.lorsa.config.n_ov_heads - 1}."
             )
-        return self.rows[index]
+        return self.analysis[self._row_of[index]]  # one row read from the table: a page opens at once at any size
 
     def head_summary(self, head) -> str:
         row = self.head(head)
@@ -288,10 +309,9 @@ class Inspector:
                                                           row.get("similar_cofiring_jaccard") or [])]  # fmt: skip
         rows = []
         for kind, other, score in found:
-            their = self.rows.get(other, {})
-            rows.append({"head": other, "alike by": kind, "score": round(score, 3),
-                         "tags": ", ".join(their.get("tags", [])) or "-",
-                         "promotes": " ".join(t.strip() for t in their.get("promoted_tokens", [])[:4])})  # fmt: skip
+            their = self.table.loc[other] if other in self._row_of else {}
+            rows.append({"head": other, "alike by": kind, "score": round(score, 3), "tags": their.get("tags", "-"),
+                         "promotes": " ".join(their.get("promotes", "").split()[:4])})  # fmt: skip
         return pd.DataFrame(rows, columns=["head", "alike by", "score", "tags", "promotes"])
 
     def host_table(self, head) -> pd.DataFrame:
@@ -360,12 +380,7 @@ class Inspector:
     def text_pattern_html(self, text: str, token_index, head) -> str:
         row = self.head(head)
         ids, _ = self._encode(text)
-        try:
-            q = int(token_index)
-        except (TypeError, ValueError) as err:
-            raise InspectorError("Pick a token position (a number).") from err
-        if not 0 <= q < ids.shape[1]:
-            raise InspectorError(f"Token position must be between 0 and {ids.shape[1] - 1}.")
+        q = self._position(ids, token_index)
         contributions = self._z_pattern(ids, row["head"])[0, q, : q + 1]  # (S,)
         tokens = token_strings(self.tokenizer, ids[0, : q + 1].tolist())
         z = contributions.sum().item()
@@ -377,6 +392,56 @@ class Inspector:
         return (f"<p>Head {row['head']} at token {q} ({html.escape(tokens[q])!s}): z = {z:.3f}</p>"
                 f"<div class='zpattern'>{spans}</div><table class='sources'><tr><th>source</th><th>token</th>"
                 f"<th>contribution</th><th>share</th></tr>{rows}</table>")  # fmt: skip
+
+    def position_heads(self, text: str, token_index) -> pd.DataFrame:
+        """Every head active at token `token_index` of `text`, strongest first, with the source tokens it read there
+        (its z-pattern's largest contributions A[q, s] v[s] and their shares of z)."""
+        ids, _ = self._encode(text)
+        q = self._position(ids, token_index)
+        active = self.text(text).active[q]
+        rows = []
+        if active:
+            x = self._run(ids)
+            tokens = token_strings(self.tokenizer, ids[0, : q + 1].tolist())
+            for head, value in active:
+                with torch.no_grad():
+                    contributions = self.lorsa.z_pattern(x, head)[0, q, : q + 1]
+                z = contributions.sum().item()
+                top = contributions.abs().argsort(descending=True)[:N_SOURCES].tolist()
+                read = ", ".join(f"{s} {tokens[s].strip() or repr(tokens[s])} ({contributions[s].item() / z:.0%})"
+                                 for s in top) if z else "-"  # fmt: skip
+                rows.append({"head": head, "activation": round(value, 4), "read from (position token share)": read,
+                             "tags": self.table.loc[head, "tags"] if head in self._row_of else "-"})  # fmt: skip
+        return pd.DataFrame(rows, columns=["head", "activation", "read from (position token share)", "tags"])
+
+    def _position(self, ids: torch.Tensor, token_index) -> int:
+        try:
+            q = int(token_index)
+        except (TypeError, ValueError) as err:
+            raise InspectorError("Pick a token position (a number).") from err
+        if not 0 <= q < ids.shape[1]:
+            raise InspectorError(f"Token position must be between 0 and {ids.shape[1] - 1}.")
+        return q
+
+
+def _browse_table(analysis) -> pd.DataFrame:
+    """The head table's columns for every head (indexed by head), read once from the analysis without its contexts."""
+    rows = []
+    for row in analysis.select_columns(TABLE_COLUMNS).to_list():
+        promoted = [t.replace("▁", " ").replace("Ġ", " ").strip() for t in row["promoted_tokens"]]
+        scores = row.get("probes") or {}
+        shares = row["host_shares"]
+        rows.append({
+            "head": row["head"], "tags": ", ".join(row["tags"]) or "-", "frequency": round(row["frequency"], 5),
+            **{name: None if scores.get(name) is None else round(scores[name], 3) for name in PROBES},
+            "promotes": " ".join(promoted[:5]),
+            "host heads (OV share)": ", ".join(f"{h} ({shares[h]:.2f})" for h in row["host_heads"][:2]),
+            "spans several": row["spans_several_host_heads"],
+        })  # fmt: skip
+    columns = ["head", "tags", "frequency", *PROBES, "promotes", "host heads (OV share)", "spans several"]
+    table = pd.DataFrame(rows, columns=columns)
+    table.index = table["head"].to_numpy()
+    return table
 
 
 def heatmap_html(values: torch.Tensor, labels: list[str], title: str) -> str:

@@ -90,15 +90,20 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def direct_logits(model: nn.Module, directions: torch.Tensor) -> torch.Tensor:
+def direct_logits(model: nn.Module, directions: torch.Tensor, tokens: list[int] | None = None,
+                  centred: bool = False) -> torch.Tensor:  # fmt: skip
     """What writing each direction (N, D) into the last residual stream does to the logits: through the final
-    norm's per-channel scale (and a LayerNorm's centring) and the unembedding. (N, V), float32."""
-    W_U = unwrap(model).get_output_embeddings().weight.float()  # (V, D)
+    norm's per-channel scale (and a LayerNorm's centring) and the unembedding. (N, V), or (N, len(tokens)) for the
+    given tokens only, float32. `centred`: minus each direction's mean logit over the vocabulary, which softmax
+    ignores, so that logits of different directions compare."""
+    unembedding = unwrap(model).get_output_embeddings().weight  # (V, D)
+    W_U = (unembedding if tokens is None else unembedding[torch.as_tensor(tokens, device=unembedding.device)]).float()
     norm = get_module(unwrap(model), architecture_of(model).final_norm)
     d = directions.float().to(W_U.device) * probe_norm_scale(norm, directions.shape[-1]).to(W_U.device)
     if "LayerNorm" in type(norm).__name__:
         d = d - d.mean(-1, keepdim=True)
-    return d @ W_U.T
+    logits = d @ W_U.T
+    return logits - d @ unembedding.float().mean(0)[:, None] if centred else logits
 
 
 def backbone(model: nn.Module) -> nn.Module:
