@@ -341,16 +341,17 @@ def _contexts(
         acts = torch.zeros(*out.top_k_indices.shape[:2], c.n_ov_heads, device=device)
         acts.scatter_(-1, out.top_k_indices, out.top_k_values.float())  # (B, T, Hov) after top-k
         v = lorsa.ov_values(x * c.input_norm_factor)  # (B, S, Hov)
+        texts = [token_strings(tokenizer, row.tolist()) for row in ids]  # each window decoded once, for every head
         events = [(row, h, p, slot) for row, w in enumerate(group) for h, p, slot in by_window[w]]
         b, h, p = (torch.tensor(e, device=device) for e in list(zip(*events))[:3])
         for part, rows in lorsa.iter_attention_rows(x, b, h // c.group_size, p):  # only the rows shown
             for (row, head, pos, slot), pattern_row in zip(events[part], rows):
                 per_head[head][slot] = _context(ids[row], acts[row, :, head], pattern_row, v[row, :, head], pos,
-                                                tokenizer)  # fmt: skip
+                                                texts[row])  # fmt: skip
     return per_head
 
 
-def _context(ids, acts, pattern_row, v, position: int, tokenizer) -> dict:
+def _context(ids, acts, pattern_row, v, position: int, texts: list[str]) -> dict:
     lo, hi = max(0, position - CONTEXT_BEFORE), min(len(ids), position + CONTEXT_AFTER + 1)
     contributions = (pattern_row * v).float()  # (S,)
     z = contributions.sum().item()
@@ -358,7 +359,7 @@ def _context(ids, acts, pattern_row, v, position: int, tokenizer) -> dict:
     tokens = ids[lo:hi].tolist()
     return {
         "tokens": tokens,
-        "text": token_strings(tokenizer, tokens),
+        "text": texts[lo:hi],  # as the tokens read in the running text of their window
         "activations": acts[lo:hi].tolist(),
         "position": position - lo,
         "activation": acts[position].item(),
