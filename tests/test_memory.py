@@ -46,3 +46,41 @@ def test_batch_top_k_stays_within_the_same_bound_while_k_anneals():
     # K = 1024: BatchTopK keeps room for 4K = 4096 heads per position and ranks N x 4096 scores for the batch's bar
     extra = extra_memory_mib(1024, act_fn="batchtopk")
     assert extra < 160, extra
+
+
+ANALYSIS_PROBE = """
+import json, resource, sys
+from datasets import load_dataset
+from hf_lorsa import LorsaModel
+from hf_lorsa.analysis.analysis import analyze
+from hf_lorsa.embedded import STORIES_MODEL, STORIES_TEXT
+from hf_lorsa.inputs.activations import pack
+from hf_lorsa.inputs.loading import host_and_tokenizer
+model, tokenizer = host_and_tokenizer(str(STORIES_MODEL), None, "float32", "cpu")
+windows = pack(load_dataset("json", data_files=str(STORIES_TEXT), split="train"), tokenizer, 256)
+lorsa = LorsaModel.from_host(model, 2, n_ov_heads=int(sys.argv[2]), top_k=16)
+lorsa.config.skip_token_ids = [1]
+analyze(model, lorsa, windows, int(sys.argv[1]), tokenizer=tokenizer, progress=False)  # all imported, allocated once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+table = analyze(model, lorsa, windows, int(sys.argv[3]), tokenizer=tokenizer, progress=False)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_mib": (after - before) / 1024, "rows": len(table)}))
+"""
+
+
+def analysis_memory_mib(first: int, heads: int, tokens: int) -> float:
+    """Peak memory (MiB) an analysis of `tokens` tokens adds over one of `first` tokens, in a fresh process."""
+    command = [sys.executable, "-c", ANALYSIS_PROBE, str(first), str(heads), str(tokens)]
+    run = subprocess.run(command, capture_output=True, text=True, check=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["rows"] == heads
+    return result["extra_mib"]
+
+
+def test_analysis_memory_grows_with_heads_not_with_tokens():
+    # What an analysis keeps is per head (its top and sampled events, histogram, contexts), plus the co-firing pairs
+    # of the first COFIRING_POSITIONS (20K) positions: past them, 4x the tokens (24K to 96K) adds next to nothing,
+    # while 4x the heads adds their contexts. BENCHMARKS "Analysis memory" has 16,384 heads over 1M tokens.
+    assert analysis_memory_mib(24_576, 2_048, 98_304) < 30
+    assert analysis_memory_mib(24_576, 2_048, 24_576 // 4) == 0  # nothing new for a smaller run
+    assert analysis_memory_mib(512, 8_192, 24_576) > 100  # the probe sees what does grow

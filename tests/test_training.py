@@ -311,6 +311,47 @@ def test_activation_cache_is_reused_and_checked(tmp_path, monkeypatch):
         train(*parse(short(tmp_path / "c", activation_cache=cache, layer=1, holdout_fraction=0.0)))
 
 
+def test_activation_cache_on_a_full_disk_keeps_nothing(tmp_path, monkeypatch, stories_model):
+    """A disk too small is refused before the host runs; a write that fails anyway removes what it wrote."""
+    import shutil as sh
+
+    import hf_lorsa.inputs.activations as activations
+    from hf_lorsa.inputs.activations import ActivationCache, CacheKey
+
+    key = CacheKey(model="stories", layer=2, dataset="d", text_column="text", context_length=32, dtype="torch.float32",
+                   n_windows=8, seed=0)  # fmt: skip
+    assert ActivationCache.size(key, 64) == 8 * 32 * (8 + 2 * 64 * 4)
+    windows = [{"input_ids": list(range(1, 33))} for _ in range(8)]
+    free = sh.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        activations.shutil, "disk_usage", lambda path: free._replace(free=ActivationCache.size(key, 64) - 1)
+    )
+    monkeypatch.setattr(activations, "collect_to_cpu", lambda *a, **k: pytest.fail("the host ran"))
+    with pytest.raises(ValueError, match=r"needs 0.00 GiB and .* has 0.00 GiB free; free some space"):
+        ActivationCache.build(tmp_path / "cache", key, stories_model, windows, batch_size=2, shard_size=2)
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.undo()
+    written = []
+
+    def fill_the_disk(tensors, path):  # the third shard finds the disk full, half written
+        if len(written) == 2:
+            Path(path).write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        sh.copyfile(__file__, path)
+
+    monkeypatch.setattr(activations, "save_file", fill_the_disk)
+    with pytest.raises(OSError, match=r"failed \(No space left on device\); nothing of it was kept"):
+        ActivationCache.build(tmp_path / "cache", key, stories_model, windows, batch_size=2, shard_size=2)
+    assert len(written) == 2 and not (tmp_path / "cache").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    written.clear()
+    with pytest.raises(OSError, match="nothing of it was kept"):  # a folder the user made stays, with their file
+        ActivationCache.build(tmp_path / "mine", key, stories_model, windows, batch_size=2, shard_size=2)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+
+
 def test_python_entry_point_is_the_same_run(tmp_path):
     import yaml
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,11 @@ from datasets.exceptions import DatasetGenerationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..base.locations import looks_like_a_path
+from ..base.locations import looks_like_a_path, nearest_existing
 from ..base.writing import write_atomically
 from ..embedded import text_location
 from ..host.attention_mask import counted_positions
+from ..host.families import host_config
 from ..host.hooks import collect_to_cpu
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
@@ -215,16 +217,38 @@ class ActivationCache(torch.utils.data.Dataset):
         return True
 
     @staticmethod
+    def size(key: CacheKey, d_model: int) -> int:
+        """Bytes the cache of `key` takes on disk: per position its token id and two d_model vectors."""
+        per_value = torch.empty(0, dtype=getattr(torch, key.dtype.removeprefix("torch."))).element_size()
+        return key.n_windows * key.context_length * (8 + 2 * d_model * per_value)
+
+    @staticmethod
     def build(directory, key: CacheKey, model, windows, batch_size: int, shard_size: int = 256) -> ActivationCache:
-        """Run the host on every window once (up to the layer) and write the shards, then cache.json last."""
+        """Run the host on every window once (up to the layer) and write the shards, then cache.json last. Refused
+        before the host runs when the disk cannot hold it; a write that fails anyway removes every shard written."""
         directory = Path(directory)
+        needed, where = ActivationCache.size(key, host_config(model).hidden_size), nearest_existing(directory)
+        free = shutil.disk_usage(where).free
+        if needed >= free:
+            raise ValueError(f"The activation cache needs {needed / 2**30:.2f} GiB and {where} has {free / 2**30:.2f} "
+                             "GiB free; free some space, choose another --activation_cache folder, or train without "
+                             "one.")  # fmt: skip
+        made = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         shard, count = 0, 0
-        for chunk in batches(windows, shard_size):
-            parts = [collect_to_cpu(model, key.layer, ids) for ids in chunk.split(batch_size)]
-            tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
-            save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
-            shard, count = shard + 1, count + len(chunk)
+        try:
+            for chunk in batches(windows, shard_size):
+                parts = [collect_to_cpu(model, key.layer, ids) for ids in chunk.split(batch_size)]
+                tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
+                save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
+                shard, count = shard + 1, count + len(chunk)
+        except OSError as err:
+            for written in range(shard + 1):
+                (directory / f"shard-{written:05d}.safetensors").unlink(missing_ok=True)
+            if made:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise OSError(f"Writing the activation cache in {directory} failed ({err.strerror or err}); nothing of it "
+                          "was kept. Free some space or choose another --activation_cache folder.") from err  # fmt: skip
         meta = {"key": key.__dict__, "n_windows": count, "shard_size": shard_size}
         write_atomically(directory / "cache.json", json.dumps(meta, indent=2))
         return ActivationCache(directory)
