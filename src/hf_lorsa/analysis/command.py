@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..model.hub import write_card
         from .analysis import analyze, push_analysis, save_analysis  # the heavy part loads once the options are good
 
-        opened, lorsas = open_lorsas(args, [a.subfolder for a, _ in runs])
+        opened, lorsas = open_lorsas(args, [a.subfolder for a, _ in runs], layers_only=True)  # no block above
         for (layer_args, path), lorsa in zip(runs, lorsas):
             result = analyze(opened.host, lorsa, opened.windows, args.max_tokens, args.top_n, args.batch_size,
                              opened.tokenizer, strict=args.strict)  # fmt: skip

@@ -8,6 +8,7 @@ Axes: D d_model, H query heads, Hkv key/value heads, dh head width.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields, replace
 from functools import reduce
 
@@ -69,6 +70,22 @@ def num_layers(model: nn.Module) -> int:
     return len(get_module(unwrap(model), architecture_of(model).layers))
 
 
+def truncated_config(config, n_layers: int):
+    """A copy of a host's config with only its first `n_layers` decoder blocks: a model built or loaded from it has
+    the embeddings, those blocks, the final norm and the unembedding, never the blocks above (their weights in the
+    checkpoint are not read into memory). Per-layer lists (`layer_types`, ...) are cut to match."""
+    config = copy.deepcopy(config)
+    text = text_config(config)
+    full = text.num_hidden_layers
+    if n_layers >= full:
+        return config
+    text.num_hidden_layers = n_layers
+    for name, value in vars(text).items():
+        if "layer" in name and isinstance(value, list) and len(value) == full:
+            setattr(text, name, value[:n_layers])
+    return config
+
+
 def check_layer(model: nn.Module, layer: int) -> None:
     n = num_layers(model)
     if not isinstance(layer, int) or not 0 <= layer < n:
@@ -118,7 +135,11 @@ def input_device(model: nn.Module) -> torch.device:
 
 
 def host_config(model: nn.Module):
-    config = unwrap(model).config
+    return text_config(unwrap(model).config)
+
+
+def text_config(config):
+    """The text part of a host's config (the config itself for a text-only model)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..base.usage import check_model_name, require
 from ..embedded import model_location, text_location
+from ..host.families import text_config, truncated_config
 from ..model import hub
 from ..model.configuration_lorsa import LorsaConfig
 from ..model.modeling_lorsa import LorsaModel
@@ -54,9 +55,10 @@ class Opened:
     source: DataSource
 
 
-def open_lorsa_source(args: LorsaSourceArguments) -> Opened:
+def open_lorsa_source(args: LorsaSourceArguments, up_to_layer: int | None = None) -> Opened:
     """Everything evaluate and analyze read, checked before anything expensive: the Lorsa's config (no weights)
-    resolves the defaults, the text is read (its problems surface before any model loads), then the models."""
+    resolves the defaults, the text is read (its problems surface before any model loads), then the models (the
+    host only up to `up_to_layer` when given: `open_host`)."""
 
     config = LorsaConfig.from_dict(hub.check_lorsa_config(args.lorsa, {"subfolder": args.subfolder}))
     source = data_source(args, config)
@@ -64,17 +66,22 @@ def open_lorsa_source(args: LorsaSourceArguments) -> Opened:
     if source.holdout_fraction:
         text = split_holdout(text, source.holdout_fraction)[1]
     lorsa, host, tokenizer = load_lorsa_and_host(
-        args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device, args.gguf_file
-    )
+        args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device, args.gguf_file,
+        up_to_layer=up_to_layer,
+    )  # fmt: skip
     windows = pack(text, tokenizer, source.context_length, source.text_column, lorsa.config.document_separator)
     return Opened(lorsa, host, tokenizer, windows, source)
 
 
-def open_lorsas(args: LorsaSourceArguments, subfolders: list[str]) -> tuple[Opened, list]:
+def open_lorsas(args: LorsaSourceArguments, subfolders: list[str], layers_only: bool = False) -> tuple[Opened, list]:
     """`open_lorsa_source` for the first of `subfolders` (of --lorsa), and the Lorsas of all of them: the host and
-    the text are read once for every layer of a release."""
+    the text are read once for every layer of a release. `layers_only`: the job reads nothing of the host above
+    the Lorsas' layers (analysis), so the blocks above the deepest are not loaded."""
 
-    opened = open_lorsa_source(dataclasses.replace(args, subfolder=subfolders[0]))
+    deepest = None
+    if layers_only:
+        deepest = max(hub.check_lorsa_config(args.lorsa, {"subfolder": s})["layer"] for s in subfolders)
+    opened = open_lorsa_source(dataclasses.replace(args, subfolder=subfolders[0]), deepest)
     rest = [LorsaModel.from_pretrained(args.lorsa, subfolder=s).to(args.device).eval() for s in subfolders[1:]]
     return opened, [opened.lorsa, *rest]
 
@@ -102,10 +109,10 @@ def data_source(args: LorsaSourceArguments, config) -> DataSource:
 
 def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str | None = None,
                         torch_dtype: str = "float32", device: str = "cpu", gguf_file: str | None = None,
-                        open_host_and_tokenizer=None):  # fmt: skip
-    """The Lorsa, its host model (default: the recorded base model, from its recorded GGUF file if any) and the
-    host's tokenizer. `open_host_and_tokenizer(name, gguf_file, torch_dtype, device)` may replace the opening of
-    the host (the Space shares one host between the layers of a release)."""
+                        open_host_and_tokenizer=None, up_to_layer: int | None = None):  # fmt: skip
+    """The Lorsa, its host model (default: the recorded base model, from its recorded GGUF file if any; only up to
+    `up_to_layer` when given) and the host's tokenizer. `open_host_and_tokenizer(name, gguf_file, torch_dtype,
+    device)` may replace the opening of the host (the Space shares one host between the layers of a release)."""
 
     model = LorsaModel.from_pretrained(lorsa, subfolder=subfolder)
     host_name = model_name_or_path or model.config.base_model_name_or_path
@@ -114,14 +121,18 @@ def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str
         check_model_name(host_name, option="model_name_or_path (the Lorsa's recorded base model)")
         gguf_file = gguf_file or model.config.base_model_gguf_file
     check_gguf_file(host_name, gguf_file)
-    host, tokenizer = (open_host_and_tokenizer or host_and_tokenizer)(host_name, gguf_file, torch_dtype, device)
+    if open_host_and_tokenizer is None:
+        host, tokenizer = host_and_tokenizer(host_name, gguf_file, torch_dtype, device, up_to_layer)
+    else:
+        host, tokenizer = open_host_and_tokenizer(host_name, gguf_file, torch_dtype, device)
     return model.to(device).eval(), host, tokenizer
 
 
-def host_and_tokenizer(name: str, gguf_file: str | None, torch_dtype: str, device: str):
-    """The host in eval mode on `device`, and its tokenizer."""
+def host_and_tokenizer(name: str, gguf_file: str | None, torch_dtype: str, device: str,
+                       up_to_layer: int | None = None):  # fmt: skip
+    """The host in eval mode on `device` (only up to `up_to_layer` when given: `open_host`), and its tokenizer."""
     tokenizer = open_tokenizer(name, gguf_file)
-    return open_host(name, gguf_file, torch_dtype).to(device).eval(), tokenizer
+    return open_host(name, gguf_file, torch_dtype, up_to_layer=up_to_layer).to(device).eval(), tokenizer
 
 
 def check_gguf_file(model_name_or_path: str, gguf_file: str | None) -> None:
@@ -149,12 +160,21 @@ def open_tokenizer(model_name_or_path: str, gguf_file: str | None = None, trust_
 
 
 def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype: str = "float32",
-              device_map: str | None = None, trust_remote_code: bool = False):  # fmt: skip
+              device_map: str | None = None, trust_remote_code: bool = False, up_to_layer: int | None = None):  # fmt: skip
     """The host causal LM, frozen, in eval mode; from a GGUF file through transformers' own GGUF support
-    (dequantised to `torch_dtype`) when `gguf_file` is given."""
-    from transformers import AutoModelForCausalLM
+    (dequantised to `torch_dtype`) when `gguf_file` is given. With `up_to_layer`, only the blocks up to that layer
+    (and the embeddings, final norm and unembedding): for a job that reads no layer above it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if up_to_layer is not None:
+        config = AutoConfig.from_pretrained(model_location(model_name_or_path), trust_remote_code=trust_remote_code,
+                                            **kwargs)  # fmt: skip
+        kwargs["config"] = truncated_config(config, up_to_layer + 1)
+        full = text_config(config).num_hidden_layers
+        if up_to_layer + 1 < full:
+            logger.info("Loading the host's blocks 0-%d of %d: this job reads none above layer %d.", up_to_layer,
+                        full, up_to_layer)  # fmt: skip
     host = AutoModelForCausalLM.from_pretrained(
         model_location(model_name_or_path), dtype=getattr(torch, torch_dtype), device_map=device_map,
         trust_remote_code=trust_remote_code, **kwargs,

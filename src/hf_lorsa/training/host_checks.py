@@ -15,8 +15,11 @@ from .arguments import DEFAULT_CONTEXT, DataArguments, LorsaArguments, tokens_pe
 logger = logging.getLogger(__name__)
 
 
-def check_against_host(model_args: LorsaArguments, data_args: DataArguments, args: TrainingArguments) -> None:
-    """Sizes checked against the host's config (no weights loaded) and the budget."""
+def check_against_host(
+    model_args: LorsaArguments, data_args: DataArguments, args: TrainingArguments
+) -> tuple[list[int], int]:
+    """Sizes checked against the host's config (no weights loaded) and the budget; the layers to train, and the
+    host's number of layers."""
     from transformers import AutoConfig
 
     check_gguf_file(model_args.model_name_or_path, model_args.gguf_file)
@@ -69,3 +72,4 @@ def check_against_host(model_args: LorsaArguments, data_args: DataArguments, arg
         f"--max_tokens {data_args.max_tokens} is smaller than one step ({per_step} tokens = batch_size x "
         "context_length x processes x accumulation); raise the budget or shrink the batch.",
     )
+    return layers, n_layers

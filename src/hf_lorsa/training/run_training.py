@@ -19,7 +19,6 @@ from transformers import TrainingArguments
 from ..base.usage import UsageError
 from ..evaluation.evaluation import evaluate_lorsa
 from ..formats.release import LorsaLayers, write_release_card
-from ..host.families import num_layers
 from ..inputs.activations import (
     CacheKey,
     activation_sample,
@@ -102,16 +101,18 @@ def train_layers(
 ) -> dict[int, LorsaModel]:
     """Run (or resume) a training run: {layer: final Lorsa}, saved in args.output_dir (--layer) or, with --layers,
     in args.output_dir/layer{L} (a release)."""
-    check_against_host(model_args, data_args, args)
+    layers, depth = check_against_host(model_args, data_args, args)
     signature = run_signature(model_args, data_args)
     try:
-        return run(model_args, data_args, args, callbacks, signature)
+        return run(model_args, data_args, args, callbacks, signature, layers, depth)
     finally:  # the folder is free again, whether the run finished or stopped
         if args.should_save:
             output_folder.unlock(args.output_dir)
 
 
-def run(model_args, data_args, args, callbacks, signature: dict) -> dict[int, LorsaModel]:
+def run(
+    model_args, data_args, args, callbacks, signature: dict, layers: list[int], depth: int
+) -> dict[int, LorsaModel]:
     """The run itself, in the output folder it holds (`train_layers`)."""
     folder = claim_output_folder(args, signature)
     if folder.state == "finished":
@@ -127,9 +128,10 @@ def run(model_args, data_args, args, callbacks, signature: dict) -> dict[int, Lo
     separator = document_separator(tokenizer, data_args.document_separator)
     windows, eval_windows = load_windows(data_args, tokenizer, separator, args.seed)
 
-    host = load_host(model_args, args.device)
+    # the training steps read no block of the host above the deepest layer; an evaluation while training runs them
+    partial = args.eval_strategy == "no" and max(layers) + 1 < depth
+    host = load_host(model_args, args.device, max(layers) if partial else None)
     skip = skip_tokens(tokenizer, separator)
-    layers = model_args.layer_list(num_layers(host))
     lorsas = {layer: build_lorsa(model_args, host, skip, separator, layer) for layer in layers}
     if resume:  # the checkpoint's weights are in its own normalisation
         factors = saved_norm_factors(resume)
@@ -151,7 +153,7 @@ def run(model_args, data_args, args, callbacks, signature: dict) -> dict[int, Lo
     if args.should_save:  # until now a refusal left nothing worth keeping: a rerun starts afresh
         output_folder.write_run_file(args.output_dir, signature, "running")
     trainer.train(resume_from_checkpoint=resume)
-    return finish(trainer, model_args, data_args, args, eval_windows, signature)
+    return finish(trainer, model_args, data_args, args, eval_windows, signature, partial)
 
 
 def load_finished(output_dir: str, several: bool) -> dict[int, LorsaModel]:
@@ -214,13 +216,14 @@ def load_windows(data_args: DataArguments, tokenizer, separator: int | None, see
     return windows, eval_windows
 
 
-def load_host(model_args: LorsaArguments, device: torch.device):
+def load_host(model_args: LorsaArguments, device: torch.device, up_to_layer: int | None = None):
+    """The host, frozen, on `device` (or spread by --device_map); only its blocks up to `up_to_layer` when given."""
     dtype = model_args.torch_dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     host = open_host(
         model_args.model_name_or_path, model_args.gguf_file, dtype, model_args.device_map,
-        model_args.trust_remote_code,
+        model_args.trust_remote_code, up_to_layer,
     )  # fmt: skip
     return host.to(device) if model_args.device_map is None else host
 
@@ -304,13 +307,18 @@ def resume_checkpoint(args: TrainingArguments, signature: dict) -> str | None:
     return checkpoint
 
 
-def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict) -> dict[int, LorsaModel]:
+def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, signature: dict,
+           partial_host: bool = False) -> dict[int, LorsaModel]:  # fmt: skip
     """Finalise every Lorsa (into OUTPUT, or OUTPUT/layer{L} with a release card for --layers), record the run as
     finished, and remove the intermediate checkpoints (unless --keep_checkpoints)."""
     trainer.check_finite(weights=True)
     stopped = trainer.collapse_guard.report
     if stopped:
         logger.warning(stopped["message"])
+    if eval_windows is not None and args.should_save and partial_host:
+        # trained on the blocks up to the deepest layer only: the evaluation splices into the whole host
+        trainer.host = None  # the partial host goes first
+        trainer.host = load_host(model_args, args.device)
     finished = {}
     for layer, trained in trainer.lorsas().items():
         where = Path(args.output_dir, layer_folder(layer)) if model_args.several else Path(args.output_dir)
