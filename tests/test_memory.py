@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -52,35 +53,40 @@ ANALYSIS_PROBE = """
 import json, resource, sys
 from datasets import load_dataset
 from hf_lorsa import LorsaModel
+from hf_lorsa.analysis import head_statistics
 from hf_lorsa.analysis.analysis import analyze
 from hf_lorsa.embedded import STORIES_MODEL, STORIES_TEXT
 from hf_lorsa.inputs.activations import pack
 from hf_lorsa.inputs.loading import host_and_tokenizer
+head_statistics.CoFiring.__init__.__defaults__ = (2048,)  # pairs counted over 2K positions, not 20K: a short test
 model, tokenizer = host_and_tokenizer(str(STORIES_MODEL), None, "float32", "cpu")
 windows = pack(load_dataset("json", data_files=str(STORIES_TEXT), split="train"), tokenizer, 256)
 lorsa = LorsaModel.from_host(model, 2, n_ov_heads=int(sys.argv[2]), top_k=16)
 lorsa.config.skip_token_ids = [1]
-analyze(model, lorsa, windows, int(sys.argv[1]), tokenizer=tokenizer, progress=False)  # all imported, allocated once
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-table = analyze(model, lorsa, windows, int(sys.argv[3]), tokenizer=tokenizer, progress=False)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"extra_mib": (after - before) / 1024, "rows": len(table)}))
+peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]
+for tokens in sys.argv[3:]:
+    table = analyze(model, lorsa, windows, int(tokens), tokenizer=tokenizer, progress=False)
+    assert len(table) == lorsa.config.n_ov_heads
+    peaks.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(json.dumps([(b - a) / 1024 for a, b in zip(peaks, peaks[1:])]))
 """
+# glibc's fixed thresholds: freed blocks go back at once, so the peak is what was alive (no reuse noise)
+MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
 
 
-def analysis_memory_mib(first: int, heads: int, tokens: int) -> float:
-    """Peak memory (MiB) an analysis of `tokens` tokens adds over one of `first` tokens, in a fresh process."""
-    command = [sys.executable, "-c", ANALYSIS_PROBE, str(first), str(heads), str(tokens)]
-    run = subprocess.run(command, capture_output=True, text=True, check=True)
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["rows"] == heads
-    return result["extra_mib"]
+def analysis_memory_mib(heads: int, *tokens: int) -> list[float]:
+    """Peak memory (MiB) each analysis of `tokens[i]` tokens adds over the peak before it, in one fresh process."""
+    command = [sys.executable, "-c", ANALYSIS_PROBE, "-", str(heads), *map(str, tokens)]
+    run = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **MALLOC})
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_analysis_memory_grows_with_heads_not_with_tokens():
     # What an analysis keeps is per head (its top and sampled events, histogram, contexts), plus the co-firing pairs
-    # of the first COFIRING_POSITIONS (20K) positions: past them, 4x the tokens (24K to 96K) adds next to nothing,
-    # while 4x the heads adds their contexts. BENCHMARKS "Analysis memory" has 16,384 heads over 1M tokens.
-    assert analysis_memory_mib(24_576, 2_048, 98_304) < 30
-    assert analysis_memory_mib(24_576, 2_048, 24_576 // 4) == 0  # nothing new for a smaller run
-    assert analysis_memory_mib(512, 8_192, 24_576) > 100  # the probe sees what does grow
+    # of the first positions. After a first analysis and a second of as many tokens (which still adds ~25 MiB of
+    # its own), a third of 4x the tokens adds next to nothing, while 4x the heads adds to the first.
+    # BENCHMARKS "Analysis memory" has 16,384 heads over 1M tokens.
+    first, _, more_tokens = analysis_memory_mib(256, 4096, 4096, 16_384)
+    assert more_tokens < 10, more_tokens
+    (more_heads,) = analysis_memory_mib(1024, 4096)
+    assert more_heads > first + 40, (first, more_heads)  # the probe sees what does grow
