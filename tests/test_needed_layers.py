@@ -46,7 +46,7 @@ def whole_host(monkeypatch):
     """Every job loads the whole host, as before only the needed blocks were loaded."""
     opened = loading.open_host
     monkeypatch.setattr(loading, "open_host", lambda *a, up_to_layer=None, **k: opened(*a, **k))
-    monkeypatch.setattr(run_training, "open_host", lambda *a: opened(*a[:5]))
+    monkeypatch.setattr(run_training, "open_host", lambda *a, up_to_layer=None, **k: opened(*a, **k))
 
 
 def test_training_on_the_blocks_up_to_its_layer_is_the_same_run(tmp_path, monkeypatch, caplog):
@@ -57,7 +57,7 @@ def test_training_on_the_blocks_up_to_its_layer_is_the_same_run(tmp_path, monkey
         "report_to": "none", "seed": 3, "disable_tqdm": "true", "use_cpu": "true"}.items()]  # fmt: skip
     loaded = []
     opened = loading.open_host
-    monkeypatch.setattr(run_training, "open_host", lambda *a: loaded.append(a[5]) or opened(*a))
+    monkeypatch.setattr(run_training, "open_host", lambda *a, **k: loaded.append(k["up_to_layer"]) or opened(*a, **k))
     with caplog.at_level(logging.INFO):
         partial = train(*parse([*options, f"--output_dir={tmp_path / 'partial'}"]))
     assert loaded == [1, None]  # blocks 0-1 for the steps, the whole host for the held-out evaluation

@@ -8,11 +8,13 @@ Axes: D d_model, H query heads, Hkv key/value heads, dh head width.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, fields, replace
 from functools import reduce
 
 import torch
+from accelerate.utils import align_module_device, has_offloaded_params
 from torch import nn
 
 
@@ -70,6 +72,28 @@ def num_layers(model: nn.Module) -> int:
     return len(get_module(unwrap(model), architecture_of(model).layers))
 
 
+@contextlib.contextmanager
+def weights_in_memory(model: nn.Module, *modules: nn.Module):
+    """Inside the block, the weights of `modules` are real tensors on their execution device even where accelerate
+    offloaded them to the CPU or disk (`device_map`): each offloaded unit holding them (the module itself, its parts,
+    or the nearest whole it belongs to) is brought in, then offloaded again. A no-op for a model in memory."""
+    root = unwrap(model)
+    names = {id(module): name for name, module in root.named_modules()}
+    owners = {}
+    for module in modules:
+        owners.update({id(part): part for part in module.modules() if has_offloaded_params(part)})
+        parts = names[id(module)].split(".") if names[id(module)] else []
+        for i in range(len(parts) - 1, -1, -1):
+            whole = get_module(root, ".".join(parts[:i]))
+            if has_offloaded_params(whole):
+                owners[id(whole)] = whole
+                break
+    with contextlib.ExitStack() as stack:
+        for owner in owners.values():
+            stack.enter_context(align_module_device(owner))
+        yield
+
+
 def truncated_config(config, n_layers: int):
     """A copy of a host's config with only its first `n_layers` decoder blocks: a model built or loaded from it has
     the embeddings, those blocks, the final norm and the unembedding, never the blocks above (their weights in the
@@ -113,14 +137,17 @@ def direct_logits(model: nn.Module, directions: torch.Tensor, tokens: list[int] 
     norm's per-channel scale (and a LayerNorm's centring) and the unembedding. (N, V), or (N, len(tokens)) for the
     given tokens only, float32. `centred`: minus each direction's mean logit over the vocabulary, which softmax
     ignores, so that logits of different directions compare."""
-    unembedding = unwrap(model).get_output_embeddings().weight  # (V, D)
-    W_U = (unembedding if tokens is None else unembedding[torch.as_tensor(tokens, device=unembedding.device)]).float()
+    output = unwrap(model).get_output_embeddings()
     norm = get_module(unwrap(model), architecture_of(model).final_norm)
-    d = directions.float().to(W_U.device) * probe_norm_scale(norm, directions.shape[-1]).to(W_U.device)
-    if "LayerNorm" in type(norm).__name__:
-        d = d - d.mean(-1, keepdim=True)
-    logits = d @ W_U.T
-    return logits - d @ unembedding.float().mean(0)[:, None] if centred else logits
+    with weights_in_memory(model, output, norm):  # offloaded weights are brought in to be read
+        unembedding = output.weight  # (V, D)
+        W_U = unembedding if tokens is None else unembedding[torch.as_tensor(tokens, device=unembedding.device)]
+        W_U = W_U.float()
+        d = directions.float().to(W_U.device) * probe_norm_scale(norm, directions.shape[-1]).to(W_U.device)
+        if "LayerNorm" in type(norm).__name__:
+            d = d - d.mean(-1, keepdim=True)
+        logits = d @ W_U.T
+        return logits - d @ unembedding.float().mean(0)[:, None] if centred else logits
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -130,8 +157,14 @@ def backbone(model: nn.Module) -> nn.Module:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where the model's token ids go: its input embedding's device (the first one under a device_map)."""
-    return unwrap(model).get_input_embeddings().weight.device
+    """Where the model's token ids go: its input embedding's device (the first one under a device_map; where it runs
+    when accelerate offloads it to the CPU or disk)."""
+    embedding = unwrap(model).get_input_embeddings()
+    for module in (embedding, unwrap(model)):
+        running = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+        if running is not None:
+            return torch.device(running)
+    return embedding.weight.device
 
 
 def host_config(model: nn.Module):
@@ -216,9 +249,15 @@ def input_norm_affine(model: nn.Module, layer: int) -> tuple[torch.Tensor, torch
 
 
 def read_attention(model: nn.Module, layer: int) -> HostAttention:
-    """The weights of layer `layer`'s attention, whatever the family's projection layout."""
-    arch = architecture_of(model)
+    """The weights of layer `layer`'s attention, whatever the family's projection layout (offloaded weights are
+    brought in while they are read)."""
     attn = get_module(unwrap(model), attention_path(model, layer))
+    with weights_in_memory(model, attn):
+        return _read_attention(model, attn)
+
+
+def _read_attention(model: nn.Module, attn: nn.Module) -> HostAttention:
+    arch = architecture_of(model)
     cfg = host_config(model)
     D = cfg.hidden_size
     H = cfg.num_attention_heads
@@ -290,7 +329,9 @@ def fingerprint(model: nn.Module, layer: int) -> dict[str, list[float]]:
     equal weights."""
     attn = get_module(unwrap(model), attention_path(model, layer))
     prints = {}
-    for name, param in attn.named_parameters():
+    with weights_in_memory(model, attn):
+        named = [(name, param.detach().cpu()) for name, param in attn.named_parameters()]
+    for name, param in named:
         if "lora_" in name:
             continue
         flat = param.detach().flatten()

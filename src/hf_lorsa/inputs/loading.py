@@ -67,7 +67,7 @@ def open_lorsa_source(args: LorsaSourceArguments, up_to_layer: int | None = None
         text = split_holdout(text, source.holdout_fraction)[1]
     lorsa, host, tokenizer = load_lorsa_and_host(
         args.lorsa, args.subfolder, args.model_name_or_path, args.torch_dtype, args.device, args.gguf_file,
-        up_to_layer=up_to_layer,
+        up_to_layer=up_to_layer, placement=args.placement,
     )  # fmt: skip
     windows = pack(text, tokenizer, source.context_length, source.text_column, lorsa.config.document_separator)
     return Opened(lorsa, host, tokenizer, windows, source)
@@ -109,9 +109,10 @@ def data_source(args: LorsaSourceArguments, config) -> DataSource:
 
 def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str | None = None,
                         torch_dtype: str = "float32", device: str = "cpu", gguf_file: str | None = None,
-                        open_host_and_tokenizer=None, up_to_layer: int | None = None):  # fmt: skip
+                        open_host_and_tokenizer=None, up_to_layer: int | None = None,
+                        placement: dict | None = None):  # fmt: skip
     """The Lorsa, its host model (default: the recorded base model, from its recorded GGUF file if any; only up to
-    `up_to_layer` when given) and the host's tokenizer. `open_host_and_tokenizer(name, gguf_file, torch_dtype,
+    `up_to_layer` when given; spread or offloaded by `placement`: `base.placement`) and the host's tokenizer. `open_host_and_tokenizer(name, gguf_file, torch_dtype,
     device)` may replace the opening of the host (the Space shares one host between the layers of a release)."""
 
     model = LorsaModel.from_pretrained(lorsa, subfolder=subfolder)
@@ -122,17 +123,20 @@ def load_lorsa_and_host(lorsa: str, subfolder: str = "", model_name_or_path: str
         gguf_file = gguf_file or model.config.base_model_gguf_file
     check_gguf_file(host_name, gguf_file)
     if open_host_and_tokenizer is None:
-        host, tokenizer = host_and_tokenizer(host_name, gguf_file, torch_dtype, device, up_to_layer)
+        host, tokenizer = host_and_tokenizer(host_name, gguf_file, torch_dtype, device, up_to_layer, placement)
     else:
         host, tokenizer = open_host_and_tokenizer(host_name, gguf_file, torch_dtype, device)
     return model.to(device).eval(), host, tokenizer
 
 
 def host_and_tokenizer(name: str, gguf_file: str | None, torch_dtype: str, device: str,
-                       up_to_layer: int | None = None):  # fmt: skip
-    """The host in eval mode on `device` (only up to `up_to_layer` when given: `open_host`), and its tokenizer."""
+                       up_to_layer: int | None = None, placement: dict | None = None):  # fmt: skip
+    """The host in eval mode on `device`, or where `placement` (`base.placement`) puts it (only up to `up_to_layer`
+    when given: `open_host`), and its tokenizer."""
     tokenizer = open_tokenizer(name, gguf_file)
-    return open_host(name, gguf_file, torch_dtype, up_to_layer=up_to_layer).to(device).eval(), tokenizer
+    placement = placement or {}
+    host = open_host(name, gguf_file, torch_dtype, up_to_layer=up_to_layer, **placement)
+    return (host if placement else host.to(device)).eval(), tokenizer
 
 
 def check_gguf_file(model_name_or_path: str, gguf_file: str | None) -> None:
@@ -160,10 +164,12 @@ def open_tokenizer(model_name_or_path: str, gguf_file: str | None = None, trust_
 
 
 def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype: str = "float32",
-              device_map: str | None = None, trust_remote_code: bool = False, up_to_layer: int | None = None):  # fmt: skip
+              device_map: str | None = None, trust_remote_code: bool = False, up_to_layer: int | None = None,
+              max_memory: dict | None = None, offload_folder: str | None = None):  # fmt: skip
     """The host causal LM, frozen, in eval mode; from a GGUF file through transformers' own GGUF support
     (dequantised to `torch_dtype`) when `gguf_file` is given. With `up_to_layer`, only the blocks up to that layer
-    (and the embeddings, final norm and unembedding): for a job that reads no layer above it."""
+    (and the embeddings, final norm and unembedding): for a job that reads no layer above it. `device_map`,
+    `max_memory` and `offload_folder` are accelerate's big-model loading (`base.placement`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -177,7 +183,7 @@ def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype
                         full, up_to_layer)  # fmt: skip
     host = AutoModelForCausalLM.from_pretrained(
         model_location(model_name_or_path), dtype=getattr(torch, torch_dtype), device_map=device_map,
-        trust_remote_code=trust_remote_code, **kwargs,
+        max_memory=max_memory, offload_folder=offload_folder, trust_remote_code=trust_remote_code, **kwargs,
     )  # fmt: skip
     host.requires_grad_(False)
     return host.eval()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..base.locations import looks_like_a_path, resolved, resolved_files
+from ..base.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, check_placement, placement
 from ..base.usage import DTYPES, UsageError, check_int, check_model_name, check_writable_dir, require
 
 
@@ -38,6 +39,9 @@ class LorsaSourceArguments:
     batch_size: int = field(default=8, metadata={"help": "windows per forward pass"})
     torch_dtype: str = field(default="float32", metadata={"help": "host dtype: float32, bfloat16 or float16"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (None: cuda when available)"})
+    device_map: str | None = field(default=None, metadata={"help": DEVICE_MAP_HELP})
+    max_memory: str | None = field(default=None, metadata={"help": MAX_MEMORY_HELP})
+    offload_folder: str | None = field(default=None, metadata={"help": OFFLOAD_HELP})
     strict: bool = field(
         default=True, metadata={"help": "refuse a host other than the one the Lorsa was made from (--no_strict)"}
     )
@@ -57,6 +61,7 @@ class LorsaSourceArguments:
         check_int("max_tokens", self.max_tokens)
         check_int("batch_size", self.batch_size)
         require(self.torch_dtype in DTYPES[1:], f"--torch_dtype must be one of {DTYPES[1:]}, got {self.torch_dtype!r}.")
+        check_placement(self.device_map, self.max_memory, self.offload_folder)
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -69,6 +74,11 @@ class LorsaSourceArguments:
             )
             require(device.index is None or device.index < torch.cuda.device_count(),
                     f"--device {self.device}: this machine has {torch.cuda.device_count()} GPUs.")  # fmt: skip
+
+    @property
+    def placement(self) -> dict:
+        """`from_pretrained`'s keywords for --device_map, --max_memory and --offload_folder ({} without them)."""
+        return placement(self.device_map, self.max_memory, self.offload_folder)
 
     @property
     def lorsa_dir(self) -> Path:

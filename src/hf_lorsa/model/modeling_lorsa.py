@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from ..base.usage import is_int
+from ..host import families
 from ..host.attention_mask import attention_bias, needs_mask, positions_from_mask
 from ..kernels.blocked_projection import project_positions_last
 from ..kernels.causal_attention import causal_attention
@@ -127,7 +128,7 @@ class LorsaModel(LorsaPreTrainedModel):
         """
         lorsa = cls(LorsaConfig.from_host(model, layer, **sizes))
         initialize_from_host(lorsa, model, layer, seed, head_weights)
-        return lorsa.to(next(model.parameters()).device)
+        return lorsa.to(families.input_device(model))  # where the host runs (its first device under a device_map)
 
     # ---- Hub -----------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..base.locations import resolved, resolved_files
+from ..base.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, check_placement
 from ..base.usage import (
     UsageError,
     check_float,
@@ -83,11 +84,14 @@ class LorsaArguments:
     )
     norm_ratio: float = field(default=4.0, metadata={"help": "start each head at ||w_v|| / ||w_o|| = this (0: off)"})
     torch_dtype: str = field(default="auto", metadata={"help": "host dtype: auto (bf16 on GPU), float32, ..."})
-    device_map: str | None = field(default=None, metadata={"help": "'auto' spreads a large host over devices"})
+    device_map: str | None = field(default=None, metadata={"help": DEVICE_MAP_HELP})
+    max_memory: str | None = field(default=None, metadata={"help": MAX_MEMORY_HELP})
+    offload_folder: str | None = field(default=None, metadata={"help": OFFLOAD_HELP})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow the host's own code (off)"})
 
     def __post_init__(self):
         check_model_name(self.model_name_or_path)
+        check_placement(self.device_map, self.max_memory, self.offload_folder)
         self.model_name_or_path = resolved(self.model_name_or_path)  # recorded with the Lorsa: valid from anywhere
 
         check_layer_options(self.layer, self.layers)
@@ -371,7 +375,11 @@ def _coerce(f: dataclasses.Field, value):
 
 def run_signature(model_args: LorsaArguments, data_args: DataArguments) -> dict:
     """What must match for a folder to continue a run (logging, budget and resume options may change)."""
-    keep = {k: v for k, v in dataclasses.asdict(model_args).items() if k not in ("device_map",)}
+    keep = {
+        k: v
+        for k, v in dataclasses.asdict(model_args).items()
+        if k not in ("device_map", "max_memory", "offload_folder")
+    }
     data = {k: v for k, v in dataclasses.asdict(data_args).items() if k not in ("eval_tokens", "max_tokens")}
     return {"lorsa": keep, "data": data}
 

@@ -16,9 +16,11 @@ import torch
 from datasets import IterableDataset
 from transformers import TrainingArguments
 
+from ..base.placement import placement
 from ..base.usage import UsageError
 from ..evaluation.evaluation import evaluate_lorsa
 from ..formats.release import LorsaLayers, write_release_card
+from ..host import families
 from ..inputs.activations import (
     CacheKey,
     activation_sample,
@@ -221,11 +223,10 @@ def load_host(model_args: LorsaArguments, device: torch.device, up_to_layer: int
     dtype = model_args.torch_dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
-    host = open_host(
-        model_args.model_name_or_path, model_args.gguf_file, dtype, model_args.device_map,
-        model_args.trust_remote_code, up_to_layer,
-    )  # fmt: skip
-    return host.to(device) if model_args.device_map is None else host
+    spread = placement(model_args.device_map, model_args.max_memory, model_args.offload_folder)
+    host = open_host(model_args.model_name_or_path, model_args.gguf_file, dtype, trust_remote_code=model_args.trust_remote_code,
+                     up_to_layer=up_to_layer, **spread)  # fmt: skip
+    return host if spread else host.to(device)
 
 
 def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: int | None, layer: int) -> LorsaModel:
@@ -237,7 +238,7 @@ def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: in
         config = LorsaConfig.from_host(host, layer, topk_rule=model_args.topk_rule, act_fn=model_args.act_fn, **sizes)
         lorsa = LorsaModel(config)
         if model_args.init == "host":
-            lorsa.to(next(host.parameters()).device)  # where from_host would put it, for the calibration
+            lorsa.to(families.input_device(host))  # where from_host would put it, for the calibration
     lorsa.config.base_model_name_or_path = model_args.model_name_or_path
     lorsa.config.base_model_gguf_file = model_args.gguf_file
     lorsa.config.skip_token_ids = skip
