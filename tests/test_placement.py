@@ -3,14 +3,17 @@ evaluate, analyze and training, with the results of the host in memory."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from conftest import SMOLLM2, SMOLLM2_GGUF, STORIES_DATA, require_shared
+from conftest import ROOT, SMOLLM2, SMOLLM2_GGUF, STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.analysis.analysis import analyze
+from hf_lorsa.analysis.inspector import Inspector
 from hf_lorsa.base.placement import parse_max_memory, placement
 from hf_lorsa.base.usage import UsageError
 from hf_lorsa.evaluation.evaluation import evaluate_lorsa
@@ -76,3 +79,20 @@ def test_training_on_an_offloaded_host_is_the_same_run(tmp_path):
     assert any((tmp_path / "offload").iterdir())  # blocks went to disk
     for name, value in memory.state_dict().items():
         torch.testing.assert_close(disk.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_the_space_reads_an_offloaded_host(tmp_path, stories_model):
+    require_shared()
+    lorsa = LorsaModel.from_host(stories_model, 2, n_ov_heads=64, top_k=8)
+    lorsa.config.base_model_name_or_path, lorsa.config.skip_token_ids = str(STORIES_MODEL), [1]
+    lorsa.save_pretrained(tmp_path / "lorsa")
+    memory = Inspector.load(str(tmp_path / "lorsa"))
+    disk = Inspector.load(str(tmp_path / "lorsa"), spread=("auto", "cpu=200KB", str(tmp_path / "offload")))
+    assert set(disk.model.hf_device_map.values()) == {"disk"}
+    assert disk.head_table().equals(memory.head_table())
+    text = "Once upon a time, there was a little dog."
+    assert disk.text(text) == memory.text(text) and disk.position_heads(text, 4).equals(memory.position_heads(text, 4))
+    app = ROOT / "spaces" / "lorsa-inspector" / "app.py"
+    refused = subprocess.run([sys.executable, str(app), "--lorsa", str(tmp_path / "lorsa"), "--max_memory", "cpu=lots"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and "'lots' is not a size" in refused.stderr

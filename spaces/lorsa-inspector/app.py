@@ -17,6 +17,7 @@ import gradio as gr
 from transformers import HfArgumentParser
 
 from hf_lorsa.analysis.inspector import InspectorError, cached_inspector, describe, release_subfolders
+from hf_lorsa.base.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, check_placement
 
 CSS = """
 .tok { white-space: pre; font-family: monospace; }
@@ -49,11 +50,13 @@ def guarded(n_outputs: int):
     return wrap
 
 
-def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None) -> gr.Blocks:
+def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None,
+          spread: tuple = (None, None, None)) -> gr.Blocks:  # fmt: skip
+    """The page; `spread`: the host's (device_map, max_memory, offload_folder), for a host larger than memory."""
     layers = release_subfolders(lorsa_id, subfolder)  # a release: one Lorsa per layer, picked in the page
 
     def inspector(sub: str):
-        return cached_inspector(lorsa_id, model_id, sub, gguf_file)
+        return cached_inspector(lorsa_id, model_id, sub, gguf_file, spread)
 
     def header_of(sub: str) -> str:
         try:
@@ -225,6 +228,18 @@ class SpaceArguments:
         default_factory=lambda: os.environ.get("LORSA_GGUF_FILE"),
         metadata={"help": "GGUF file of the host model (LORSA_GGUF_FILE; None: the Lorsa's recorded one)"},
     )
+    device_map: str | None = field(
+        default_factory=lambda: os.environ.get("LORSA_DEVICE_MAP"),
+        metadata={"help": f"{DEVICE_MAP_HELP} (LORSA_DEVICE_MAP)"},
+    )
+    max_memory: str | None = field(
+        default_factory=lambda: os.environ.get("LORSA_MAX_MEMORY"),
+        metadata={"help": f"{MAX_MEMORY_HELP} (LORSA_MAX_MEMORY)"},
+    )
+    offload_folder: str | None = field(
+        default_factory=lambda: os.environ.get("LORSA_OFFLOAD_FOLDER"),
+        metadata={"help": f"{OFFLOAD_HELP} (LORSA_OFFLOAD_FOLDER)"},
+    )
 
 
 def main() -> None:
@@ -232,8 +247,13 @@ def main() -> None:
     (args,) = parser.parse_args_into_dataclasses()
     if not args.lorsa:
         parser.error("give --lorsa or set LORSA_ID")
+    spread = (args.device_map, args.max_memory, args.offload_folder)
+    try:
+        check_placement(*spread)
+    except ValueError as err:
+        parser.error(str(err))
     check_port()
-    build(args.lorsa, args.model, args.subfolder, args.gguf_file).queue().launch(css=CSS)
+    build(args.lorsa, args.model, args.subfolder, args.gguf_file, spread).queue().launch(css=CSS)
 
 
 if __name__ == "__main__":

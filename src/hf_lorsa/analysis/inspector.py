@@ -17,6 +17,7 @@ from functools import lru_cache
 import pandas as pd
 import torch
 
+from ..base.placement import placement
 from ..host.hooks import collect
 from ..inputs.loading import host_and_tokenizer, load_lorsa_and_host
 from ..model.files import LAYER_FOLDER, checked_release_layers
@@ -122,11 +123,17 @@ class Inspector:
         self._vocabulary: list[str] | None = None
 
     @classmethod
-    def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "", gguf_file: str | None = None):
+    def load(cls, lorsa_id: str, model_id: str | None = None, subfolder: str = "", gguf_file: str | None = None,
+             spread: tuple = (None, None, None)):  # fmt: skip
+        """The inspector of a Lorsa with its host (shared with the other layers of a release); `spread`: the host's
+        (--device_map, --max_memory, --offload_folder), for a host larger than memory (`base.placement`)."""
+
+        def open_host(name, gguf, dtype, device):
+            return _shared_host(name, gguf, dtype, device, tuple(spread))
 
         try:
             lorsa, model, tokenizer = load_lorsa_and_host(lorsa_id, subfolder, model_id, gguf_file=gguf_file,
-                                                          open_host_and_tokenizer=_shared_host)  # fmt: skip
+                                                          open_host_and_tokenizer=open_host)  # fmt: skip
         except (OSError, ValueError) as err:
             raise InspectorError(
                 f"Could not load the Lorsa {lorsa_id!r} with its model: {space_wording(str(err))}"
@@ -462,22 +469,24 @@ _LOADING = threading.RLock()
 _HOST_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # host model -> the lock of its forward passes
 
 
-def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None):
+def cached_inspector(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: str | None = None,
+                     spread: tuple = (None, None, None)):  # fmt: skip
     """Inspectors are shared between sessions: loading is the slow part (and happens once)."""
     with _LOADING:
-        return _load_inspector(lorsa_id, model_id or None, subfolder, gguf_file or None)
+        return _load_inspector(lorsa_id, model_id or None, subfolder, gguf_file or None, tuple(spread))
 
 
 @lru_cache(maxsize=2)
-def _shared_host(name: str, gguf_file: str | None, torch_dtype: str, device: str):
+def _shared_host(name: str, gguf_file: str | None, torch_dtype: str, device: str, spread: tuple):
     """One copy of a host for every inspector that reads it (the layers of a release)."""
 
-    return host_and_tokenizer(name, gguf_file, torch_dtype, device)
+    return host_and_tokenizer(name, gguf_file, torch_dtype, device, placement=placement(*spread))
 
 
 @lru_cache(maxsize=4)
-def _load_inspector(lorsa_id: str, model_id: str | None, subfolder: str, gguf_file: str | None) -> Inspector:
-    return Inspector.load(lorsa_id, model_id, subfolder, gguf_file)
+def _load_inspector(lorsa_id: str, model_id: str | None, subfolder: str, gguf_file: str | None,
+                    spread: tuple) -> Inspector:  # fmt: skip
+    return Inspector.load(lorsa_id, model_id, subfolder, gguf_file, spread)
 
 
 def release_subfolders(lorsa_id: str, subfolder: str = "") -> list[str]:
