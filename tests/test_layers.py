@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import STORIES_MODEL, require_shared
+from conftest import STORIES_DATA, STORIES_MODEL, require_shared
 from hf_lorsa import LorsaModel
 from hf_lorsa.base.usage import UsageError, parse_layers
 from hf_lorsa.training.run_training import parse, train, train_layers
@@ -100,7 +100,6 @@ def test_layer_lists_parse_and_bad_ones_name_the_problem():
         (["--layers=2,2"], "more than once"),
         (["--layers=1,9"], r"layer\(s\) \[9\] do not exist; the model has layers 0-4"),
         (["--layers="], "is not a layer"),
-        (["--layers=2,3", "--activation_cache=CACHE"], "drop --activation_cache"),
         (
             ["--layers=all", "--expansion_factor=1000000"],
             r"5 Lorsa\(s\) of .* parameters need about \d+.\d GiB .* more than",
@@ -110,10 +109,36 @@ def test_layer_lists_parse_and_bad_ones_name_the_problem():
 def test_bad_layer_options_fail_before_any_model_loads(tmp_path, no_model_loading, argv, message):  # noqa: F811
     require_shared()
     base = [o for o in options(tmp_path / "out") if not o.startswith("--layer=")]
-    argv = [a.replace("CACHE", str(tmp_path / "cache")) for a in argv]
     with pytest.raises(UsageError, match=message):
         train_layers(*parse(base + argv))
     assert not (tmp_path / "out").exists()
+
+
+def test_one_host_pass_cached_for_several_layers_serves_every_lorsa_of_them(tmp_path, monkeypatch):
+    """Activations once, dictionaries many: a cache of layers 2 and 3 trains them together, then layer 3 alone at
+    another size, without running the host for a step; the same Lorsas as without the cache."""
+    require_shared()
+    cache, data = tmp_path / "cache", tmp_path / "stories.jsonl"
+    data.write_text("".join(Path(STORIES_DATA).read_text().splitlines(keepends=True)[:200]))
+    short = {"dataset": data, "holdout_fraction": 0.0, "max_tokens": 256 * 4}
+    joint = train_layers(*parse(several(tmp_path / "joint", activation_cache=cache, **short)))
+    assert sorted(json.loads((cache / "cache.json").read_text())["key"]["layers"]) == [2, 3]
+    import hf_lorsa.training.trainer as training
+
+    real = training.collect_layers
+    monkeypatch.setattr(training, "collect_layers", lambda *a, **k: pytest.fail("a step ran the host"))
+    bigger = {**short, "expansion_factor": 4}
+    alone = train(*parse(options(tmp_path / "alone", layer=3, activation_cache=cache, **bigger)))
+    monkeypatch.setattr(training, "collect_layers", real)
+    without = train_layers(*parse(several(tmp_path / "without", **short)))
+    for layer in (2, 3):
+        for name, value in without[layer].state_dict().items():
+            torch.testing.assert_close(joint[layer].state_dict()[name], value, atol=1e-6, rtol=0)
+    reference = train(*parse(options(tmp_path / "reference", layer=3, **bigger)))
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(alone.state_dict()[name], value, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"made for other settings \{'layers': \(\[2, 3\], \[1, 2\]\)\}"):
+        train_layers(*parse(several(tmp_path / "other", layers="1,2", activation_cache=cache, **short)))
 
 
 def test_a_release_given_where_one_lorsa_is_expected_and_the_reverse(tmp_path):

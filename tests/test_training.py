@@ -318,15 +318,15 @@ def test_activation_cache_on_a_full_disk_keeps_nothing(tmp_path, monkeypatch, st
     import hf_lorsa.inputs.activations as activations
     from hf_lorsa.inputs.activations import ActivationCache, CacheKey
 
-    key = CacheKey(model="stories", layer=2, dataset="d", text_column="text", context_length=32, dtype="torch.float32",
-                   n_windows=8, seed=0)  # fmt: skip
+    key = CacheKey(model="stories", layers=[2], dataset="d", text_column="text", context_length=32,
+                   dtype="torch.float32", n_windows=8, seed=0)  # fmt: skip
     assert ActivationCache.size(key, 64) == 8 * 32 * (8 + 2 * 64 * 4)
     windows = [{"input_ids": list(range(1, 33))} for _ in range(8)]
     free = sh.disk_usage(tmp_path)
     monkeypatch.setattr(
         activations.shutil, "disk_usage", lambda path: free._replace(free=ActivationCache.size(key, 64) - 1)
     )
-    monkeypatch.setattr(activations, "collect_to_cpu", lambda *a, **k: pytest.fail("the host ran"))
+    monkeypatch.setattr(activations, "collect_layers", lambda *a, **k: pytest.fail("the host ran"))
     with pytest.raises(ValueError, match=r"needs 0.00 GiB and .* has 0.00 GiB free; free some space"):
         ActivationCache.build(tmp_path / "cache", key, stories_model, windows, batch_size=2, shard_size=2)
     assert not (tmp_path / "cache").exists()

@@ -24,7 +24,7 @@ from ..base.writing import write_atomically
 from ..embedded import text_location
 from ..host.attention_mask import counted_positions
 from ..host.families import host_config
-from ..host.hooks import collect_to_cpu
+from ..host.hooks import collect_layers, collect_to_cpu
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
@@ -168,7 +168,7 @@ class CacheKey:
     """What a cache of activations was computed from; a cache is reused only when all of it matches."""
 
     model: str
-    layer: int
+    layers: list[int]
     dataset: str
     text_column: str
     context_length: int
@@ -182,12 +182,20 @@ class CacheKey:
 
 
 class ActivationCache(torch.utils.data.Dataset):
-    """Windows of (input_ids, hidden_states, attention_output) stored as safetensors shards in a folder."""
+    """Windows of input_ids and, for each cached layer L, `hidden_states.L` and `attention_output.L` (the attention's
+    input and output), stored as safetensors shards in a folder with `cache.json` naming what they were made from: one
+    host pass serves any number of Lorsas of those layers, of any size. Each item is read from its shard on demand, so
+    a shuffled order reads across shards."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, layers: list[int] | None = None):
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / "cache.json").read_text())
         self.shard_size = self.meta["shard_size"]
+        read = self.meta["key"]["layers"] if layers is None else layers  # of the layers cached, those asked for
+        self.names = [
+            "input_ids",
+            *(f"{kind}.{layer}" for layer in read for kind in ("hidden_states", "attention_output")),
+        ]
 
     def __len__(self) -> int:
         return self.meta["n_windows"]
@@ -195,21 +203,21 @@ class ActivationCache(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         shard, row = divmod(index, self.shard_size)
         with safe_open(self.directory / f"shard-{shard:05d}.safetensors", framework="pt") as f:
-            return {
-                name: f.get_slice(name)[row : row + 1][0] for name in ("input_ids", "hidden_states", "attention_output")
-            }
+            return {name: f.get_slice(name)[row : row + 1][0] for name in self.names}
 
     @staticmethod
     def check(directory: str | Path, key: CacheKey) -> bool:
-        """True when a complete cache for `key` is there; raise when the folder holds another cache."""
+        """True when a complete cache for `key` is there (a cache of more layers serves any of them); raise when the
+        folder holds a cache made from another host, other data or other layers."""
         meta_path = Path(directory) / "cache.json"
         if not meta_path.exists():
             return False
-        meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key.__dict__:
-            differs = {
-                k: (meta.get("key", {}).get(k), v) for k, v in key.__dict__.items() if meta.get("key", {}).get(k) != v
-            }
+        cached = json.loads(meta_path.read_text()).get("key", {})
+        differs = {k: (cached.get(k), v) for k, v in key.__dict__.items() if k != "layers" and cached.get(k) != v}
+        missing = sorted(set(key.layers) - set(cached.get("layers") or []))
+        if missing:
+            differs["layers"] = (cached.get("layers", cached.get("layer")), key.layers)
+        if differs:
             raise ValueError(
                 f"The activation cache at {directory} was made for other settings {differs} (cached, requested); "
                 "use another --activation_cache folder or delete this one."
@@ -218,13 +226,13 @@ class ActivationCache(torch.utils.data.Dataset):
 
     @staticmethod
     def size(key: CacheKey, d_model: int) -> int:
-        """Bytes the cache of `key` takes on disk: per position its token id and two d_model vectors."""
+        """Bytes the cache of `key` takes on disk: per position its token id and two d_model vectors per layer."""
         per_value = torch.empty(0, dtype=getattr(torch, key.dtype.removeprefix("torch."))).element_size()
-        return key.n_windows * key.context_length * (8 + 2 * d_model * per_value)
+        return key.n_windows * key.context_length * (8 + 2 * d_model * per_value * len(key.layers))
 
     @staticmethod
     def build(directory, key: CacheKey, model, windows, batch_size: int, shard_size: int = 256) -> ActivationCache:
-        """Run the host on every window once (up to the layer) and write the shards, then cache.json last. Refused
+        """Run the host on every window once (up to the deepest layer) and write the shards, then cache.json last. Refused
         before the host runs when the disk cannot hold it; a write that fails anyway removes every shard written."""
         directory = Path(directory)
         needed, where = ActivationCache.size(key, host_config(model).hidden_size), nearest_existing(directory)
@@ -238,7 +246,7 @@ class ActivationCache(torch.utils.data.Dataset):
         shard, count = 0, 0
         try:
             for chunk in batches(windows, shard_size):
-                parts = [collect_to_cpu(model, key.layer, ids) for ids in chunk.split(batch_size)]
+                parts = [collect_layers_to_cpu(model, key.layers, ids) for ids in chunk.split(batch_size)]
                 tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
                 save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
                 shard, count = shard + 1, count + len(chunk)
@@ -251,7 +259,17 @@ class ActivationCache(torch.utils.data.Dataset):
                           "was kept. Free some space or choose another --activation_cache folder.") from err  # fmt: skip
         meta = {"key": key.__dict__, "n_windows": count, "shard_size": shard_size}
         write_atomically(directory / "cache.json", json.dumps(meta, indent=2))
-        return ActivationCache(directory)
+        return ActivationCache(directory, key.layers)
+
+
+def collect_layers_to_cpu(model, layers: list[int], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One host pass over a batch: `input_ids` and each layer's `hidden_states.L`, `attention_output.L`, on the CPU."""
+    records = collect_layers(model, layers, input_ids=input_ids)
+    tensors = {"input_ids": input_ids.cpu()}
+    for layer, record in records.items():
+        tensors[f"hidden_states.{layer}"] = record.hidden_states.cpu()
+        tensors[f"attention_output.{layer}"] = record.attention_output.cpu()
+    return tensors
 
 
 def batches(windows, size: int, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
@@ -293,4 +311,4 @@ def cached_activations(directory, key: CacheKey, host, windows, batch_size: int,
         if not ActivationCache.check(directory, key):
             limited = windows.take(key.n_windows) if not hasattr(windows, "__len__") else windows
             ActivationCache.build(directory, key, host, limited, batch_size)
-    return ActivationCache(directory)
+    return ActivationCache(directory, key.layers)

@@ -40,8 +40,6 @@ def check_against_host(
             f"--layer must be in [0, {n_layers - 1}] for {model_args.model_name_or_path}, got {model_args.layer}.",
         )
     layers = model_args.layer_list(n_layers)
-    require(not (model_args.several and data_args.activation_cache), "--activation_cache stores one layer's "
-            "activations; with --layers the host runs once per step for all of them: drop --activation_cache.")  # fmt: skip
     max_positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
     if data_args.context_length is None:  # the default follows a host with fewer positions; a given one is checked
         data_args.context_length = min(DEFAULT_CONTEXT, max_positions or DEFAULT_CONTEXT)

@@ -144,7 +144,7 @@ def run(
             normalise_and_calibrate(lorsa, host, model_args, data_args, windows, skip, args.device)
     train_data = windows
     if data_args.activation_cache:
-        train_data = activation_cache(host, model_args, data_args, args, windows, separator)
+        train_data = activation_cache(host, model_args, data_args, args, windows, separator, layers)
 
     model = LorsaLayers(lorsas) if model_args.several else lorsas[layers[0]]
     trainer = build_trainer(model_args, data_args, args, model, host, train_data, eval_windows, signature, callbacks)
@@ -246,10 +246,10 @@ def build_lorsa(model_args: LorsaArguments, host, skip: list[int], separator: in
     return lorsa.float()
 
 
-def activation_cache(host, model_args, data_args, args, windows, separator: int | None):
+def activation_cache(host, model_args, data_args, args, windows, separator: int | None, layers: list[int]):
     n_windows = len(windows) if hasattr(windows, "__len__") else data_args.max_tokens // data_args.context_length
     key = CacheKey(
-        model=model_args.model_name_or_path, layer=model_args.layer, dataset=data_args.dataset,
+        model=model_args.model_name_or_path, layers=layers, dataset=data_args.dataset,
         text_column=data_args.text_column, context_length=data_args.context_length,
         dtype=str(next(host.parameters()).dtype), n_windows=n_windows, seed=args.seed,
         document_separator=separator,

@@ -124,8 +124,9 @@ class LorsaTrainer(Trainer):
         deepest layer trained."""
         ids = inputs["input_ids"]
         layers = list(self.lorsas())
-        if "hidden_states" in inputs:
-            xs, ys = {layers[0]: inputs["hidden_states"]}, {layers[0]: inputs["attention_output"]}
+        if f"hidden_states.{layers[0]}" in inputs:  # from the activation cache
+            xs = {layer: inputs[f"hidden_states.{layer}"] for layer in layers}
+            ys = {layer: inputs[f"attention_output.{layer}"] for layer in layers}
         else:
             records = collect_layers(self.host, layers, input_ids=ids)
             xs = {layer: record.hidden_states for layer, record in records.items()}
