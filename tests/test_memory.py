@@ -87,6 +87,6 @@ def test_analysis_memory_grows_with_heads_not_with_tokens():
     # its own), a third of 4x the tokens adds next to nothing, while 4x the heads adds to the first.
     # BENCHMARKS "Analysis memory" has 16,384 heads over 1M tokens.
     first, _, more_tokens = analysis_memory_mib(256, 4096, 4096, 16_384)
-    assert more_tokens < 10, more_tokens
+    assert more_tokens < 20, (first, more_tokens)
     (more_heads,) = analysis_memory_mib(1024, 4096)
     assert more_heads > first + 40, (first, more_heads)  # the probe sees what does grow
