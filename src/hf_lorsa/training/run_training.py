@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 from pathlib import Path
@@ -148,6 +149,7 @@ def run(
 
     model = LorsaLayers(lorsas) if model_args.several else lorsas[layers[0]]
     trainer = build_trainer(model_args, data_args, args, model, host, train_data, eval_windows, signature, callbacks)
+    del host  # the trainer holds it, and lets a partial host go before the evaluation loads the whole one
     if resume:
         trainer.load_extra_state(resume)
         logger.info("Resuming from %s", resume)
@@ -319,6 +321,7 @@ def finish(trainer: LorsaTrainer, model_args, data_args, args, eval_windows, sig
     if eval_windows is not None and args.should_save and partial_host:
         # trained on the blocks up to the deepest layer only: the evaluation splices into the whole host
         trainer.host = None  # the partial host goes first
+        gc.collect()
         trainer.host = load_host(model_args, args.device)
     finished = {}
     for layer, trained in trainer.lorsas().items():
