@@ -96,3 +96,11 @@ def test_the_space_reads_an_offloaded_host(tmp_path, stories_model):
     refused = subprocess.run([sys.executable, str(app), "--lorsa", str(tmp_path / "lorsa"), "--max_memory", "cpu=lots"],
                              capture_output=True, text=True, timeout=120)  # fmt: skip
     assert refused.returncode == 2 and "'lots' is not a size" in refused.stderr
+
+
+def test_tied_embeddings_offloaded_to_disk_are_refused_with_the_room_they_need(tmp_path):
+    require_shared(SMOLLM2 / SMOLLM2_GGUF)
+    with pytest.raises(ValueError, match=r"ties its unembedding to its embeddings.*\(108 MiB\) outside the disk"):
+        open_host(
+            str(SMOLLM2), SMOLLM2_GGUF, max_memory={"cpu": "60MB"}, offload_folder=str(tmp_path), device_map="auto"
+        )

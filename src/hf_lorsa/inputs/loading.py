@@ -185,8 +185,30 @@ def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype
         model_location(model_name_or_path), dtype=getattr(torch, torch_dtype), device_map=device_map,
         max_memory=max_memory, offload_folder=offload_folder, trust_remote_code=trust_remote_code, **kwargs,
     )  # fmt: skip
+    check_tied_embeddings_in_memory(host)
     host.requires_grad_(False)
     return host.eval()
+
+
+def check_tied_embeddings_in_memory(host) -> None:
+    """Refuse a host whose unembedding is tied to its embeddings with those offloaded to disk: accelerate's disk
+    offload cannot find the tied weight, and the first forward pass would fail deep inside it."""
+    placed = getattr(host, "hf_device_map", None)
+    if not placed or not getattr(text_config(host.config), "tie_word_embeddings", False):
+        return
+    names = {id(module): name for name, module in host.named_modules()}
+    for module in (host.get_input_embeddings(), host.get_output_embeddings()):
+        name = names.get(id(module), "")
+        owner = max(
+            (key for key in placed if key == "" or name == key or name.startswith(key + ".")), key=len, default=None
+        )
+        if owner is not None and placed[owner] == "disk":
+            size = module.weight.numel() * module.weight.element_size()
+            raise ValueError(
+                f"This host ties its unembedding to its embeddings, and --max_memory left no room for them "
+                f"({size / 2**20:.0f} MiB) outside the disk, where accelerate cannot offload tied weights; give the CPU "
+                "(or a GPU) at least that much more in --max_memory."
+            )
 
 
 def warn_if_short(read: int, asked: int, option: str = "--max_tokens") -> None:
