@@ -91,6 +91,7 @@ def test_the_readme_lists_the_commands_these_tests_run():
         "hf-lorsa evaluate", "python scripts/evaluate.py", "hf-lorsa analyze",
         "python spaces/lorsa-inspector/app.py", "python scripts/build_space.py", "hf-lorsa train",
         "hf-lorsa evaluate", "hf-lorsa export", "python scripts/bench.py", "python scripts/bench.py",
+        "python scripts/plan_memory.py",
     ]  # fmt: skip
 
 
@@ -206,3 +207,16 @@ def test_every_readme_command_runs_as_written(project):
     pipeline = json.loads(result.stdout.splitlines()[-1])
     assert pipeline["shape"] == "tiny" and pipeline["tokens_trained"] == 16384 and pipeline["steps"] == 32
     assert pipeline["train_tokens_per_s"] > 0 and pipeline["fvu"] < 0.5  # 0.22 on the 2-core CPU
+
+    result = run(commands[13], project)  # python scripts/plan_memory.py: the README's table, from meta-device hosts
+    plans = {row["host"]: row for row in map(json.loads, result.stdout.splitlines())}
+    table = re.findall(r"^\| (Llama-[^|]+?) \| ([0-9.]+) GiB \| ([0-9.]+) GiB .*\| ([0-9.]+) GiB \|$",
+                       (project / "README.md").read_text(), re.M)  # fmt: skip
+    assert [(h, float(a), float(b), float(c)) for h, a, b, c in table] == [
+        (h, plans[h]["host_loaded"], plans[h]["host_whole"], plans[h]["peak"]) for h in plans]  # fmt: skip
+    eight = plans["Llama-3.1-8B"]
+    assert eight["host_whole"] == round(8_030_261_248 * 2 / 2**30, 2)  # Llama-3.1-8B's parameter count, bf16
+    # 256 QK heads of 128 (queries and keys with biases), 32,768 OV heads (w_v, w_o, b_v), the output bias
+    assert eight["lorsa_parameters"] == 2 * 256 * 128 * 4097 + 32768 * (2 * 4096 + 1) + 4096
+    assert eight["peak"] == round(sum(eight[k] for k in ("host_loaded", "host_activations", "lorsa_states",
+                                                          "lorsa_activations")), 2)  # fmt: skip
