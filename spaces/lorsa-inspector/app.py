@@ -84,7 +84,7 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
             with gr.Tab("Head browser", id="browser"):
                 with gr.Row():
                     tag = gr.Dropdown(tags, value="any", label="tag", elem_id="tag-filter")
-                    token = gr.Textbox(label="promotes token (heads ranked by its logit)", placeholder="e.g. the",
+                    token = gr.Textbox(label="promotes token (Enter: heads ranked by its logit)", placeholder="e.g. the",
                                        elem_id="token-filter")  # fmt: skip
                     sort = gr.Dropdown(sorts, value="frequency", label="sort by", elem_id="sort-by")
                     probe = gr.Dropdown(probes, value="any", label="probe", elem_id="probe-filter")
@@ -171,8 +171,10 @@ def build(lorsa_id: str, model_id: str | None, subfolder: str = "", gguf_file: s
 
         filters = [layer, tag, token, sort, probe, min_score]
         listing = [table, caption, page_number]
-        for control in (tag, token, sort, probe, min_score):
+        for control in (tag, sort, probe, min_score):
             control.change(first_page, filters, listing)
+        token.submit(first_page, filters, listing)  # a search on Enter, not on each key (a word's prefix is no token)
+        token.blur(first_page, filters, listing)
         demo.load(first_page, filters, listing)
         page_number.submit(browse, [*filters, page_number], listing)
         previous.click(turn(-1), [*filters, page_number], listing)

@@ -185,30 +185,29 @@ def open_host(model_name_or_path: str, gguf_file: str | None = None, torch_dtype
         model_location(model_name_or_path), dtype=getattr(torch, torch_dtype), device_map=device_map,
         max_memory=max_memory, offload_folder=offload_folder, trust_remote_code=trust_remote_code, **kwargs,
     )  # fmt: skip
-    check_tied_embeddings_in_memory(host)
+    check_offloaded_weights_found(host)
     host.requires_grad_(False)
     return host.eval()
 
 
-def check_tied_embeddings_in_memory(host) -> None:
-    """Refuse a host whose unembedding is tied to its embeddings with those offloaded to disk: accelerate's disk
-    offload cannot find the tied weight, and the first forward pass would fail deep inside it."""
-    placed = getattr(host, "hf_device_map", None)
-    if not placed or not getattr(text_config(host.config), "tie_word_embeddings", False):
-        return
-    names = {id(module): name for name, module in host.named_modules()}
-    for module in (host.get_input_embeddings(), host.get_output_embeddings()):
-        name = names.get(id(module), "")
-        owner = max(
-            (key for key in placed if key == "" or name == key or name.startswith(key + ".")), key=len, default=None
-        )
-        if owner is not None and placed[owner] == "disk":
-            size = module.weight.numel() * module.weight.element_size()
-            raise ValueError(
-                f"This host ties its unembedding to its embeddings, and --max_memory left no room for them "
-                f"({size / 2**20:.0f} MiB) outside the disk, where accelerate cannot offload tied weights; give the CPU "
-                "(or a GPU) at least that much more in --max_memory."
-            )
+def check_offloaded_weights_found(host) -> None:
+    """Refuse a host whose offloaded weights accelerate cannot find again: a tied unembedding sent to disk with its
+    embeddings (a GGUF host such as SmolLM2) is missing from the offload index, and the first forward pass would
+    fail deep inside accelerate."""
+    for name, module in host.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        stored = getattr(getattr(hook, "weights_map", None), "dataset", None)
+        if not getattr(hook, "offload", False) or not hasattr(stored, "all_keys"):
+            continue
+        keys, prefix = set(stored.all_keys), hook.weights_map.prefix
+        for weight, value in module.named_parameters(recurse=False):
+            if prefix + weight not in keys:
+                size = value.numel() * value.element_size()
+                raise ValueError(
+                    f"--max_memory sent {name}.{weight} to disk, where accelerate cannot find it again (the host ties "
+                    f"it to its embeddings); give the CPU (or a GPU) at least {size / 2**20:.0f} MiB more in "
+                    "--max_memory, so that the embeddings stay in memory."
+                )
 
 
 def warn_if_short(read: int, asked: int, option: str = "--max_tokens") -> None:
