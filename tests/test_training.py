@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -448,3 +449,75 @@ def test_device_map_auto_and_tensorboard_logs(tmp_path):
     train(*parse(options(out, device_map="auto", report_to="tensorboard", holdout_fraction=0.0, max_tokens=256 * 3)))
     assert list((out / "runs").rglob("events.out.tfevents.*"))  # the Trainer's default TensorBoard folder
     assert LorsaModel.from_pretrained(out).config.tokens_trained == 256 * 3
+
+
+DYING_SCRIPT = """
+import logging, os, sys
+from transformers import TrainerCallback
+from hf_lorsa.training import run_training as run
+from hf_lorsa.training.launch import relaunch_on_cpu
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+class DieAt(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ.get("DIE_AT_STEP", "0")) and int(os.environ["RANK"]) == 1:
+            os._exit(3)  # the second machine's process goes away without a word
+
+
+if (code := relaunch_on_cpu(sys.argv[0], sys.argv[1:])) is not None:
+    raise SystemExit(code)
+run.train_layers(*run.parse(sys.argv[1:]), callbacks=[DieAt()])
+"""
+
+
+def launch(script, opts, env, *, machines: int) -> list[subprocess.CompletedProcess]:
+    """`accelerate launch --cpu` of two processes in all: on one machine, or as two machines of one process each with
+    the README's config file (two launchers on this machine, meeting at 127.0.0.1), run together."""
+    port = str(free_port())
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", port]
+    if machines == 1:
+        command = [*launcher, "--cpu", "--num_processes", "2", str(script), *opts]
+        return [subprocess.run(command, env=env, timeout=600, capture_output=True, text=True)]
+    config = ROOT / "examples" / "accelerate-two-machines.yaml"
+    launchers = [
+        subprocess.Popen([*launcher, "--config_file", str(config), "--machine_rank", str(rank), str(script), *opts],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    done = []
+    for process in launchers:
+        out, err = process.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return done
+
+
+def test_two_machines_train_as_two_processes_and_a_dead_machine_stops_the_run_which_resumes(tmp_path):
+    """`accelerate launch --config_file examples/accelerate-two-machines.yaml --machine_rank R` (gloo): the same
+    weights as two processes on one machine; a machine that dies stops the other at once (no hang), and the rerun resumes."""
+    script = tmp_path / "train.py"
+    script.write_text(DYING_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    opts = options(tmp_path / "one", holdout_fraction=0.0, max_tokens=256 * 8, save_steps=2)
+    (single,) = launch(script, opts, env, machines=1)
+    assert single.returncode == 0, failure_report(single.stderr)
+    two = [o.replace(str(tmp_path / "one"), str(tmp_path / "two")) for o in opts]
+    for machine in launch(script, two, env, machines=2):
+        assert machine.returncode == 0, failure_report(machine.stderr)
+    one_weights, two_weights = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    assert all(torch.equal(one_weights[k], two_weights[k]) for k in one_weights)
+
+    dying = [o.replace(str(tmp_path / "one"), str(tmp_path / "dying")) for o in opts]
+    start = time.perf_counter()
+    first, second = launch(script, dying, {**env, "DIE_AT_STEP": "3"}, machines=2)
+    assert second.returncode != 0 and first.returncode != 0 and time.perf_counter() - start < 120
+    assert "Connection reset by peer" in first.stderr or "Connection closed by peer" in first.stderr
+    assert sorted(p.name for p in (tmp_path / "dying").glob("checkpoint-*")) == ["checkpoint-2"]
+    for machine in launch(script, dying, env, machines=2):
+        assert machine.returncode == 0, failure_report(machine.stderr)
+        assert f"Resuming from {tmp_path / 'dying' / 'checkpoint-2'}" in machine.stderr
+    assert LorsaModel.from_pretrained(tmp_path / "dying").config.tokens_trained == 256 * 8
