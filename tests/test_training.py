@@ -495,7 +495,8 @@ def launch(script, opts, env, *, machines: int) -> list[subprocess.CompletedProc
 
 def test_two_machines_train_as_two_processes_and_a_dead_machine_stops_the_run_which_resumes(tmp_path):
     """`accelerate launch --config_file examples/accelerate-two-machines.yaml --machine_rank R` (gloo): the same
-    weights as two processes on one machine; a machine that dies stops the other at once (no hang), and the rerun resumes."""
+    weights as two processes on one machine; a machine that dies stops the other at once (no hang), and the rerun
+    resumes to the weights of the run that never stopped."""
     script = tmp_path / "train.py"
     script.write_text(DYING_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -521,3 +522,5 @@ def test_two_machines_train_as_two_processes_and_a_dead_machine_stops_the_run_wh
         assert machine.returncode == 0, failure_report(machine.stderr)
         assert f"Resuming from {tmp_path / 'dying' / 'checkpoint-2'}" in machine.stderr
     assert LorsaModel.from_pretrained(tmp_path / "dying").config.tokens_trained == 256 * 8
+    resumed = load_file(tmp_path / "dying" / "model.safetensors")  # each process resumed its own counters
+    assert all(torch.equal(resumed[k], two_weights[k]) for k in two_weights)

@@ -358,28 +358,42 @@ class LorsaTrainer(Trainer):
 
     def save_extra_state(self, checkpoint_dir: str | Path) -> None:
         """Dead-head counters, the heads' dense bounds, and with several layers each Lorsa's normalisation factors (a single Lorsa's are
-        in the checkpoint's config.json)."""
+        in the checkpoint's config.json). Each process counts from its own batches: the others save their counters
+        and bounds beside the main process's file (`rank_state_file`), as the Trainer saves each one's random state."""
         state = {}
         for layer, lorsa in self.lorsas().items():
             state[self._state_key("tokens_since_fired", layer)] = self.tokens_since_fired[layer].cpu()
             if self.dense_bounds[layer] is not None:
                 state[self._state_key("dense_bounds", layer)] = self.dense_bounds[layer].cpu()
+            if not self.args.should_save:
+                continue
             if self.several:
                 c = lorsa.config
                 state[self._state_key("norm_factors", layer)] = torch.tensor(
                     [c.input_norm_factor, c.output_norm_factor], dtype=torch.float64
                 )
+        if not self.args.should_save:
+            save_file(state, Path(checkpoint_dir, rank_state_file(self.args.process_index)))
+            return
         save_file(state, Path(checkpoint_dir, STATE_FILE))
         if self.run_signature is not None:
             write_run_file(checkpoint_dir, self.run_signature, "checkpoint", step=self.state.global_step)
 
     def load_extra_state(self, checkpoint_dir: str | Path) -> None:
-        path = Path(checkpoint_dir, STATE_FILE)
+        """This process's own counters and bounds when it saved them, else the main process's."""
+        path = Path(checkpoint_dir, rank_state_file(self.args.process_index))
+        if not path.exists():
+            path = Path(checkpoint_dir, STATE_FILE)
         if path.exists():
             state = load_file(path)
             for layer in self.tokens_since_fired:
                 self.tokens_since_fired[layer] = state[self._state_key("tokens_since_fired", layer)]
                 self.dense_bounds[layer] = state.get(self._state_key("dense_bounds", layer))  # absent: not yet
+
+
+def rank_state_file(process: int) -> str:
+    """The file of process `process`'s own counters and bounds in a checkpoint (process 0 writes STATE_FILE)."""
+    return STATE_FILE if process == 0 else STATE_FILE.replace(".safetensors", f".rank{process}.safetensors")
 
 
 def saved_norm_factors(checkpoint_dir: str | Path) -> dict[int, tuple[float, float]]:
@@ -407,8 +421,6 @@ class TrainerStateCallback(TrainerCallback):
         self.trainer.share_thresholds()
 
     def on_save(self, args, state, control, **kwargs):
-        if not args.should_save:
-            return
         checkpoint = Path(args.output_dir, f"checkpoint-{state.global_step}")
-        if checkpoint.is_dir():
+        if checkpoint.is_dir():  # every process: each keeps its own counters (`save_extra_state`)
             self.trainer.save_extra_state(checkpoint)
