@@ -353,6 +353,27 @@ def test_activation_cache_on_a_full_disk_keeps_nothing(tmp_path, monkeypatch, st
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 
 
+def test_an_activation_cache_written_by_two_processes_is_the_one_of_one(tmp_path, stories_model):
+    """Each process of a run writes every other shard; the first writes the manifest: the same files as one process."""
+    from hf_lorsa.inputs.activations import ActivationCache, CacheKey
+
+    key = CacheKey(model="stories", layers=[1, 3], dataset="d", text_column="text", context_length=32,
+                   dtype="torch.float32", n_windows=7, seed=0)  # fmt: skip
+    windows = [{"input_ids": torch.randint(2, 512, (32,), generator=torch.Generator().manual_seed(i)).tolist()}
+               for i in range(7)]  # fmt: skip
+    ActivationCache.build(tmp_path / "one", key, stories_model, windows, batch_size=2, shard_size=2)
+    for process in (1, 0):  # the first process writes cache.json once the other's shards are there
+        ActivationCache.build(tmp_path / "two", key, stories_model, windows, batch_size=2, shard_size=2,
+                              process=process, processes=2)  # fmt: skip
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == ["cache.json", *(f"shard-{i:05d}.safetensors" for i in range(4))]
+    assert files == sorted(p.name for p in (tmp_path / "two").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    cache = ActivationCache(tmp_path / "two", [3])
+    assert len(cache) == 7 and sorted(cache[6]) == ["attention_output.3", "hidden_states.3", "input_ids"]
+
+
 def test_python_entry_point_is_the_same_run(tmp_path):
     import yaml
 

@@ -231,9 +231,12 @@ class ActivationCache(torch.utils.data.Dataset):
         return key.n_windows * key.context_length * (8 + 2 * d_model * per_value * len(key.layers))
 
     @staticmethod
-    def build(directory, key: CacheKey, model, windows, batch_size: int, shard_size: int = 256) -> ActivationCache:
-        """Run the host on every window once (up to the deepest layer) and write the shards, then cache.json last. Refused
-        before the host runs when the disk cannot hold it; a write that fails anyway removes every shard written."""
+    def build(directory, key: CacheKey, model, windows, batch_size: int, shard_size: int = 256, process: int = 0,
+              processes: int = 1, barrier=None) -> None:  # fmt: skip
+        """Run the host on every window once (up to the deepest layer) and write the shards, then cache.json last.
+        With several processes, each writes every `processes`-th shard from its `process`, and the first writes
+        cache.json once all are done (`barrier()` waits for all). Refused before the host runs when the disk cannot
+        hold it; a write that fails anyway removes every shard this process wrote."""
         directory = Path(directory)
         needed, where = ActivationCache.size(key, host_config(model).hidden_size), nearest_existing(directory)
         free = shutil.disk_usage(where).free
@@ -243,23 +246,29 @@ class ActivationCache(torch.utils.data.Dataset):
                              "one.")  # fmt: skip
         made = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        shard, count = 0, 0
+        shard, count, mine = 0, 0, []
         try:
             for chunk in batches(windows, shard_size):
-                parts = [collect_layers_to_cpu(model, key.layers, ids) for ids in chunk.split(batch_size)]
-                tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
-                save_file(tensors, directory / f"shard-{shard:05d}.safetensors")
+                if shard % processes == process:
+                    parts = [collect_layers_to_cpu(model, key.layers, ids) for ids in chunk.split(batch_size)]
+                    tensors = {name: torch.cat([p[name] for p in parts]).contiguous() for name in parts[0]}
+                    mine.append(directory / f"shard-{shard:05d}.safetensors")
+                    save_file(tensors, mine[-1])
                 shard, count = shard + 1, count + len(chunk)
         except OSError as err:
-            for written in range(shard + 1):
-                (directory / f"shard-{written:05d}.safetensors").unlink(missing_ok=True)
-            if made:
+            for written in mine:
+                written.unlink(missing_ok=True)
+            if made and not any(directory.iterdir()):
                 shutil.rmtree(directory, ignore_errors=True)
             raise OSError(f"Writing the activation cache in {directory} failed ({err.strerror or err}); nothing of it "
                           "was kept. Free some space or choose another --activation_cache folder.") from err  # fmt: skip
-        meta = {"key": key.__dict__, "n_windows": count, "shard_size": shard_size}
-        write_atomically(directory / "cache.json", json.dumps(meta, indent=2))
-        return ActivationCache(directory, key.layers)
+        if barrier is not None:
+            barrier()  # every shard is written
+        if process == 0:
+            meta = {"key": key.__dict__, "n_windows": count, "shard_size": shard_size}
+            write_atomically(directory / "cache.json", json.dumps(meta, indent=2))
+        if barrier is not None:
+            barrier()  # cache.json is there for every process
 
 
 def collect_layers_to_cpu(model, layers: list[int], input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -304,11 +313,12 @@ def activation_sample(host, layer: int, windows, batch_size: int, n_batches: int
     return torch.cat(xs), torch.cat(ys), torch.cat(masks)
 
 
-def cached_activations(directory, key: CacheKey, host, windows, batch_size: int, main_process_first) -> ActivationCache:
-    """The activation cache in `directory`: reused when it was made for `key`, else built once (by the main
-    process, inside `main_process_first`) from the first `key.n_windows` windows."""
-    with main_process_first():
-        if not ActivationCache.check(directory, key):
-            limited = windows.take(key.n_windows) if not hasattr(windows, "__len__") else windows
-            ActivationCache.build(directory, key, host, limited, batch_size)
+def cached_activations(directory, key: CacheKey, host, windows, batch_size: int, process: int = 0, processes: int = 1,
+                       barrier=None) -> ActivationCache:  # fmt: skip
+    """The activation cache in `directory`: reused when it was made for `key`, else built once from the first
+    `key.n_windows` windows, by the `processes` processes together (`ActivationCache.build`)."""
+    if not ActivationCache.check(directory, key):  # no process writes cache.json before every one has checked
+        limited = windows.take(key.n_windows) if not hasattr(windows, "__len__") else windows
+        ActivationCache.build(directory, key, host, limited, batch_size, process=process, processes=processes,
+                              barrier=barrier)  # fmt: skip
     return ActivationCache(directory, key.layers)

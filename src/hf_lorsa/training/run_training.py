@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from datasets import IterableDataset
 from transformers import TrainingArguments
 
@@ -256,9 +257,9 @@ def activation_cache(host, model_args, data_args, args, windows, separator: int 
         dtype=str(next(host.parameters()).dtype), n_windows=n_windows, seed=args.seed,
         document_separator=separator,
     )  # fmt: skip
-    return cached_activations(
-        data_args.activation_cache, key, host, windows, data_args.batch_size, args.main_process_first
-    )
+    state = PartialState()  # every process of the run writes its share of the shards
+    return cached_activations(data_args.activation_cache, key, host, windows, data_args.batch_size,
+                              state.process_index, state.num_processes, state.wait_for_everyone)  # fmt: skip
 
 
 def build_trainer(model_args, data_args, args, model, host, train_data, eval_windows, signature, callbacks):
