@@ -12,35 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from bench_layers import SHARED, timed_train  # the same SmolLM2 training command, timed (scripts/ is on the path)
+
 STORIES = Path(__file__).resolve().parents[1] / "src" / "hf_lorsa" / "embedded" / "stories260K-stories.jsonl"
 
 
 def run(
     expansion: int, layer: int, output: Path, shared: Path, max_tokens: int, cache: Path | None, data: Path
 ) -> dict:
-    command = [
-        sys.executable, "-m", "hf_lorsa", "train", f"--model_name_or_path={shared / 'models' / 'smollm2-135m-instruct-q4'}",
-        "--gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", f"--layer={layer}", f"--dataset={data}",
-        f"--expansion_factor={expansion}", "--top_k=16", f"--max_tokens={max_tokens}", "--holdout_fraction=0",
-        f"--output_dir={output}", "--report_to=none", "--save_steps=100000", "--disable_tqdm=true",
-        "--logging_steps=1000", *([f"--activation_cache={cache}"] if cache else []),
-    ]  # fmt: skip
-    start = time.perf_counter()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    wall = time.perf_counter() - start
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    runtime = float(re.search(r'"train_runtime": ([0-9.]+)', result.stdout).group(1))
+    options = [f"--layer={layer}", f"--dataset={data}", f"--expansion_factor={expansion}", "--top_k=16",
+               f"--max_tokens={max_tokens}", "--holdout_fraction=0", f"--output_dir={output}",
+               *([f"--activation_cache={cache}"] if cache else [])]  # fmt: skip
+    wall, runtime = timed_train(options, shared)
     return {"expansion_factor": expansion, "cache": bool(cache), "wall_s": round(wall, 1), "train_loop_s": runtime}
 
 

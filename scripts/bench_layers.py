@@ -23,12 +23,12 @@ from pathlib import Path
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
-def run(layer_option: str, output: Path, shared: Path, max_tokens: int) -> dict:
+def timed_train(options: list[str], shared: Path) -> tuple[float, float]:
+    """`hf-lorsa train` on SmolLM2-135M-Instruct (4-bit GGUF in `shared`) with `options`, no logs or checkpoints in
+    between: the wall clock of the whole command and of its training loop, in seconds."""
     command = [
         sys.executable, "-m", "hf_lorsa", "train", f"--model_name_or_path={shared / 'models' / 'smollm2-135m-instruct-q4'}",
-        "--gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", layer_option,
-        "--dataset=hf_lorsa:stories260K", "--expansion_factor=2", "--top_k=16",
-        f"--max_tokens={max_tokens}", f"--output_dir={output}", "--report_to=none", "--save_steps=100000",
+        "--gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf", *options, "--report_to=none", "--save_steps=100000",
         "--disable_tqdm=true", "--logging_steps=1000",
     ]  # fmt: skip
     start = time.perf_counter()
@@ -37,7 +37,13 @@ def run(layer_option: str, output: Path, shared: Path, max_tokens: int) -> dict:
     wall = time.perf_counter() - start
     if result.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    runtime = float(re.search(r'"train_runtime": ([0-9.]+)', result.stdout).group(1))
+    return wall, float(re.search(r'"train_runtime": ([0-9.]+)', result.stdout).group(1))
+
+
+def run(layer_option: str, output: Path, shared: Path, max_tokens: int) -> dict:
+    options = [layer_option, "--dataset=hf_lorsa:stories260K", "--expansion_factor=2", "--top_k=16",
+               f"--max_tokens={max_tokens}", f"--output_dir={output}"]  # fmt: skip
+    wall, runtime = timed_train(options, shared)
     return {"layers": layer_option, "max_tokens": max_tokens, "wall_s": round(wall, 1), "train_s": runtime}
 
 
