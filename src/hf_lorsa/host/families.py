@@ -329,16 +329,15 @@ def fingerprint(model: nn.Module, layer: int) -> dict[str, list[float]]:
     equal weights."""
     attn = get_module(unwrap(model), attention_path(model, layer))
     prints = {}
-    with weights_in_memory(model, attn):
-        named = [(name, param.detach().cpu()) for name, param in attn.named_parameters()]
-    for name, param in named:
-        if "lora_" in name:
-            continue
-        flat = param.detach().flatten()
-        positions = torch.randint(flat.numel(), (FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
-        rms = flat.float().pow(2).mean().sqrt()
-        values = [rms, *flat[positions.to(flat.device)].float()]
-        prints[name.replace(".base_layer", "")] = [float(f"{float(v):.7g}") for v in values]
+    with weights_in_memory(model, attn):  # read where they are (offloaded ones brought in meanwhile)
+        for name, param in attn.named_parameters():
+            if "lora_" in name:
+                continue
+            flat = param.detach().flatten()
+            positions = torch.randint(flat.numel(), (FINGERPRINT_SAMPLES,), generator=torch.Generator().manual_seed(0))
+            rms = flat.float().pow(2).mean().sqrt()
+            values = [rms, *flat[positions.to(flat.device)].float()]
+            prints[name.replace(".base_layer", "")] = [float(f"{float(v):.7g}") for v in values]
     return prints
 
 

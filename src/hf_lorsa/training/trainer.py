@@ -365,18 +365,13 @@ class LorsaTrainer(Trainer):
             state[self._state_key("tokens_since_fired", layer)] = self.tokens_since_fired[layer].cpu()
             if self.dense_bounds[layer] is not None:
                 state[self._state_key("dense_bounds", layer)] = self.dense_bounds[layer].cpu()
-            if not self.args.should_save:
-                continue
-            if self.several:
+            if self.several and self.args.should_save:
                 c = lorsa.config
                 state[self._state_key("norm_factors", layer)] = torch.tensor(
                     [c.input_norm_factor, c.output_norm_factor], dtype=torch.float64
                 )
-        if not self.args.should_save:
-            save_file(state, Path(checkpoint_dir, rank_state_file(self.args.process_index)))
-            return
-        save_file(state, Path(checkpoint_dir, STATE_FILE))
-        if self.run_signature is not None:
+        save_file(state, Path(checkpoint_dir, rank_state_file(self.args.process_index)))
+        if self.args.should_save and self.run_signature is not None:
             write_run_file(checkpoint_dir, self.run_signature, "checkpoint", step=self.state.global_step)
 
     def load_extra_state(self, checkpoint_dir: str | Path) -> None:
