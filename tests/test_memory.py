@@ -95,3 +95,34 @@ def test_analysis_memory_grows_with_heads_not_with_tokens():
     assert many < few + 20, (few, many)
     _, more_heads = analysis_memory_mib(2048, 4096, 4096)
     assert more_heads > few + 100, (few, more_heads)  # the probe sees what does grow (8x the heads)
+
+
+CALIBRATION_PROBE = """
+import json, re, sys, torch
+from hf_lorsa import LorsaConfig, LorsaModel
+from hf_lorsa.model.initialization import calibrate
+def status(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+torch.manual_seed(0)
+lorsa = LorsaModel(LorsaConfig(d_model=256, n_qk_heads=64, d_qk_head=64, n_ov_heads=4096, top_k=16))
+x, y = torch.randn(32, 256, 256), torch.randn(32, 256, 256)
+counted = torch.ones(32, 256, dtype=torch.bool)
+calibrate(lorsa, x[:1], y[:1], counted[:1], 4096)  # everything imported and allocated once
+extra = []
+for chunk in sys.argv[1:]:
+    open("/proc/self/clear_refs", "w").write("5")
+    start = status("VmRSS")
+    calibrate(lorsa, x, y, counted, 4096, chunk=int(chunk))
+    extra.append(status("VmHWM") - start)
+print(json.dumps(extra))
+"""
+
+
+def test_calibration_at_k_equal_n_ov_reads_its_positions_by_chunks():
+    # 8,192 positions x 4,096 heads at K = n_ov: one (N, Hov) float32 matrix is 128 MiB, and a pass over every position
+    # at once holds several (672 MiB measured); by chunks of 2,048 positions a quarter of that (186-189 MiB)
+    command = [sys.executable, "-c", CALIBRATION_PROBE, "2048", str(10**9)]
+    run = subprocess.run(command, capture_output=True, text=True, check=True, env={**os.environ, **MALLOC})
+    chunked, at_once = json.loads(run.stdout.strip().splitlines()[-1])
+    assert chunked < 300, chunked
+    assert at_once > 2 * chunked, (chunked, at_once)  # the probe sees what a pass over every position costs

@@ -110,6 +110,28 @@ def test_calibration_centres_every_head_and_fits_the_output():
         assert ((scaled - target) ** 2).sum() >= ((out - target) ** 2).sum() - 1e-5
 
 
+def test_calibration_by_chunks_equals_calibration_at_once():
+    # one window at a time (the default reads 2,048 positions at a time) against every window in one pass: the fit is
+    # made from the same sums, so the weights and both FVUs agree to float rounding
+    model = build_host("llama")
+    ids = token_batch(batch=6)
+    with capture(model, 1) as cap:
+        model(ids)
+    x, y = cap.last.hidden_states, cap.last.attention_output
+    counted = counted_positions(ids, [])
+    counted[2, 3:] = False  # windows with fewer counted positions than others
+    torch.manual_seed(0)
+    at_once = LorsaModel.from_host(model, 1, n_ov_heads=128, top_k=8)
+    by_window = LorsaModel.from_host(model, 1, n_ov_heads=128, top_k=8)
+    by_window.load_state_dict(at_once.state_dict())
+    whole = calibrate(at_once, x, y, counted, top_k=16, chunk=10**9)
+    chunked = calibrate(by_window, x, y, counted, top_k=16, chunk=x.shape[1])
+    assert chunked == pytest.approx(whole, rel=1e-9)
+    assert 0 < whole["fvu_calibrated"] < whole["fvu_at_init"]
+    for name, value in at_once.state_dict().items():
+        torch.testing.assert_close(by_window.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_balancing_head_norms_keeps_the_function_and_sets_the_ratio():
     torch.manual_seed(0)
     lorsa = LorsaModel.from_host(build_host("llama"), 1, n_ov_heads=128, top_k=8)

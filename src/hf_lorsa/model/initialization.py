@@ -128,33 +128,55 @@ def balance_head_norms(lorsa: nn.Module, ratio: float) -> None:
     lorsa.b_v.div_(scale.to(lorsa.b_v.dtype))
 
 
+CALIBRATION_CHUNK = 2048  # positions a calibration pass reads at once (whole windows, at least one)
+
+
 @torch.no_grad()
-def calibrate(lorsa: nn.Module, x: torch.Tensor, y: torch.Tensor, counted: torch.Tensor, top_k: int) -> dict:
+def calibrate(lorsa: nn.Module, x: torch.Tensor, y: torch.Tensor, counted: torch.Tensor, top_k: int,
+              chunk: int = CALIBRATION_CHUNK) -> dict:  # fmt: skip
     """Centre each OV head's pre-activation over the counted positions of (x, y), then fit one scale of the
     output directions and the output bias by least squares at `top_k` (the first training step's K).
     Returns the FVU before and after, for the log.
 
     x, y: attention input and output (B, T, D) in raw units; counted: (B, T) positions that are trained on.
+    The Lorsa reads `chunk` positions (whole windows) at a time and every fit is made from sums over the chunks
+    (float64), so that calibrating at K = Hov on many positions costs no more memory than a train step: an
+    (N, Hov) pass over 8,192 positions at once was the run's peak (BENCHMARKS.md, "Memory to plan with").
     """
-    target = y[counted].float()
+    rows = max(1, chunk // x.shape[1])
+    chunks = [(x[i : i + rows], y[i : i + rows], counted[i : i + rows]) for i in range(0, x.shape[0], rows)]
+    targets = [cy[c].double() for _, cy, c in chunks]
+    n = sum(len(t) for t in targets)
+    target_mean = sum(t.sum(0) for t in targets) / n
+    target_spread = sum(float((t - target_mean).pow(2).sum()) for t in targets)
 
-    def fvu(prediction):
-        return float((prediction - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum())
+    def reconstructions():  # per chunk, the counted positions of the reconstruction at top_k
+        for (cx, _, c), target in zip(chunks, targets):
+            yield lorsa(cx, top_k=top_k).reconstruction[c].double(), target
 
-    def heads_only():  # the reconstruction without b_D, in raw units
-        out = lorsa(x, top_k=top_k).reconstruction[counted].float()
-        return out - lorsa.b_D.float() / lorsa.config.output_norm_factor
-
-    before = fvu(lorsa(x, top_k=top_k).reconstruction[counted].float())
-    lorsa.b_v.sub_(lorsa.pre_activations(x)[counted].float().mean(0).to(lorsa.b_v.dtype))
-    heads = heads_only()
-    centred = heads - heads.mean(0)
-    scale = float((centred * (target - target.mean(0))).sum() / centred.pow(2).sum().clamp_min(1e-12))
+    before = sum(float((out - target).pow(2).sum()) for out, target in reconstructions()) / target_spread
+    z_sum = sum(lorsa.pre_activations(cx)[c].double().sum(0) for cx, _, c in chunks)
+    lorsa.b_v.sub_((z_sum / n).to(lorsa.b_v.dtype))
+    # heads: the reconstruction without b_D, in raw units; the least-squares fit of target ~ scale * heads + bias
+    # needs the sums of heads, heads x target and heads^2 only
+    base = lorsa.b_D.double() / lorsa.config.output_norm_factor
+    heads_sum, cross, square = 0.0, 0.0, 0.0
+    for out, target in reconstructions():
+        heads = out - base
+        heads_sum = heads_sum + heads.sum(0)
+        cross += float((heads * target).sum())
+        square += float(heads.pow(2).sum())
+    heads_mean = heads_sum / n
+    cross -= n * float(heads_mean @ target_mean)  # centred sums
+    square -= n * float(heads_mean @ heads_mean)
+    scale = cross / max(square, 1e-12)
     if scale > 0:
         lorsa.w_o.mul_(scale)
     else:
         scale = 1.0
-    bias = target.mean(0) - scale * heads.mean(0)
+    bias = target_mean - scale * heads_mean
     lorsa.b_D.copy_((bias * lorsa.config.output_norm_factor).to(lorsa.b_D.dtype))
-    # one scale of every w_o leaves the top-k choice as it was: the new reconstruction is scale * heads + bias
-    return {"fvu_at_init": before, "fvu_calibrated": fvu(scale * heads + bias)}
+    # one scale of every w_o leaves the top-k choice as it was: the new reconstruction is scale * heads + bias, whose
+    # squared error about the target is scale^2 square - 2 scale cross + target_spread
+    after = (scale * scale * square - 2 * scale * cross + target_spread) / target_spread
+    return {"fvu_at_init": before, "fvu_calibrated": after}
