@@ -10,6 +10,9 @@ from pathlib import Path
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+# The command line's parser snapshots (hf_lorsa.base.parser_snapshot) go to a folder of this test session, not home.
+os.environ.setdefault("HF_LORSA_CACHE", os.path.join(__import__("tempfile").mkdtemp(prefix="hf-lorsa-cache-")))
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -12,9 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
+from .base import parser_snapshot
 from .base.usage import command_line
 from .embedded import STORIES
-from .training.arguments import parse
+from .training.command import COMMAND, OPTION_LIBRARIES, read_options
 
 DEFAULTS = {
     "model_name_or_path": STORIES,
@@ -61,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(HELP)
         return 0
+    if (code := parser_snapshot.answer(COMMAND, OPTION_LIBRARIES, options(argv))) is not None:
+        return code  # an option error, answered as hf-lorsa train answers it
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with command_line("hf-lorsa quickstart"):
-        model_args, data_args, args = parse(options(argv))
+        model_args, data_args, args = read_options(options(argv))
         from .training.run_training import train  # loads once the options are known to be good: start-up
 
         lorsa = train(model_args, data_args, args)

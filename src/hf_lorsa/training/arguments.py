@@ -15,6 +15,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 from ..base.locations import resolved, resolved_files
+from ..base.parser_snapshot import unrecognized
 from ..base.placement import DEVICE_MAP_HELP, MAX_MEMORY_HELP, OFFLOAD_HELP, check_placement
 from ..base.usage import (
     UsageError,
@@ -317,7 +318,16 @@ def parse(argv: list[str]) -> tuple[LorsaArguments, DataArguments, LorsaTraining
         return parse_file(argv[0])
     if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
         return parse_file(argv[0], argv[1:])  # the file's options, the command line's over them
-    return parser(show_all="--help-all" in argv).parse_args_into_dataclasses(argv)
+    return read(parser(show_all="--help-all" in argv), argv)
+
+
+def read(built: HfArgumentParser, tokens: list[str]) -> tuple:
+    """The options' dataclasses from command-line tokens; an option it does not take is refused in argparse's words
+    (as `base.parser_snapshot` refuses it)."""
+    *parsed, unused = built.parse_args_into_dataclasses(tokens, return_remaining_strings=True)
+    if unused:
+        built.error(unrecognized(unused))
+    return tuple(parsed)
 
 
 def parse_file(path: str, overrides: list[str] | None = None) -> tuple:
@@ -340,7 +350,7 @@ def parse_file(path: str, overrides: list[str] | None = None) -> tuple:
                 for k, v in given.items()
                 for t in (f"--{k}", json.dumps(v) if isinstance(v, (dict, list)) else str(v))
             ]
-            return parser().parse_args_into_dataclasses(tokens + list(overrides))
+            return read(parser(), tokens + list(overrides))
         return parse_dict(options)
     except UsageError as err:
         raise UsageError(f"{path}: {err}") from err
