@@ -127,7 +127,6 @@ def run(
         )  # fmt: skip
         return load_finished(args.output_dir, model_args.several)
     resume = resume_checkpoint(args, signature)
-    keep_freed_memory()  # each step reuses the memory the last one freed, not fresh pages from the kernel
     tokenizer = open_tokenizer(model_args.model_name_or_path, model_args.gguf_file, model_args.trust_remote_code)
     separator = document_separator(tokenizer, data_args.document_separator)
     windows, eval_windows = load_windows(data_args, tokenizer, separator, args.seed)
@@ -157,6 +156,9 @@ def run(
     release_process_group_at_exit()
     if args.should_save:  # until now a refusal left nothing worth keeping: a rerun starts afresh
         output_folder.write_run_file(args.output_dir, signature, "running")
+    # from here each step reuses the memory the last one freed, not fresh pages from the kernel; the start (the host's
+    # load, the calibration) gave back what it freed, so the process keeps no more than the steps' own peak
+    keep_freed_memory()
     trainer.train(resume_from_checkpoint=resume)
     return finish(trainer, model_args, data_args, args, eval_windows, signature, partial)
 
