@@ -7,8 +7,9 @@ zeroed by the kernel: 14K-36K page faults a step at `scripts/bench.py`'s configs
 (BENCHMARKS.md, "Freed memory"). With both thresholds raised, freed blocks are reused and a step faults in no page.
 The process then keeps its peak, which it reaches every step anyway.
 
-The training command calls `keep_freed_memory` at its start; a script of one's own can too. A user's own
-MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ (glibc's environment variables for the same settings) wins.
+The training command calls `keep_freed_memory` just before its first step, so that what its start frees (the host's
+load, the calibration) goes back; a script of one's own can call it too. A user's own MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_ (glibc's environment variables for the same settings) wins.
 """
 
 from __future__ import annotations
