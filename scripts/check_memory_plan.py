@@ -26,6 +26,7 @@ import torch
 from plan_memory import plan
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hf_lorsa.base.usage import quiet_when_not_a_terminal
 from hf_lorsa.embedded import STORIES_MODEL
 
 MIB = 2**20
@@ -78,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     args = parser.parse_args()
+    quiet_when_not_a_terminal()
     for name in args.shapes.split(","):
         (d, mlp, blocks, heads, kv), layer, expansion, top_k, context, batch = SHAPES[name]
         config = host_config(d, mlp, blocks, heads, kv)
