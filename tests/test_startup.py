@@ -20,6 +20,7 @@ ANSWERED = [  # a help, or a command line argparse refuses: the snapshot answers
     ["--help"],
     ["-h"],
     ["--help-all"],
+    ["--help", "--help-all"],  # the parser that lists every option is the one built, so -h prints it too
     ["--no_such_option", "1"],  # the required options missing come first
     [],
     [*REQUIRED, "--no_such_option", "1"],

@@ -113,7 +113,8 @@ def answer(command: str, libraries: tuple[str, ...], argv: list[str]) -> int | N
         return None
     parser = SnapshotParser(prog=command, usage=argparse.SUPPRESS, add_help=False)
     parser.format_usage = lambda: record["usage"]
-    parser.add_argument("-h", "--help", action=CachedHelp, text=record["help"])
+    # with --help-all anywhere, the real command builds the parser that lists every option, and -h prints that too
+    parser.add_argument("-h", "--help", action=CachedHelp, text=record["help_all" if "--help-all" in argv else "help"])
     parser.add_argument("--help-all", action=CachedHelp, text=record["help_all"])
     for option in record["options"]:
         if option["flag"]:
