@@ -83,14 +83,18 @@ def test_the_first_position_of_every_window_is_left_out():
     assert counted_positions(ids, [1]).tolist() == [[False, False, True, True], [False, True, False, True]]
 
 
-def test_calibration_centres_every_head_and_fits_the_output():
+def layer_one_activations(batch: int):
+    """A tiny Llama host and its layer 1's attention input and output on `batch` windows, with the counted positions."""
     model = build_host("llama")
-    ids = token_batch(batch=4)
+    ids = token_batch(batch=batch)
     with capture(model, 1) as cap:
         model(ids)
-    x, y = cap.last.hidden_states, cap.last.attention_output
+    return model, cap.last.hidden_states, cap.last.attention_output, counted_positions(ids, [])
+
+
+def test_calibration_centres_every_head_and_fits_the_output():
+    model, x, y, counted = layer_one_activations(batch=4)
     lorsa = LorsaModel.from_host(model, 1, n_ov_heads=128, top_k=8)
-    counted = counted_positions(ids, [])
     report = calibrate(lorsa, x, y, counted, top_k=128)
     z = lorsa.pre_activations(x)[counted]
     assert z.mean(0).abs().max() < 1e-5  # every head above and below zero alike
@@ -113,12 +117,7 @@ def test_calibration_centres_every_head_and_fits_the_output():
 def test_calibration_by_chunks_equals_calibration_at_once():
     # one window at a time (the default reads 2,048 positions at a time) against every window in one pass: the fit is
     # made from the same sums, so the weights and both FVUs agree to float rounding
-    model = build_host("llama")
-    ids = token_batch(batch=6)
-    with capture(model, 1) as cap:
-        model(ids)
-    x, y = cap.last.hidden_states, cap.last.attention_output
-    counted = counted_positions(ids, [])
+    model, x, y, counted = layer_one_activations(batch=6)
     counted[2, 3:] = False  # windows with fewer counted positions than others
     torch.manual_seed(0)
     at_once = LorsaModel.from_host(model, 1, n_ov_heads=128, top_k=8)
