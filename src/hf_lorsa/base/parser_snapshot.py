@@ -125,9 +125,7 @@ def answer(command: str, libraries: tuple[str, ...], argv: list[str]) -> int | N
             parser.add_argument(*option["strings"], dest=option["dest"], nargs=option["nargs"],
                                 required=option["required"], choices=option["choices"], **const)  # fmt: skip
     try:
-        _, unused = parser.parse_known_args(argv)
-        if unused:
-            parser.error(unrecognized(unused))
+        parser.parse_args(argv)  # argparse refuses leftovers itself, in the words `unrecognized` copies
     except Refused as refused:
         return refused.status
     return None
