@@ -81,24 +81,32 @@ class StepProfiler(TrainerCallback):
             self.profiler = None
 
 
-def random_host(shape: str, folder: Path, stories: Path) -> int:
-    """Save a random-weight host of `shape` with the stories tokenizer into `folder`; returns its Lorsa layer."""
-    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("layer", "context", "tokens")}
-    layer = SHAPES[shape]["layer"]
-    tokenizer = json.loads((stories / "tokenizer.json").read_text())
-    config = LlamaConfig(**spec, vocab_size=len(tokenizer["model"]["vocab"]), max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)  # fmt: skip
+def stories_config(**shape) -> LlamaConfig:
+    """A Llama config of `shape` with the stories260K tokenizer's vocabulary and special tokens, tied embeddings."""
+    vocab = len(json.loads((STORIES_MODEL / "tokenizer.json").read_text())["model"]["vocab"])
+    return LlamaConfig(**shape, vocab_size=vocab, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=True)  # fmt: skip
+
+
+def save_random_host(config: LlamaConfig, folder: Path) -> None:
+    """Save a random-weight host of `config` (seed 0) with the stories260K tokenizer into `folder`."""
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(stories / name, folder / name)
-    return layer
+        shutil.copy(STORIES_MODEL / name, folder / name)
+
+
+def random_host(shape: str, folder: Path) -> int:
+    """Save a random-weight host of `shape` with the stories tokenizer into `folder`; returns its Lorsa layer."""
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("layer", "context", "tokens")}
+    save_random_host(stories_config(**spec), folder)
+    return SHAPES[shape]["layer"]
 
 
 def run(shape: str, max_tokens: int, shared: Path, extra: list[str], profile: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         host = Path(tmp, "host")
-        layer = random_host(shape, host, STORIES_MODEL)
+        layer = random_host(shape, host)
         context = SHAPES[shape]["context"]
         options = [
             f"--model_name_or_path={host}", f"--layer={layer}", "--dataset=hf_lorsa:stories260K",

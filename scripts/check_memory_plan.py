@@ -16,20 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from bench_pipeline import save_random_host, stories_config
 from plan_memory import plan
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from hf_lorsa.base.usage import quiet_when_not_a_terminal
-from hf_lorsa.embedded import STORIES_MODEL
 
-MIB = 2**20
 STEPS = 8
 # name: host (d_model, MLP width, blocks, heads, key/value heads), layer, expansion, K, context, batch
 SHAPES = {
@@ -44,20 +41,15 @@ SHAPES = {
 
 
 def host_config(d: int, mlp: int, blocks: int, heads: int, kv_heads: int) -> LlamaConfig:
-    vocab = len(json.loads((STORIES_MODEL / "tokenizer.json").read_text())["model"]["vocab"])
-    return LlamaConfig(hidden_size=d, intermediate_size=mlp, num_hidden_layers=blocks, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, head_dim=d // heads, vocab_size=vocab, bos_token_id=1,
-                       eos_token_id=2, tie_word_embeddings=True, max_position_embeddings=2048)  # fmt: skip
+    return stories_config(hidden_size=d, intermediate_size=mlp, num_hidden_layers=blocks, num_attention_heads=heads,
+                          num_key_value_heads=kv_heads, head_dim=d // heads)  # fmt: skip
 
 
 def measured_peak_mib(config: LlamaConfig, layer: int, expansion: int, top_k: int, context: int, batch: int) -> float:
     """Peak resident memory (MiB) of `hf-lorsa train` on a random host of `config`, in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         host = Path(tmp, "host")
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(host)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(STORIES_MODEL / name, host / name)
+        save_random_host(config, host)
         per_step = context * batch
         command = [
             sys.executable, "-m", "hf_lorsa", "train", f"--model_name_or_path={host}", f"--layer={layer}",

@@ -87,8 +87,8 @@ def plan(config: LlamaConfig, layer: int, expansion_factor: int, top_k: int, con
         "lorsa_activations": tokens * lorsa_config.n_ov_heads * bytes_of["step"],
     }
     # the collapse guard's copy of the best weights is in the CPU's memory, beside the device's on a GPU
-    counted = ("host_whole",) if device == "cpu" else ("host_whole", "best_weights", "process")
-    sizes["peak"] = sum(v for k, v in sizes.items() if k not in counted)
+    elsewhere = ("host_whole",) if device == "cpu" else ("host_whole", "best_weights", "process")
+    sizes["peak"] = sum(v for k, v in sizes.items() if k not in elsewhere)
     return {k: round(v / GIB, 2) for k, v in sizes.items()} | {"lorsa_parameters": parameter_count(lorsa)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 # Under pytest-xdist the workers share the machine's cores: each worker, and every process a test starts from it,
@@ -11,7 +12,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # The command line's parser snapshots (hf_lorsa.base.parser_snapshot) go to a folder of this test session, not home.
-os.environ.setdefault("HF_LORSA_CACHE", os.path.join(__import__("tempfile").mkdtemp(prefix="hf-lorsa-cache-")))
+os.environ.setdefault("HF_LORSA_CACHE", tempfile.mkdtemp(prefix="hf-lorsa-cache-"))
 
 import pytest
 import torch
